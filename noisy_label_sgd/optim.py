@@ -1,0 +1,197 @@
+"""Label-noise SGD, and label noise for any torch optimizer through torch's own hooks.
+
+The optimizer algorithm is untouched: noise enters through the loss or output hooks, and the
+optimizer only keeps the stream in step. Four hooks do that bookkeeping:
+
+* step pre-hook: a closure passed to ``step`` is wrapped so that each evaluation restarts the
+  step's draws (LBFGS and line searches see one noise draw per step);
+* step post-hook: ``noise.advance()``, so the next step draws fresh noise;
+* state_dict post-hook / load_state_dict pre-hook: the stream position travels with the
+  optimizer checkpoint under the key ``"label_noise"``.
+
+``LabelNoiseSGD`` does not override ``step``: torch wraps ``step`` of every optimizer class
+with its hook runner, and a subclass calling the wrapped parent would run hooks twice.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.optim.optimizer import ParamsT
+from torch.utils.hooks import RemovableHandle
+
+from .hooks import NoisyLoss, attach_output_noise, noisy_loss
+from .noise import LabelNoise, StdSchedule
+
+__all__ = ["LabelNoiseSGD", "add_label_noise", "STATE_KEY"]
+
+STATE_KEY = "label_noise"
+
+
+def add_label_noise(
+    optimizer: torch.optim.Optimizer,
+    std: StdSchedule = 0.0,
+    distribution: str = "gaussian",
+    seed: int = 0,
+    *,
+    noise: LabelNoise | None = None,
+    p: float | None = None,
+    num_classes: int | None = None,
+    rank: int | None = None,
+) -> LabelNoise:
+    """Give any torch optimizer a label-noise stream that advances once per ``step()``.
+
+    Use the returned :class:`LabelNoise` with :func:`noisy_loss` or
+    :func:`attach_output_noise`. ``optimizer.state_dict()`` then carries the stream position,
+    and ``optimizer.load_state_dict`` restores it.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer``.
+        std, distribution, seed, p, num_classes, rank: as for :class:`LabelNoise`.
+        noise: a ready stream instead of the arguments above.
+
+    Returns:
+        the optimizer's :class:`LabelNoise`.
+
+    Raises:
+        TypeError: ``optimizer`` is not an optimizer.
+        RuntimeError: label noise is already attached to this optimizer.
+
+    Example:
+        >>> opt = torch.optim.Adam(model.parameters())
+        >>> noise = add_label_noise(opt, std=0.1, seed=0)
+        >>> loss_fn = noisy_loss(nn.MSELoss(), noise)
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if getattr(optimizer, "_label_noise", None) is not None:
+        raise RuntimeError("label noise is already attached to this optimizer")
+    if noise is None:
+        noise = LabelNoise(std, distribution, seed, p=p, num_classes=num_classes, rank=rank)
+    elif not isinstance(noise, LabelNoise):
+        raise TypeError(f"noise must be a LabelNoise, got {type(noise).__name__}")
+
+    def rewinding(closure: Callable[[], Any]) -> Callable[[], Any]:
+        first_call = noise.call
+
+        def closure_with_same_noise() -> Any:
+            noise.call = first_call
+            return closure()
+
+        return closure_with_same_noise
+
+    def pre_step(opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> Any:
+        # torch passes the optimizer itself as args[0]; the closure is args[1] or a keyword
+        if kwargs.get("closure") is not None:
+            return args, {**kwargs, "closure": rewinding(kwargs["closure"])}
+        if len(args) > 1 and args[1] is not None:
+            return (args[0], rewinding(args[1]), *args[2:]), kwargs
+        return None
+
+    def post_step(opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        noise.advance()
+
+    def save(opt: torch.optim.Optimizer, state_dict: dict) -> dict:
+        state_dict[STATE_KEY] = noise.state_dict()
+        return state_dict
+
+    def load(opt: torch.optim.Optimizer, state_dict: dict) -> dict:
+        if STATE_KEY in state_dict:
+            noise.load_state_dict(state_dict.pop(STATE_KEY))
+        else:
+            warnings.warn(
+                "optimizer state_dict has no label-noise state (saved without label noise?); "
+                f"the noise stream stays at step {noise.step}",
+                stacklevel=3,
+            )
+        return state_dict
+
+    optimizer._label_noise = noise  # type: ignore[attr-defined]
+    optimizer._label_noise_handles = [  # type: ignore[attr-defined]
+        optimizer.register_step_pre_hook(pre_step),
+        optimizer.register_step_post_hook(post_step),
+        optimizer.register_state_dict_post_hook(save),
+        optimizer.register_load_state_dict_pre_hook(load),
+    ]
+    return noise
+
+
+class LabelNoiseSGD(torch.optim.SGD):
+    r"""``torch.optim.SGD`` whose training labels get fresh noise at every step.
+
+    Label-noise SGD (Blanc et al., COLT 2020) runs SGD on
+    :math:`\ell(\theta) = \|h(x; \theta) - (y + \epsilon_t)\|^2` with fresh independent
+    :math:`\epsilon_t` at every step :math:`t`. The update itself is exactly ``SGD``'s; the
+    noise enters through :meth:`noisy_loss` or :meth:`attach_output_noise`. With
+    ``noise_std=0`` it is bit-for-bit ``torch.optim.SGD``.
+
+    Args:
+        params, lr, momentum, dampening, weight_decay, nesterov, maximize, foreach,
+            differentiable, fused: as for ``torch.optim.SGD``.
+        noise_std: label-noise standard deviation, or a callable ``step -> std``.
+        distribution: ``"gaussian"``, ``"rademacher"`` or ``"uniform"``; for class-label
+            flipping pass ``noise=LabelNoise(distribution="flip", p=..., num_classes=...)``.
+        seed: noise stream seed.
+        noise: a ready :class:`LabelNoise` instead of ``noise_std``/``distribution``/``seed``.
+
+    Example:
+        >>> opt = LabelNoiseSGD(model.parameters(), lr=0.05, momentum=0.9, noise_std=0.1)
+        >>> loss_fn = opt.noisy_loss(nn.MSELoss())
+        >>> for x, y in loader:
+        ...     opt.zero_grad()
+        ...     loss_fn(model(x), y).backward()
+        ...     opt.step()
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | torch.Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float | torch.Tensor = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        noise_std: StdSchedule | None = None,
+        distribution: str = "gaussian",
+        seed: int = 0,
+        noise: LabelNoise | None = None,
+    ) -> None:
+        if noise is None:
+            if noise_std is None:
+                raise TypeError(
+                    "LabelNoiseSGD needs noise_std=... (0 gives plain SGD) or noise=LabelNoise(...)"
+                )
+            if distribution == "flip":
+                raise ValueError(
+                    "for class-label flipping pass noise=LabelNoise(distribution='flip', p=..., "
+                    "num_classes=...)"
+                )
+            noise = LabelNoise(noise_std, distribution, seed)
+        elif noise_std is not None:
+            raise ValueError("pass either noise_std or noise, not both")
+        super().__init__(
+            params, lr, momentum, dampening, weight_decay, nesterov,
+            maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused,
+        )
+        add_label_noise(self, noise=noise)
+
+    @property
+    def label_noise(self) -> LabelNoise:
+        """The optimizer's noise stream."""
+        return self._label_noise  # type: ignore[attr-defined]
+
+    def noisy_loss(self, criterion: nn.Module | Any) -> NoisyLoss:
+        """``criterion`` with this optimizer's label noise on its target (see :func:`noisy_loss`)."""
+        return noisy_loss(criterion, self.label_noise)
+
+    def attach_output_noise(self, model: nn.Module) -> RemovableHandle:
+        """Forward hook subtracting this optimizer's noise from ``model``'s training outputs."""
+        return attach_output_noise(model, self.label_noise)
