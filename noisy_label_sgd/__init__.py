@@ -7,6 +7,13 @@ Ornstein-Uhlenbeck like process", COLT 2020 (arXiv 1904.09080).
 from .hooks import attach_output_noise, noisy_loss
 from .noise import LabelNoise
 from .optim import LabelNoiseSGD, add_label_noise
+from .probe import ProbeReport, RegularizerProbe
+from .regularizer import (
+    implicit_regularizer,
+    per_sample_sq_grad_norms,
+    regularizer_grad,
+    tangent_projection,
+)
 
 __version__ = "0.1.0"
 
@@ -16,4 +23,10 @@ __all__ = [
     "add_label_noise",
     "noisy_loss",
     "attach_output_noise",
+    "per_sample_sq_grad_norms",
+    "implicit_regularizer",
+    "regularizer_grad",
+    "tangent_projection",
+    "RegularizerProbe",
+    "ProbeReport",
 ]

@@ -22,3 +22,104 @@ def batch(step: int, n: int = 16, d_in: int = 6, d_out: int = 3, dtype=torch.flo
     """The data of one training step, a pure function of the step (so resumed runs match)."""
     g = torch.Generator().manual_seed(1000 + step)
     return torch.randn(n, d_in, generator=g, dtype=dtype), torch.randn(n, d_out, generator=g, dtype=dtype)
+
+
+# -- models for the regularizer tests (float64) ----------------------------------------------
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 4)
+        self.conv2 = nn.Conv2d(4, 4, 3, stride=2)
+        self.head = nn.Linear(4 * 2 * 2, 2)
+
+    def forward(self, x):
+        x = torch.tanh(self.norm(self.conv1(x)))
+        return self.head(torch.tanh(self.conv2(x)).flatten(1))
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.head(self.layer(x).mean(1)).squeeze(-1)
+
+
+class FrozenAndBuffers(nn.Module):
+    """A frozen layer, BatchNorm buffers (eval mode) and an affine LayerNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.frozen = nn.Linear(5, 6)
+        self.frozen.requires_grad_(False)
+        self.bn = nn.BatchNorm1d(6)
+        self.ln = nn.LayerNorm(6)
+        self.out = nn.Linear(6, 2)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 2.0)
+            self.ln.weight.uniform_(0.5, 1.5)
+            self.ln.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.ln(self.bn(self.frozen(x)))))
+
+
+class ReusedWeight(nn.Module):
+    """One Linear applied twice: its weight enters the output through two paths."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.shared(torch.tanh(self.shared(x))))).squeeze(-1)
+
+
+def brute_jacobian(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """J [n k, p] by a per-sample, per-output loop of torch.autograd.grad (the reference)."""
+    training = model.training
+    model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for i in range(inputs.shape[0]):
+        out = model(inputs[i : i + 1]).reshape(-1)
+        for j in range(out.numel()):
+            grads = torch.autograd.grad(out[j], params, retain_graph=True, allow_unused=True)
+            rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)]))
+    model.train(training)
+    return torch.stack(rows).detach()
+
+
+def brute_reg(model: nn.Module, inputs: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
+    """reg by the same loop; with create_graph it can be differentiated by plain autograd."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):  # fused CPU attention kernels have no double backward
+        return _brute_reg(model, inputs, create_graph)
+
+
+def _brute_reg(model, inputs, create_graph):
+    model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = 0.0
+    n = inputs.shape[0]
+    for i in range(n):
+        out = model(inputs[i : i + 1]).reshape(-1)
+        for j in range(out.numel()):
+            grads = torch.autograd.grad(out[j], params, create_graph=create_graph, retain_graph=True, allow_unused=True)
+            total = total + sum((g**2).sum() for g in grads if g is not None)
+    return total / n
+
+
+def brute_reg_grad(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """grad reg, flat over trainable parameters, by plain autograd through the loop."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(brute_reg(model, inputs, create_graph=True), params, allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])

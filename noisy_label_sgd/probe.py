@@ -1,0 +1,146 @@
+"""RegularizerProbe: reg, grad reg and its manifold component for a model on a fixed probe set."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .regularizer import (
+    DEFAULT_MEMORY_BUDGET,
+    SOLVERS,
+    FunctionalModel,
+    Inputs,
+    _reg_grad,
+    _sq_norms,
+    as_input_tuple,
+    auto_chunk_size,
+    evaluation_mode,
+    project,
+)
+
+__all__ = ["RegularizerProbe", "ProbeReport"]
+
+
+@dataclass(frozen=True)
+class ProbeReport:
+    """What the probe measured at the current parameters.
+
+    Attributes:
+        reg: :math:`\\frac1n \\sum_i \\|J_i\\|_F^2`.
+        reg_grad_norm: :math:`\\|\\nabla \\mathrm{reg}\\|`.
+        manifold_grad_norm: :math:`\\|P_T \\nabla \\mathrm{reg}\\|`, the part tangent to the
+            zero-error manifold: the direction label noise drifts along (zero at a stable point).
+        normal_grad_norm: :math:`\\|\\nabla \\mathrm{reg} - P_T \\nabla \\mathrm{reg}\\|`.
+        loss: clean mean squared error on the probe set (``None`` without targets).
+        per_sample: :math:`\\|J_i\\|_F^2` per sample, shape [n].
+        seconds: wall time of the measurement.
+    """
+
+    reg: float
+    reg_grad_norm: float
+    manifold_grad_norm: float
+    normal_grad_norm: float
+    loss: float | None
+    per_sample: torch.Tensor
+    seconds: float
+
+    @property
+    def manifold_fraction(self) -> float:
+        """manifold_grad_norm / reg_grad_norm (0 when grad reg vanishes)."""
+        return self.manifold_grad_norm / self.reg_grad_norm if self.reg_grad_norm > 0 else 0.0
+
+
+class RegularizerProbe:
+    """Measures the implicit regularizer of ``model`` on a fixed probe set, on demand.
+
+    The probe keeps a reference to the model and reads its current parameters at every call.
+    The model is evaluated in eval mode (BatchNorm on running statistics, dropout off: samples
+    are independent); the call changes no parameter, mode, gradient or random state.
+
+    Args:
+        model: any module returning a tensor of predictions with a leading sample dimension.
+        inputs: probe inputs, a tensor [n, ...] or a sequence of tensors (the model's args).
+        targets: optional targets [n, ...] for the clean probe loss (mean squared error).
+        chunk_size, memory_budget: see :func:`per_sample_sq_grad_norms`.
+        solver: tangent projection solver, ``"auto"``, ``"dense"`` or ``"cg"``.
+
+    Example:
+        >>> probe = RegularizerProbe(model, x_train, y_train)
+        >>> report = probe()
+        >>> report.reg, report.manifold_grad_norm
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: Inputs,
+        targets: torch.Tensor | None = None,
+        *,
+        chunk_size: int | None = None,
+        solver: str = "auto",
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    ) -> None:
+        self.inputs = as_input_tuple(inputs)
+        n = self.inputs[0].shape[0]
+        if targets is not None:
+            if not isinstance(targets, torch.Tensor):
+                raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
+            if targets.shape[0] != n:
+                raise ValueError(
+                    f"inputs have {n} samples but targets have {targets.shape[0]}"
+                )
+        if solver not in SOLVERS:
+            raise ValueError(f"Invalid solver: {solver!r} (choose one of {SOLVERS})")
+        auto_chunk_size(FunctionalModel(model), 1, chunk_size, memory_budget)  # validates early
+        self.model = model
+        self.targets = targets
+        self.chunk_size = chunk_size
+        self.solver = solver
+        self.memory_budget = memory_budget
+
+    @property
+    def num_samples(self) -> int:
+        return self.inputs[0].shape[0]
+
+    def __call__(self) -> ProbeReport:
+        start = time.perf_counter()
+        with evaluation_mode(self.model):
+            fm = FunctionalModel(self.model)
+            k = fm.output_size(self.inputs)
+            chunk = auto_chunk_size(fm, k, self.chunk_size, self.memory_budget)
+            per_sample = _sq_norms(fm, self.inputs, chunk).detach()
+            reg_grad = _reg_grad(fm, self.inputs, self.chunk_size, self.memory_budget)
+            manifold = project(
+                fm, self.inputs, reg_grad, solver=self.solver, chunk_size=self.chunk_size,
+                memory_budget=self.memory_budget,
+            )
+            grad_flat, manifold_flat = fm.flatten(reg_grad), fm.flatten(manifold)
+            loss = None
+            if self.targets is not None:
+                with torch.no_grad():
+                    out = fm.batch_output(fm.params, self.inputs)
+                    if self.targets[0].numel() != out.shape[1]:
+                        raise ValueError(
+                            f"targets have {self.targets[0].numel()} entries per sample but the "
+                            f"model outputs {out.shape[1]}"
+                        )
+                    target = self.targets.reshape(out.shape).to(out.dtype)
+                    loss = float((out - target).pow(2).mean())
+        return ProbeReport(
+            reg=float(per_sample.mean()),
+            reg_grad_norm=float(grad_flat.norm()),
+            manifold_grad_norm=float(manifold_flat.norm()),
+            normal_grad_norm=float((grad_flat - manifold_flat).norm()),
+            loss=loss,
+            per_sample=per_sample,
+            seconds=time.perf_counter() - start,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"RegularizerProbe({type(self.model).__name__}, n={self.num_samples}, "
+            f"solver={self.solver!r})"
+        )

@@ -1,0 +1,462 @@
+r"""The implicit regularizer of label-noise SGD, as pure torch.func functions of a model's parameters.
+
+Notation (see the package README): the model output of sample :math:`i` is flattened to
+:math:`h_i \in \mathbb{R}^k`; :math:`\theta \in \mathbb{R}^p` are the trainable parameters in
+``named_parameters()`` order; :math:`J_i = \partial h_i / \partial\theta \in \mathbb{R}^{k\times p}`
+and :math:`J` is the :math:`nk \times p` stack.
+
+* ``per_sample_sq_grad_norms``: :math:`\|J_i\|_F^2` for every sample;
+* ``implicit_regularizer``: :math:`\mathrm{reg}(\theta) = \frac1n\sum_i \|J_i\|_F^2`;
+* ``regularizer_grad``: :math:`\nabla\mathrm{reg} = \frac2n\sum_i\sum_j H_{ij}\,\nabla h_{ij}`,
+  computed forward-over-reverse (a jvp of the per-output gradient in the direction of that
+  gradient), which stays exact through LayerNorm where reverse-over-reverse under vmap did not;
+* ``tangent_projection``: :math:`P_T v = v - J^+ J v`, the component of :math:`v` tangent to the
+  zero-error manifold :math:`\{\theta: h_i(\theta) = y_i\ \forall i\}` (tangent space
+  :math:`\mathrm{null}(J)`).
+
+Every function evaluates the model in eval mode (dropout off, BatchNorm on running statistics, so
+samples are independent) and restores each submodule's mode afterwards; it never touches
+parameters, ``.grad`` or any random state. Frozen parameters and buffers are constants. Work is
+split into chunks of samples so that the per-sample Jacobians held at once fit ``memory_budget``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+__all__ = [
+    "per_sample_sq_grad_norms",
+    "implicit_regularizer",
+    "regularizer_grad",
+    "tangent_projection",
+    "DEFAULT_MEMORY_BUDGET",
+]
+
+Inputs = torch.Tensor | Sequence[torch.Tensor]
+ParamDict = dict[str, torch.Tensor]
+
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of per-sample Jacobians held at once
+DENSE_MAX_ROWS = 8192  # above this many rows of J, an eigendecomposition of K costs too much
+SOLVERS = ("auto", "dense", "cg")
+
+
+# -- the model as a pure function ------------------------------------------------------------
+
+
+def as_input_tuple(inputs: Inputs) -> tuple[torch.Tensor, ...]:
+    """Inputs as a tuple of tensors sharing a non-empty first (sample) dimension."""
+    batch = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    if not batch or not all(isinstance(t, torch.Tensor) for t in batch):
+        raise TypeError("inputs must be a tensor or a sequence of tensors (the model's arguments)")
+    if any(t.dim() == 0 for t in batch):
+        raise ValueError("inputs need a leading sample dimension, got a 0-dim tensor")
+    n = batch[0].shape[0]
+    if any(t.shape[0] != n for t in batch):
+        raise ValueError(f"inputs disagree in their sample dimension: {[t.shape[0] for t in batch]}")
+    if n == 0:
+        raise ValueError("the probe set is empty (0 samples)")
+    return batch
+
+
+class FunctionalModel:
+    """A module as a pure function of its trainable parameters (frozen ones and buffers fixed)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.params: ParamDict = {
+            name: p.detach() for name, p in model.named_parameters() if p.requires_grad
+        }
+        if not self.params:
+            raise ValueError(
+                "the model has no trainable parameters (requires_grad=True): reg is defined "
+                "over trainable parameters only"
+            )
+        self.constants: ParamDict = {
+            name: p.detach() for name, p in model.named_parameters() if not p.requires_grad
+        }
+        self.constants.update((name, b.detach()) for name, b in model.named_buffers())
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.track_running_stats:
+                raise ValueError(
+                    f"{type(module).__name__} without running statistics normalises with batch "
+                    "statistics even in eval mode, so samples are not independent and "
+                    "per-sample gradients are undefined; use track_running_stats=True or GroupNorm"
+                )
+        self.num_params = sum(p.numel() for p in self.params.values())
+        first = next(iter(self.params.values()))
+        self.dtype, self.device = first.dtype, first.device
+
+    def batch_output(self, params: ParamDict, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Model outputs of a batch, flattened per sample: shape [b, k]."""
+        out = functional_call(self.model, (params, self.constants), batch)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(
+                f"the model must return a tensor of predictions, got {type(out).__name__}; wrap "
+                "it in a module that returns the prediction tensor"
+            )
+        b = batch[0].shape[0]
+        if out.dim() == 0 or out.shape[0] != b:
+            raise ValueError(
+                f"the model output has shape {tuple(out.shape)}; expected a leading sample "
+                f"dimension of size {b}"
+            )
+        return out.reshape(b, -1)
+
+    def sample_output(self, params: ParamDict, *sample: torch.Tensor) -> torch.Tensor:
+        """Output of one sample, shape [k] (vmapped over samples by the callers)."""
+        return self.batch_output(params, tuple(s.unsqueeze(0) for s in sample))[0]
+
+    def output_size(self, batch: tuple[torch.Tensor, ...]) -> int:
+        with torch.no_grad():
+            return self.batch_output(self.params, tuple(t[:1] for t in batch)).shape[1]
+
+    def flatten(self, tensors: ParamDict) -> torch.Tensor:
+        return torch.cat([tensors[name].reshape(-1) for name in self.params])
+
+    def unflatten(self, flat: torch.Tensor) -> ParamDict:
+        out, start = {}, 0
+        for name, p in self.params.items():
+            out[name] = flat[start : start + p.numel()].view_as(p)
+            start += p.numel()
+        return out
+
+
+@contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode, the math attention kernel (it has double backward), no RNG side effects."""
+    modes = [(module, module.training) for module in model.modules()]
+    cuda_devices = sorted(
+        {t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"}
+    )
+    model.eval()
+    try:
+        with sdpa_kernel(SDPBackend.MATH), torch.random.fork_rng(devices=cuda_devices):
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def chunk_slices(n: int, chunk_size: int) -> Iterator[slice]:
+    for start in range(0, n, chunk_size):
+        yield slice(start, min(start + chunk_size, n))
+
+
+def auto_chunk_size(
+    fm: FunctionalModel, k: int, chunk_size: int | None, memory_budget: int, copies: int = 1
+) -> int:
+    """Samples per chunk so that ``copies`` per-sample Jacobians of [k, p] fit the budget."""
+    if chunk_size is not None:
+        if int(chunk_size) != chunk_size or chunk_size < 1:
+            raise ValueError(f"Invalid chunk_size: {chunk_size} (must be a positive int)")
+        return int(chunk_size)
+    itemsize = torch.empty((), dtype=fm.dtype).element_size()
+    per_sample = max(1, copies * k * fm.num_params * itemsize)
+    return max(1, memory_budget // per_sample)
+
+
+# -- per-sample norms and reg ----------------------------------------------------------------
+
+
+def per_sample_jacobians(fm: FunctionalModel, batch: tuple[torch.Tensor, ...]) -> ParamDict:
+    """J_i for every sample of ``batch``: name -> [b, k, *param.shape]."""
+    in_dims = (None,) + (0,) * len(batch)
+    return vmap(jacrev(fm.sample_output), in_dims=in_dims)(fm.params, *batch)
+
+
+def _sq_norms(fm: FunctionalModel, batch: tuple[torch.Tensor, ...], chunk: int) -> torch.Tensor:
+    parts = []
+    for s in chunk_slices(batch[0].shape[0], chunk):
+        jac = per_sample_jacobians(fm, tuple(t[s] for t in batch))
+        parts.append(sum(j.pow(2).flatten(1).sum(1) for j in jac.values()))
+    return torch.cat(parts)
+
+
+def per_sample_sq_grad_norms(
+    model: nn.Module,
+    inputs: Inputs,
+    *,
+    chunk_size: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> torch.Tensor:
+    r"""Per-sample :math:`\|J_i\|_F^2 = \|\partial h(x_i;\theta)/\partial\theta\|_F^2`.
+
+    Args:
+        model: any module mapping a batch of inputs to a batch of predictions.
+        inputs: a tensor [n, ...] or a sequence of tensors (the model's arguments) with a
+            shared first dimension n.
+        chunk_size: samples per vmapped chunk; by default the largest that fits memory_budget.
+        memory_budget: bytes of per-sample Jacobians held at once.
+
+    Returns:
+        a tensor of shape [n] (multi-output models: Frobenius norm over all output entries).
+
+    Raises:
+        ValueError: no trainable parameters, an empty probe set, mismatched inputs, a BatchNorm
+            without running statistics, an output without a sample dimension.
+        TypeError: a non-tensor model output.
+    """
+    batch = as_input_tuple(inputs)
+    with evaluation_mode(model):
+        fm = FunctionalModel(model)
+        k = fm.output_size(batch)
+        return _sq_norms(fm, batch, auto_chunk_size(fm, k, chunk_size, memory_budget))
+
+
+def implicit_regularizer(
+    model: nn.Module,
+    inputs: Inputs,
+    *,
+    chunk_size: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> torch.Tensor:
+    r""":math:`\mathrm{reg}(\theta) = \frac1n \sum_i \|J_i\|_F^2` (a 0-dim tensor).
+
+    Equals the trace of the Gauss-Newton matrix :math:`\frac1n J^\top J`. Arguments as for
+    :func:`per_sample_sq_grad_norms`.
+    """
+    return per_sample_sq_grad_norms(
+        model, inputs, chunk_size=chunk_size, memory_budget=memory_budget
+    ).mean()
+
+
+# -- grad reg --------------------------------------------------------------------------------
+
+
+def _reg_grad_sum(fm: FunctionalModel, batch: tuple[torch.Tensor, ...], k: int) -> ParamDict:
+    """sum_i sum_j H_ij grad h_ij over the samples of ``batch`` (forward-over-reverse)."""
+    directions = torch.eye(k, dtype=fm.dtype, device=fm.device)
+
+    def hessian_times_gradient(direction: torch.Tensor, *sample: torch.Tensor) -> ParamDict:
+        output_j = lambda params: (fm.sample_output(params, *sample) * direction).sum()
+        gradient = grad(output_j)(fm.params)
+        return jvp(grad(output_j), (fm.params,), (gradient,))[1]
+
+    def per_sample(*sample: torch.Tensor) -> ParamDict:
+        per_output = vmap(hessian_times_gradient, in_dims=(0,) + (None,) * len(sample))
+        return {n: v.sum(0) for n, v in per_output(directions, *sample).items()}
+
+    summed = vmap(per_sample)(*batch)
+    return {n: v.sum(0) for n, v in summed.items()}
+
+
+def regularizer_grad(
+    model: nn.Module,
+    inputs: Inputs,
+    *,
+    chunk_size: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> ParamDict:
+    r""":math:`\nabla_\theta \mathrm{reg} = \frac2n \sum_i \sum_j H_{ij} \nabla_\theta h_{ij}`.
+
+    :math:`H_{ij}` is the Hessian of output entry :math:`j` of sample :math:`i`. Arguments as for
+    :func:`per_sample_sq_grad_norms`.
+
+    Returns:
+        a dict parameter name -> gradient, over the trainable parameters.
+    """
+    batch = as_input_tuple(inputs)
+    with evaluation_mode(model):
+        fm = FunctionalModel(model)
+        return _reg_grad(fm, batch, chunk_size, memory_budget)
+
+
+def _reg_grad(fm: FunctionalModel, batch, chunk_size, memory_budget) -> ParamDict:
+    n = batch[0].shape[0]
+    k = fm.output_size(batch)
+    # per sample and output: the gradient, its jvp and the jvp's primal: ~3 Jacobian copies
+    chunk = auto_chunk_size(fm, k, chunk_size, memory_budget, copies=3)
+    total = {name: torch.zeros_like(p) for name, p in fm.params.items()}
+    for s in chunk_slices(n, chunk):
+        for name, v in _reg_grad_sum(fm, tuple(t[s] for t in batch), k).items():
+            total[name] += v
+    return {name: v.mul_(2.0 / n) for name, v in total.items()}
+
+
+# -- tangent projection ----------------------------------------------------------------------
+
+
+def default_rcond(rows: int, dtype: torch.dtype) -> float:
+    r"""Relative singular-value cutoff of :math:`J^+`: :math:`\sqrt{nk\,\varepsilon}`.
+
+    The dense solver works with eigenvalues :math:`\lambda = s^2` of :math:`K = JJ^\top`, which are
+    resolved only down to about :math:`nk\,\varepsilon\,\lambda_{max}`; singular values below
+    :math:`\sqrt{nk\,\varepsilon}\, s_{max}` are treated as zero.
+    """
+    return math.sqrt(rows * torch.finfo(dtype).eps)
+
+
+def default_cg_tol(dtype: torch.dtype) -> float:
+    """CG stops at ||K u - J v|| <= tol ||J v||: 1e-10 in float64, 100 eps in lower precision."""
+    return max(1e-10, 100 * torch.finfo(dtype).eps)
+
+
+def jacobian_matrix(fm: FunctionalModel, batch, chunk: int) -> torch.Tensor:
+    """J as an [n k, p] matrix, rows sample-major, columns in named_parameters() order."""
+    rows = []
+    for s in chunk_slices(batch[0].shape[0], chunk):
+        jac = per_sample_jacobians(fm, tuple(t[s] for t in batch))
+        b, k = next(iter(jac.values())).shape[:2]
+        rows.append(torch.cat([jac[name].reshape(b * k, -1) for name in fm.params], dim=1))
+    return torch.cat(rows)
+
+
+def _project_dense(fm, batch, v: torch.Tensor, chunk: int, rcond: float | None) -> torch.Tensor:
+    J = jacobian_matrix(fm, batch, chunk)
+    rcond = default_rcond(J.shape[0], J.dtype) if rcond is None else rcond
+    eigenvalues, Q = torch.linalg.eigh(J @ J.T)
+    keep = eigenvalues > (rcond**2) * eigenvalues.max().clamp_min(0)
+    inverse = torch.where(keep, 1.0 / eigenvalues.where(keep, torch.ones_like(eigenvalues)), 0.0)
+    u = Q @ (inverse * (Q.T @ (J @ v)))  # u = K^+ J v
+    return v - J.T @ u
+
+
+def _project_cg(fm, batch, v: torch.Tensor, chunk: int, tol: float | None, max_iter: int | None):
+    """P_T v = v - J^T u with K u = J v solved by conjugate gradients, J never formed.
+
+    J w is a jvp and J^T u a vjp of the batched outputs, chunk by chunk. CG started at 0 stays in
+    range(K) = range(J), so it finds K^+ J v even though K is singular.
+    """
+    n = batch[0].shape[0]
+    slices = list(chunk_slices(n, chunk))
+    chunks = [tuple(t[s] for t in batch) for s in slices]
+
+    def J_times(w: torch.Tensor) -> torch.Tensor:
+        tangent = fm.unflatten(w)
+        return torch.cat(
+            [jvp(lambda p: fm.batch_output(p, c), (fm.params,), (tangent,))[1].reshape(-1) for c in chunks]
+        )
+
+    def J_transpose_times(u: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros(fm.num_params, dtype=fm.dtype, device=fm.device)
+        start = 0
+        for c in chunks:
+            out, pullback = vjp(lambda p: fm.batch_output(p, c), fm.params)
+            total += fm.flatten(pullback(u[start : start + out.numel()].view_as(out))[0])
+            start += out.numel()
+        return total
+
+    b = J_times(v)
+    tol = default_cg_tol(fm.dtype) if tol is None else tol
+    max_iter = 2 * b.numel() + 10 if max_iter is None else max_iter
+    u = torch.zeros_like(b)
+    r, d = b.clone(), b.clone()
+    rr, target = r.dot(r), (tol * b.norm()) ** 2
+    for _ in range(max_iter):
+        if rr <= target:
+            break
+        Kd = J_times(J_transpose_times(d))
+        alpha = rr / d.dot(Kd)
+        u += alpha * d
+        r -= alpha * Kd
+        rr_new = r.dot(r)
+        d = r + (rr_new / rr) * d
+        rr = rr_new
+    else:
+        if rr > target:
+            warnings.warn(
+                f"tangent_projection: CG stopped after {max_iter} iterations at relative residual "
+                f"{float(rr.sqrt() / b.norm()):.2e} > tol {tol:.1e}; J is ill-conditioned, try "
+                "solver='dense'",
+                stacklevel=3,
+            )
+    return v - J_transpose_times(u)
+
+
+def choose_solver(fm: FunctionalModel, rows: int, memory_budget: int) -> str:
+    itemsize = torch.empty((), dtype=fm.dtype).element_size()
+    fits = rows * fm.num_params * itemsize <= memory_budget and rows <= DENSE_MAX_ROWS
+    return "dense" if fits else "cg"
+
+
+def _check_vector(fm: FunctionalModel, vector: ParamDict) -> torch.Tensor:
+    if not isinstance(vector, dict):
+        raise TypeError(
+            f"vector must be a dict name -> tensor over the trainable parameters, got "
+            f"{type(vector).__name__}"
+        )
+    if set(vector) != set(fm.params):
+        raise ValueError(
+            f"vector keys must be the trainable parameter names; missing "
+            f"{sorted(set(fm.params) - set(vector))}, unexpected {sorted(set(vector) - set(fm.params))}"
+        )
+    for name, p in fm.params.items():
+        if vector[name].shape != p.shape:
+            raise ValueError(f"vector[{name!r}] has shape {tuple(vector[name].shape)}, expected {tuple(p.shape)}")
+    return fm.flatten({n: t.to(fm.dtype) for n, t in vector.items()})
+
+
+def project(
+    fm: FunctionalModel,
+    batch: tuple[torch.Tensor, ...],
+    vector: ParamDict,
+    *,
+    solver: str,
+    chunk_size: int | None,
+    memory_budget: int,
+    rcond: float | None = None,
+    tol: float | None = None,
+    max_iter: int | None = None,
+) -> ParamDict:
+    """tangent_projection on a FunctionalModel already in evaluation mode."""
+    if solver not in SOLVERS:
+        raise ValueError(f"Invalid solver: {solver!r} (choose one of {SOLVERS})")
+    v = _check_vector(fm, vector)
+    k = fm.output_size(batch)
+    chunk = auto_chunk_size(fm, k, chunk_size, memory_budget)
+    if solver == "auto":
+        solver = choose_solver(fm, batch[0].shape[0] * k, memory_budget)
+    if solver == "dense":
+        return fm.unflatten(_project_dense(fm, batch, v, chunk, rcond))
+    return fm.unflatten(_project_cg(fm, batch, v, chunk, tol, max_iter))
+
+
+def tangent_projection(
+    model: nn.Module,
+    inputs: Inputs,
+    vector: ParamDict,
+    *,
+    solver: str = "auto",
+    chunk_size: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    rcond: float | None = None,
+    tol: float | None = None,
+    max_iter: int | None = None,
+) -> ParamDict:
+    r"""Project ``vector`` on the tangent space :math:`T = \mathrm{null}(J)` of the zero-error manifold.
+
+    :math:`P_T v = v - J^+ J v = v - J^\top (JJ^\top)^+ J v`.
+
+    Args:
+        model, inputs, chunk_size, memory_budget: as for :func:`per_sample_sq_grad_norms`.
+        vector: dict parameter name -> tensor over the trainable parameters.
+        solver: ``"dense"`` forms :math:`K = JJ^\top` (the empirical NTK, :math:`nk \times nk`)
+            and inverts it on the eigenvalues above ``rcond**2 * max eigenvalue``; ``"cg"``
+            solves :math:`K u = Jv` by conjugate gradients with jvp/vjp products, never forming
+            J; ``"auto"`` takes dense when J fits ``memory_budget`` and
+            :math:`nk \le 8192`, else cg.
+        rcond: relative singular-value cutoff of :math:`J^+` (dense); default
+            :func:`default_rcond` = :math:`\sqrt{nk\,\varepsilon}`.
+        tol: CG relative residual tolerance; default 1e-10 (float64) or 100 eps.
+        max_iter: CG iteration cap; default :math:`2nk + 10`. CG warns if it stops unconverged.
+
+    Returns:
+        :math:`P_T v` as a dict name -> tensor.
+    """
+    batch = as_input_tuple(inputs)
+    with evaluation_mode(model):
+        fm = FunctionalModel(model)
+        return project(
+            fm, batch, vector, solver=solver, chunk_size=chunk_size, memory_budget=memory_budget,
+            rcond=rcond, tol=tol, max_iter=max_iter,
+        )

@@ -1,0 +1,263 @@
+"""The torch.func regularizer core against brute-force autograd loops, finite differences and SVD."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import (FrozenAndBuffers, ReusedWeight, SmallCNN, TinyTransformer, brute_jacobian,
+                     brute_reg_grad, mlp)
+from noisy_label_sgd import (implicit_regularizer, per_sample_sq_grad_norms, regularizer_grad,
+                             tangent_projection)
+from noisy_label_sgd.paper_models import MatrixSensing, TwoLayerReLU1D, TwoLayerSigmoid
+
+RTOL = 1e-6
+
+
+def seeded(seed, build):
+    """Build a module whose default initialisation draws from a forked, seeded global RNG."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return build().double()
+
+
+def randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+CASES = {
+    "mlp_multi_output": (lambda: mlp(sizes=(5, 8, 8, 3)), lambda: randn(6, 5)),
+    "cnn_groupnorm": (lambda: seeded(1, SmallCNN), lambda: randn(4, 2, 5, 5)),
+    "transformer_encoder_layer": (lambda: seeded(2, TinyTransformer), lambda: randn(3, 4, 8)),
+    "frozen_params_and_buffers": (lambda: seeded(3, FrozenAndBuffers), lambda: randn(6, 5)),
+    "reused_weight": (lambda: seeded(4, ReusedWeight), lambda: randn(5, 4)),
+    "matrix_sensing": (lambda: MatrixSensing(4, init=randn(4, 4, seed=5)).double(), lambda: randn(7, 4, 4)),
+    "relu_1d": (lambda: TwoLayerReLU1D(6, torch.Generator().manual_seed(6)).double(), lambda: randn(8)),
+    "sigmoid_single_point_tanh": (
+        lambda: TwoLayerSigmoid(5, 3, "tanh", torch.Generator().manual_seed(7)).double(), lambda: randn(1, 3)),
+    "sigmoid_single_point_logistic": (
+        lambda: TwoLayerSigmoid(5, 3, "logistic", torch.Generator().manual_seed(8)).double(), lambda: randn(1, 3)),
+}
+IDS = list(CASES)
+
+
+def make(name):
+    build, inputs = CASES[name]
+    return build(), inputs()
+
+
+def assert_rel_close(actual, expected, rtol=RTOL):
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    scale = expected.abs().max().clamp_min(1e-300)
+    assert float((actual - expected).abs().max() / scale) < rtol
+
+
+@pytest.mark.parametrize("name", IDS)
+def test_per_sample_norms_and_reg_match_the_brute_force_loop(name):
+    model, x = make(name)
+    J = brute_jacobian(model, x)
+    n = x.shape[0]
+    expected = J.pow(2).reshape(n, -1).sum(1)
+    assert_rel_close(per_sample_sq_grad_norms(model, x), expected)
+    assert_rel_close(implicit_regularizer(model, x), expected.mean())
+
+
+@pytest.mark.parametrize("name", IDS)
+def test_reg_grad_matches_double_backward_of_the_loop(name):
+    model, x = make(name)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    actual = regularizer_grad(model, x)
+    assert list(actual) == names
+    assert_rel_close(torch.cat([actual[n].reshape(-1) for n in names]), brute_reg_grad(model, x))
+
+
+@pytest.mark.parametrize("name", ["frozen_params_and_buffers", "mlp_multi_output", "sigmoid_single_point_tanh"])
+def test_reg_grad_matches_central_finite_differences(name):
+    # LayerNorm is in frozen_params_and_buffers: reverse-over-reverse under vmap was wrong there
+    model, x = make(name)
+    grad = regularizer_grad(model, x)
+    h = 1e-5
+    g = torch.Generator().manual_seed(0)
+    for pname, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        for idx in torch.randint(0, p.numel(), (3,), generator=g).tolist():
+            with torch.no_grad():
+                flat = p.view(-1)
+                old = flat[idx].item()
+                flat[idx] = old + h
+                up = float(implicit_regularizer(model, x))
+                flat[idx] = old - h
+                down = float(implicit_regularizer(model, x))
+                flat[idx] = old
+            fd = (up - down) / (2 * h)
+            assert abs(grad[pname].reshape(-1)[idx].item() - fd) <= 1e-6 * max(1.0, abs(fd)), (pname, idx)
+
+
+def test_matrix_sensing_closed_form():
+    model, A = make("matrix_sensing")
+    U = model.U.detach()
+    sym = A + A.transpose(1, 2)
+    closed = (sym @ U).pow(2).sum((1, 2))
+    assert_rel_close(per_sample_sq_grad_norms(model, A), closed)
+
+
+@pytest.mark.parametrize("name", ["sigmoid_single_point_tanh", "sigmoid_single_point_logistic"])
+def test_sigmoid_single_point_closed_form(name):
+    # Appendix C: reg = sum_i s(w_i.x)^2 + c_i^2 s'(w_i.x)^2 ||x||^2
+    model, x = make(name)
+    z = (model.w @ x[0]).detach()
+    c = model.c.detach()
+    if model.activation == "tanh":
+        s, ds = torch.tanh(z), 1 - torch.tanh(z) ** 2
+    else:
+        s = torch.sigmoid(z)
+        ds = s * (1 - s)
+    closed = (s**2 + c**2 * ds**2 * x[0].pow(2).sum()).sum()
+    assert_rel_close(implicit_regularizer(model, x), closed)
+
+
+def test_chunking_and_memory_budget_do_not_change_the_numbers():
+    model, x = make("mlp_multi_output")
+    full = per_sample_sq_grad_norms(model, x)
+    assert_rel_close(per_sample_sq_grad_norms(model, x, chunk_size=1), full, 1e-12)
+    assert_rel_close(per_sample_sq_grad_norms(model, x, memory_budget=1), full, 1e-12)
+    g_full = regularizer_grad(model, x)
+    g_chunked = regularizer_grad(model, x, chunk_size=2)
+    for n in g_full:
+        assert_rel_close(g_chunked[n], g_full[n], 1e-12)
+
+
+# -- tangent projection ----------------------------------------------------------------------
+
+
+def flat(d):
+    return torch.cat([t.reshape(-1) for t in d.values()])
+
+
+def random_vector(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("name", ["mlp_multi_output", "cnn_groupnorm", "matrix_sensing", "relu_1d"])
+def test_projection_against_svd_null_space(name):
+    model, x = make(name)
+    J = brute_jacobian(model, x)
+    v = random_vector(model)
+    dense = flat(tangent_projection(model, x, v, solver="dense"))
+    cg = flat(tangent_projection(model, x, v, solver="cg"))
+    # reference: projector on null(J) from an SVD, same relative cutoff
+    _, s, Vh = torch.linalg.svd(J, full_matrices=False)
+    rank = int((s > s[0] * math.sqrt(J.shape[0] * torch.finfo(J.dtype).eps)).sum())
+    V = Vh[:rank].T
+    expected = flat(v) - V @ (V.T @ flat(v))
+    assert_rel_close(dense, expected)
+    assert_rel_close(cg, expected)
+    # J P_T v = 0 to rounding, and P_T is idempotent
+    assert float((J @ dense).norm()) < 1e-10 * float(J.norm() * flat(v).norm())
+    again = flat(tangent_projection(model, x, dict(zip(v, [t.view_as(v[n]) for n, t in
+                                                           zip(v, torch.split(dense, [p.numel() for p in v.values()]))]))))
+    assert_rel_close(again, dense)
+
+
+def test_projection_with_dependent_rows_uses_the_pseudo_inverse():
+    # a repeated sample makes J rank-deficient: K is singular, P_T must still be exact
+    model, x = make("mlp_multi_output")
+    x = torch.cat([x, x[:2]])
+    J = brute_jacobian(model, x)
+    v = random_vector(model, 1)
+    for solver in ("dense", "cg"):
+        pv = flat(tangent_projection(model, x, v, solver=solver))
+        assert float((J @ pv).norm()) < 1e-8 * float(J.norm() * flat(v).norm())
+
+
+def test_auto_solver_picks_cg_when_the_jacobian_does_not_fit():
+    model, x = make("mlp_multi_output")
+    v = random_vector(model)
+    dense = flat(tangent_projection(model, x, v, solver="dense"))
+    auto_small_budget = flat(tangent_projection(model, x, v, memory_budget=1000))  # -> cg
+    assert_rel_close(auto_small_budget, dense)
+
+
+def test_matrix_sensing_theory_check():
+    """Complete measurements: reg = (2d+2)/n ||U||_F^2 = c tr(X*), constant on the manifold, so
+    P_T grad reg = 0 there; with a few random measurements it is not."""
+    d = 4
+    model = MatrixSensing(d, init=randn(d, d, seed=11)).double()  # a generic point; X* = U U^T
+    complete = torch.eye(d * d, dtype=torch.float64).reshape(d * d, d, d)  # every E_ab
+    grad = regularizer_grad(model, complete)
+    assert_rel_close(flat(grad), 2 * (2 * d + 2) / d**2 * model.U.detach().reshape(-1))
+    manifold = flat(tangent_projection(model, complete, grad))
+    assert float(manifold.norm()) < 1e-9 * float(flat(grad).norm())
+    partial = randn(5, d, d, seed=13)
+    grad = regularizer_grad(model, partial)
+    manifold = flat(tangent_projection(model, partial, grad))
+    assert float(manifold.norm()) > 1e-1 * float(flat(grad).norm())
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+
+def test_no_trainable_parameters():
+    model = mlp().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        implicit_regularizer(model, randn(3, 6))
+
+
+def test_empty_probe_set():
+    with pytest.raises(ValueError, match="empty"):
+        implicit_regularizer(mlp(), randn(0, 6))
+
+
+def test_non_tensor_output():
+    class DictOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 1).double()
+
+        def forward(self, x):
+            return {"y": self.lin(x)}
+
+    with pytest.raises(TypeError, match="must return a tensor of predictions, got dict"):
+        implicit_regularizer(DictOut(), randn(2, 3))
+
+
+def test_output_without_sample_dimension():
+    class Summed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 1).double()
+
+        def forward(self, x):
+            return self.lin(x).sum()
+
+    with pytest.raises(ValueError, match="leading sample dimension"):
+        implicit_regularizer(Summed(), randn(2, 3))
+
+
+def test_batchnorm_is_evaluated_in_eval_mode_and_batch_statistics_are_refused():
+    model = seeded(3, FrozenAndBuffers)
+    model.train()
+    x = randn(6, 5)
+    # eval-mode BatchNorm uses running statistics: samples are independent, and the loop agrees
+    J = brute_jacobian(model, x)
+    assert_rel_close(per_sample_sq_grad_norms(model, x), J.pow(2).reshape(6, -1).sum(1))
+    assert model.training and model.bn.training  # mode restored
+    model.bn = nn.BatchNorm1d(6, track_running_stats=False).double()
+    with pytest.raises(ValueError, match="batch statistics even in eval mode.*GroupNorm"):
+        implicit_regularizer(model, x)
+
+
+def test_bad_projection_arguments():
+    model, x = make("mlp_multi_output")
+    v = random_vector(model)
+    with pytest.raises(ValueError, match="Invalid solver: 'qr'"):
+        tangent_projection(model, x, v, solver="qr")
+    with pytest.raises(ValueError, match="missing"):
+        tangent_projection(model, x, {k: v[k] for k in list(v)[1:]})
+    with pytest.raises(TypeError, match="dict name -> tensor"):
+        tangent_projection(model, x, flat(v))
+    with pytest.raises(ValueError, match="Invalid chunk_size: 0"):
+        per_sample_sq_grad_norms(model, x, chunk_size=0)
