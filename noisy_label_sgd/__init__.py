@@ -8,6 +8,7 @@ from .hooks import attach_output_noise, noisy_loss
 from .noise import LabelNoise
 from .optim import LabelNoiseSGD, add_label_noise
 from .probe import ProbeReport, RegularizerProbe
+from .tensorboard import TensorBoardMonitor
 from .regularizer import (
     implicit_regularizer,
     per_sample_sq_grad_norms,
@@ -29,4 +30,5 @@ __all__ = [
     "tangent_projection",
     "RegularizerProbe",
     "ProbeReport",
+    "TensorBoardMonitor",
 ]

@@ -26,9 +26,14 @@ from torch.utils.hooks import RemovableHandle
 from .hooks import NoisyLoss, attach_output_noise, noisy_loss
 from .noise import LabelNoise, StdSchedule
 
-__all__ = ["LabelNoiseSGD", "add_label_noise", "STATE_KEY"]
+__all__ = ["LabelNoiseSGD", "add_label_noise", "label_noise_of", "STATE_KEY"]
 
 STATE_KEY = "label_noise"
+
+
+def label_noise_of(optimizer: torch.optim.Optimizer) -> LabelNoise | None:
+    """The LabelNoise attached to ``optimizer`` by add_label_noise/LabelNoiseSGD, else None."""
+    return getattr(optimizer, "_label_noise", None)
 
 
 def add_label_noise(
@@ -67,7 +72,7 @@ def add_label_noise(
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if getattr(optimizer, "_label_noise", None) is not None:
+    if label_noise_of(optimizer) is not None:
         raise RuntimeError("label noise is already attached to this optimizer")
     if noise is None:
         noise = LabelNoise(std, distribution, seed, p=p, num_classes=num_classes, rank=rank)

@@ -36,6 +36,7 @@ class ProbeReport:
         normal_grad_norm: :math:`\\|\\nabla \\mathrm{reg} - P_T \\nabla \\mathrm{reg}\\|`.
         loss: clean mean squared error on the probe set (``None`` without targets).
         per_sample: :math:`\\|J_i\\|_F^2` per sample, shape [n].
+        outputs_per_sample: k, the number of output entries per sample.
         seconds: wall time of the measurement.
     """
 
@@ -45,6 +46,7 @@ class ProbeReport:
     normal_grad_norm: float
     loss: float | None
     per_sample: torch.Tensor
+    outputs_per_sample: int
     seconds: float
 
     @property
@@ -136,6 +138,7 @@ class RegularizerProbe:
             normal_grad_norm=float((grad_flat - manifold_flat).norm()),
             loss=loss,
             per_sample=per_sample,
+            outputs_per_sample=k,
             seconds=time.perf_counter() - start,
         )
 

@@ -1,0 +1,174 @@
+"""Time and peak memory of the probe's parts against a naive per-sample loop and a training step.
+
+    python benchmarks/probe.py [--cases mlp,mlp10,cnn,transformer] [--repeats 5] [--device cpu]
+
+Every (case, method) runs in its own subprocess so that its peak memory is its own: on CPU the
+growth of peak RSS over the RSS before the first call, on CUDA torch.cuda.max_memory_allocated.
+Methods:
+  train_step   forward + backward + SGD step on the batch (the baseline);
+  naive_reg    reg by a per-sample, per-output loop of torch.autograd.grad;
+  reg          per_sample_sq_grad_norms (torch.func vmap + jacrev);
+  reg_grad     regularizer_grad (forward-over-reverse);
+  projection   tangent_projection of a random vector, solver "auto".
+Each figure of reg is checked against the naive loop (relative difference printed).
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import environment, median_seconds, print_table, write_json  # noqa: E402
+from noisy_label_sgd import per_sample_sq_grad_norms, regularizer_grad, tangent_projection  # noqa: E402
+
+METHODS = ["train_step", "naive_reg", "reg", "reg_grad", "projection"]
+
+
+class SumOutputs(nn.Module):
+    """Scalar output = the sum of a network's outputs (one h per sample)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x).sum(-1)
+
+
+class PooledTransformer(nn.Module):
+    def __init__(self, d=64, layers=2):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d, 4, dim_feedforward=2 * d, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, 1)
+
+    def forward(self, x):
+        return self.head(self.encoder(x).mean(1)).squeeze(-1)
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+
+
+def cnn():
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 8 * 8, 10),
+    )
+
+
+CASES = {
+    "mlp": ("MLP 784-512-512-10, scalar, batch 256", lambda: SumOutputs(mlp()), (256, 784)),
+    "mlp10": ("MLP 784-512-512-10, 10 outputs, batch 256", mlp, (256, 784)),
+    "cnn": ("CNN 3x32x32 (3 conv + linear), scalar, batch 128", lambda: SumOutputs(cnn()), (128, 3, 32, 32)),
+    "transformer": ("Transformer 2x(d=64), seq 32, scalar, batch 32", PooledTransformer, (32, 32, 64)),
+}
+
+
+def naive_reg(model, x):
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = 0.0
+    for i in range(x.shape[0]):
+        out = model(x[i : i + 1]).reshape(-1)
+        for j in range(out.numel()):
+            grads = torch.autograd.grad(out[j], params, retain_graph=j + 1 < out.numel())
+            total += sum(float(g.pow(2).sum()) for g in grads)
+    return total / x.shape[0]
+
+
+def worker(case: str, method: str, repeats: int, device: torch.device) -> dict:
+    _, build, shape = CASES[case]
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build().to(device)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
+    if method == "train_step":
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+        model.train()
+        y = torch.zeros_like(model(x))
+
+        def run():
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+    elif method == "naive_reg":
+        model.eval()
+        run = lambda: naive_reg(model, x)
+    elif method == "reg":
+        run = lambda: per_sample_sq_grad_norms(model, x)
+    elif method == "reg_grad":
+        run = lambda: regularizer_grad(model, x)
+    else:
+        g = torch.Generator().manual_seed(2)
+        v = {n: torch.randn(p.shape, generator=g).to(device) for n, p in model.named_parameters()}
+        run = lambda: tangent_projection(model, x, v)
+    slow = method in ("naive_reg", "projection")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    seconds = median_seconds(run, device, repeats=1 if slow else repeats, warmup=0 if slow else 1)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    result = {"seconds": seconds, "peak_mb": peak / 2**20}
+    if method in ("reg", "naive_reg"):
+        value = run()
+        result["reg"] = float(value.mean()) if isinstance(value, torch.Tensor) else value
+    return result
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", default=",".join(CASES))
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--worker", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    if args.worker:
+        print(json.dumps(worker(*args.worker, args.repeats, device)))
+        return
+
+    from tqdm import tqdm
+
+    jobs = [(c, m) for c in args.cases.split(",") for m in args.methods.split(",")]
+    results = {}
+    for case, method in tqdm(jobs, desc="probe benchmark", unit="run"):
+        cmd = [sys.executable, __file__, "--worker", case, method, "--repeats", str(args.repeats), "--device", args.device]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            results.setdefault(case, {})[method] = {"error": out.stderr.strip().splitlines()[-1]}
+            continue
+        results.setdefault(case, {})[method] = json.loads(out.stdout.strip().splitlines()[-1])
+
+    rows = []
+    for case, by_method in results.items():
+        step = by_method.get("train_step", {}).get("seconds")
+        naive = by_method.get("naive_reg", {}).get("reg")
+        for method, r in by_method.items():
+            if "error" in r:
+                rows.append([CASES[case][0], method, "error", "", "", r["error"][:60]])
+                continue
+            ratio = f"{r['seconds'] / step:.2f}x" if step else "-"
+            agree = ""
+            if method == "reg" and naive:
+                agree = f"rel diff {abs(r['reg'] - naive) / abs(naive):.1e}"
+            rows.append([CASES[case][0], method, f"{1e3 * r['seconds']:.1f}", ratio, f"{r['peak_mb']:.0f}", agree])
+    env = environment(device)
+    print(f"# {env}")
+    print_table(["case", "method", "ms", "vs train step", "peak MB", "check vs naive"], rows)
+    print("wrote", write_json(f"probe_{device.type}", {"environment": env, "results": results}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,309 @@
+r"""TensorBoardMonitor: log the implicit regularizer while training, from an optimizer step hook.
+
+Theory printed beside the measurements (Blanc et al. 2020, Lemma 8 and Sec. 3.2, with this
+library's loss normalisation). Train with ``nn.MSELoss()`` (mean over the :math:`B k` entries of a
+batch of :math:`B` samples with :math:`k` outputs), learning rate :math:`\eta` and label noise of
+standard deviation :math:`\sigma`. Near the zero-error manifold the label-noise part of the
+gradient has covariance :math:`\frac{2\sigma^2}{Bk} H` with :math:`H = \frac{2}{nk} J^\top J` the
+Hessian of the full loss. The normal directions then behave like an Ornstein-Uhlenbeck process with
+stationary covariance :math:`\frac{\eta\sigma^2}{Bk} P_N`, and the mean drift along the manifold per
+step is
+
+.. math:: \Delta\theta_T \approx -\frac{\eta^2 \sigma^2}{B k^2}\, P_T \nabla \mathrm{reg}(\theta),
+
+so the monitor logs ``predicted_drift_per_step`` :math:`= \eta^2\sigma^2 /(B k^2) \cdot`
+``manifold_grad_norm``. With heavy-ball momentum :math:`\beta`, :math:`\eta` is replaced by the
+effective step :math:`\eta / (1 - \beta)`. The prediction is first order in :math:`\eta` around the
+manifold: compare orders of magnitude, not digits.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch.utils.hooks import RemovableHandle
+from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+from .optim import label_noise_of
+from .probe import ProbeReport, RegularizerProbe
+
+__all__ = ["TensorBoardMonitor"]
+
+SCALARS = (
+    "reg",
+    "reg_grad_norm",
+    "manifold_grad_norm",
+    "normal_grad_norm",
+    "manifold_fraction",
+    "probe_loss",
+    "lr",
+    "noise_std",
+    "predicted_drift_per_step",
+    "probe_seconds",
+)
+
+
+def _open_log_dir(log_dir: str | os.PathLike) -> str:
+    """Create ``log_dir`` and prove it writable now, not in the middle of training."""
+    path = os.fspath(log_dir)
+    if not path:
+        raise ValueError("log_dir must be a non-empty path")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe_file = os.path.join(path, ".write_test")
+        with open(probe_file, "w") as f:
+            f.write("ok")
+        os.remove(probe_file)
+    except OSError as e:
+        raise ValueError(f"log_dir {path!r} is not a writable directory: {e.strerror or e}") from e
+    return path
+
+
+class TensorBoardMonitor:
+    """Logs a :class:`RegularizerProbe` to TensorBoard every ``every`` optimizer steps.
+
+    Scalars (under ``prefix``/): reg, reg_grad_norm, manifold_grad_norm, normal_grad_norm,
+    manifold_fraction (= manifold / total), probe_loss (clean MSE on the probe set, if the probe
+    has targets), lr, noise_std, predicted_drift_per_step (see the module docstring),
+    probe_seconds; a histogram of the per-sample :math:`\\|J_i\\|^2`; a custom-scalars layout that
+    groups them; and hparams (lr, momentum, noise std, distribution, batch size) so that runs
+    with and without noise compare side by side in the HPARAMS tab.
+
+    The monitor changes nothing in training: the probe touches no parameter, gradient, mode or
+    random state. A probe that fails (e.g. out of memory) is reported once as a warning; training
+    goes on and later failures are counted in ``failures``.
+
+    Args:
+        probe: a RegularizerProbe (or any callable returning a ProbeReport).
+        log_dir: directory for the event files (created; must be writable).
+        writer: an existing SummaryWriter instead of ``log_dir`` (the monitor won't close it).
+        every: log after every ``every``-th optimizer step.
+        histograms: log the per-sample histogram.
+        prefix: tag prefix.
+        batch_size: training batch size B, for the drift prediction and hparams (default: the
+            probe set size, i.e. full-batch training on the probe set).
+        hparams: extra hyperparameters to record.
+        progress: True for a tqdm progress bar (``total_steps`` long) showing the latest reg
+            and loss, or an existing tqdm bar to update.
+        total_steps: length of the progress bar.
+
+    Example:
+        >>> with TensorBoardMonitor(RegularizerProbe(model, x, y), log_dir="runs/exp") as monitor:
+        ...     monitor.attach(opt)
+        ...     train(...)
+    """
+
+    def __init__(
+        self,
+        probe: RegularizerProbe | Callable[[], ProbeReport],
+        log_dir: str | os.PathLike | None = None,
+        *,
+        writer: SummaryWriter | None = None,
+        every: int = 100,
+        histograms: bool = True,
+        prefix: str = "implicit_reg",
+        batch_size: int | None = None,
+        hparams: dict[str, Any] | None = None,
+        progress: Any = False,
+        total_steps: int | None = None,
+    ) -> None:
+        if not callable(probe):
+            raise TypeError(f"probe must be a RegularizerProbe, got {type(probe).__name__}")
+        if (log_dir is None) == (writer is None):
+            raise ValueError("pass exactly one of log_dir and writer")
+        if int(every) != every or every < 1:
+            raise ValueError(f"Invalid every: {every} (must be an int >= 1)")
+        if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
+            raise ValueError(f"Invalid batch_size: {batch_size}")
+        self.probe = probe
+        self.every = int(every)
+        self.histograms = histograms
+        self.prefix = prefix
+        self.batch_size = batch_size
+        self.extra_hparams = dict(hparams or {})
+        self._owns_writer = writer is None
+        self.writer = SummaryWriter(_open_log_dir(log_dir)) if writer is None else writer
+        self._write_layout()
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._handle: RemovableHandle | None = None
+        self._steps = 0
+        self._hparams_written = False
+        self.failures = 0
+        self.last_report: ProbeReport | None = None
+        self._owns_bar = progress is True
+        self._bar = self._make_bar(progress, total_steps)
+
+    # -- wiring ---------------------------------------------------------------------------------
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
+        """Log after every ``every``-th ``optimizer.step()``; returns the hook's handle."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if self._handle is not None:
+            raise RuntimeError("this monitor is already attached to an optimizer")
+        self._optimizer = optimizer
+        self._handle = optimizer.register_step_post_hook(self._after_step)
+        return self._handle
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._steps += 1
+        if self._bar is not None:
+            self._bar.update(1)
+        step = self.global_step
+        if step % self.every == 0:
+            try:
+                self.log(step)
+            except Exception as error:  # a monitor must never stop training
+                self.failures += 1
+                if self.failures == 1:
+                    warnings.warn(
+                        f"TensorBoardMonitor: the probe failed at step {step} ({error!r}); training "
+                        "continues, later failures are only counted in monitor.failures",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+
+    @property
+    def global_step(self) -> int:
+        """Completed optimizer steps: the label-noise step counter when there is one (so a
+        resumed run continues its curves), else the steps seen by this monitor."""
+        noise = label_noise_of(self._optimizer) if self._optimizer is not None else None
+        return noise.step if noise is not None else self._steps
+
+    # -- logging --------------------------------------------------------------------------------
+
+    def log(self, step: int | None = None) -> ProbeReport:
+        """Run the probe now and log it at ``step`` (default: the current global step)."""
+        step = self.global_step if step is None else step
+        report = self.probe()
+        tag = lambda name: f"{self.prefix}/{name}"
+        values = {
+            "reg": report.reg,
+            "reg_grad_norm": report.reg_grad_norm,
+            "manifold_grad_norm": report.manifold_grad_norm,
+            "normal_grad_norm": report.normal_grad_norm,
+            "manifold_fraction": report.manifold_fraction,
+            "probe_seconds": report.seconds,
+        }
+        if report.loss is not None:
+            values["probe_loss"] = report.loss
+        values.update(self._training_values(report))
+        for name, value in values.items():
+            self.writer.add_scalar(tag(name), value, step)
+        if self.histograms:
+            self.writer.add_histogram(tag("per_sample_sq_grad_norm"), report.per_sample.float().cpu(), step)
+        if not self._hparams_written:
+            self._write_hparams(report)
+        if self._bar is not None:
+            postfix = {"reg": f"{report.reg:.4g}"}
+            if report.loss is not None:
+                postfix["loss"] = f"{report.loss:.3g}"
+            self._bar.set_postfix(postfix, refresh=False)
+        self.last_report = report
+        return report
+
+    def _batch_size(self) -> int:
+        return self.batch_size or getattr(self.probe, "num_samples", 1)
+
+    def _training_values(self, report: ProbeReport) -> dict[str, float]:
+        """lr, noise std and the theory's drift prediction, from the attached optimizer."""
+        if self._optimizer is None:
+            return {}
+        group = self._optimizer.param_groups[0]
+        lr = float(group["lr"])
+        values = {"lr": lr}
+        noise = label_noise_of(self._optimizer)
+        if noise is not None and noise.is_additive:
+            sigma = noise.current_std()
+            step_size = lr / (1.0 - float(group.get("momentum", 0.0) or 0.0))
+            k = report.outputs_per_sample
+            values["noise_std"] = sigma
+            values["predicted_drift_per_step"] = (
+                step_size**2 * sigma**2 / (self._batch_size() * k**2) * report.manifold_grad_norm
+            )
+        return values
+
+    def _write_layout(self) -> None:
+        t = lambda *names: [f"{self.prefix}/{n}" for n in names]
+        self.writer.add_custom_scalars(
+            {
+                "implicit regularizer": {
+                    "reg(theta)": ["Multiline", t("reg")],
+                    "grad reg: total, manifold (tangent), normal": [
+                        "Multiline", t("reg_grad_norm", "manifold_grad_norm", "normal_grad_norm")],
+                    "manifold / total": ["Multiline", t("manifold_fraction")],
+                    "predicted drift per step along the manifold": [
+                        "Multiline", t("predicted_drift_per_step")],
+                },
+                "training": {
+                    "clean probe loss": ["Multiline", t("probe_loss")],
+                    "learning rate and noise std": ["Multiline", t("lr", "noise_std")],
+                    "probe seconds": ["Multiline", t("probe_seconds")],
+                },
+            }
+        )
+
+    def _write_hparams(self, report: ProbeReport) -> None:
+        params: dict[str, Any] = {"batch_size": self._batch_size(), "probe_every": self.every}
+        if self._optimizer is not None:
+            group = self._optimizer.param_groups[0]
+            params["lr"] = float(group["lr"])
+            params["momentum"] = float(group.get("momentum", 0.0) or 0.0)
+            noise = label_noise_of(self._optimizer)
+            if noise is not None:
+                params["noise_distribution"] = noise.distribution
+                if noise.is_additive:
+                    params["noise_std"] = noise.current_std()
+                else:
+                    params["flip_p"] = float(noise.p or 0.0)
+            else:
+                params["noise_std"] = 0.0
+        params.update(self.extra_hparams)
+        metrics = {f"{self.prefix}/{name}": 0.0 for name in ("reg", "manifold_grad_norm", "probe_loss")}
+        writer = self.writer._get_file_writer()
+        for summary in hparams_summaries(params, metrics):
+            writer.add_summary(summary)
+        self._hparams_written = True
+
+    # -- progress bar and closing ---------------------------------------------------------------
+
+    @staticmethod
+    def _make_bar(progress: Any, total_steps: int | None):
+        if progress is False or progress is None:
+            return None
+        if progress is True:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError as e:
+                raise ImportError("progress=True needs tqdm: pip install tqdm") from e
+            return tqdm(total=total_steps, unit="step")
+        if not (hasattr(progress, "update") and hasattr(progress, "set_postfix")):
+            raise TypeError(f"progress must be a bool or a tqdm bar, got {type(progress).__name__}")
+        return progress
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Detach from the optimizer, flush, and close what the monitor opened."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self.writer.flush()
+        if self._owns_writer:
+            self.writer.close()
+        if self._owns_bar:
+            self._bar.close()
+
+    def __enter__(self) -> "TensorBoardMonitor":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"TensorBoardMonitor(every={self.every}, prefix={self.prefix!r}, step={self.global_step})"
