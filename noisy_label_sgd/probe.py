@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -45,7 +45,7 @@ class ProbeReport:
     manifold_grad_norm: float
     normal_grad_norm: float
     loss: float | None
-    per_sample: torch.Tensor
+    per_sample: torch.Tensor = field(repr=False)
     outputs_per_sample: int
     seconds: float
 

@@ -1,0 +1,165 @@
+"""What the three paper examples share: arguments, the paired training run, outputs.
+
+Each example trains the same initialisation twice, with and without label noise (same seeds,
+same batches, same steps), with LabelNoiseSGD, a RegularizerProbe on the training set and a
+TensorBoardMonitor; it then writes a figure and summary.json into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import noisy_label_sgd
+from noisy_label_sgd import LabelNoiseSGD, RegularizerProbe, TensorBoardMonitor
+
+
+def parser(name: str, doc: str, **defaults) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--steps", type=int, default=defaults["steps"], help="optimizer steps per run")
+    p.add_argument("--lr", type=float, default=defaults["lr"])
+    p.add_argument("--noise-std", type=float, default=defaults["noise_std"], help="label noise std")
+    p.add_argument("--batch-size", type=int, default=defaults.get("batch_size"), help="default: full batch")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=os.path.join("runs", name), help="output directory")
+    p.add_argument("--every", type=int, default=defaults["every"], help="probe/log every N steps")
+    p.add_argument("--anneal", type=float, default=defaults.get("anneal", 0.0),
+                   help="fraction of the steps at the end over which the noise std falls to 0")
+    p.add_argument("--quick", action="store_true", help="a few seconds, for tests")
+    p.add_argument("--paper", action="store_true", help="the paper's sizes (meant for a GPU)")
+    return p
+
+
+def environment_note(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.machine()}"
+    return (f"{name}, torch {torch.__version__}, noisy_label_sgd {noisy_label_sgd.__version__}, "
+            f"python {platform.python_version()}")
+
+
+def annealed(std: float, steps: int, fraction: float) -> Callable[[int], float]:
+    """Constant std, then a linear decay to 0 over the last ``fraction`` of the steps."""
+    start = (1.0 - fraction) * steps
+
+    def schedule(step: int) -> float:
+        if fraction <= 0 or step < start:
+            return std
+        return std * max(0.0, (steps - step) / (steps - start))
+
+    return schedule
+
+
+@dataclass
+class History:
+    """Metrics against steps: cheap ones on a log-spaced grid, the probe's every --every steps."""
+
+    curve_steps: list[int] = field(default_factory=list)
+    curve: dict[str, list[float]] = field(default_factory=dict)
+    probe_steps: list[int] = field(default_factory=list)
+    probe: dict[str, list[float]] = field(default_factory=dict)
+
+    @staticmethod
+    def _append(steps, store, step, values):
+        steps.append(step)
+        for k, v in values.items():
+            store.setdefault(k, []).append(v)
+
+    def final(self) -> dict[str, float]:
+        return {**{k: v[-1] for k, v in self.curve.items()}, **{k: v[-1] for k, v in self.probe.items()}}
+
+
+def log_spaced_steps(steps: int, points: int = 80) -> set[int]:
+    grid = torch.logspace(0, torch.log10(torch.tensor(float(steps))), points)
+    return {int(s) for s in grid.round().tolist()} | {0, steps}
+
+
+def train(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    args: argparse.Namespace,
+    noise_std: float,
+    log_dir: str,
+    evaluate: Callable[[nn.Module], dict[str, float]],
+    desc: str,
+    momentum: float = 0.0,
+) -> History:
+    """Label-noise SGD (noise_std 0: plain SGD) with the probe and monitor attached.
+
+    The clean train loss and ``evaluate(model)`` (under no_grad, eval mode) are recorded on a
+    log-spaced grid of steps; the probe's reg and manifold gradient norm every ``args.every``.
+    """
+    n = inputs.shape[0]
+    batch_size = args.batch_size or n
+    schedule = annealed(noise_std, args.steps, args.anneal) if noise_std > 0 else 0.0
+    opt = LabelNoiseSGD(model.parameters(), lr=args.lr, momentum=momentum, noise_std=schedule, seed=args.seed)
+    loss_fn = opt.noisy_loss(nn.MSELoss())
+    probe = RegularizerProbe(model, inputs, targets)
+    batches = torch.Generator().manual_seed(args.seed)  # the same batches in both runs
+    history = History()
+    curve_at = log_spaced_steps(args.steps)
+
+    def record_curve(step: int) -> None:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            values = {"train_loss": nn.functional.mse_loss(model(inputs), targets).item(), **evaluate(model)}
+        model.train(was_training)
+        history._append(history.curve_steps, history.curve, step, values)
+
+    def record_probe(step: int, report) -> None:
+        history._append(history.probe_steps, history.probe, step,
+                        {"reg": report.reg, "manifold_grad_norm": report.manifold_grad_norm})
+
+    bar = tqdm(total=args.steps, desc=desc, unit="step", mininterval=0.5)
+    with bar, TensorBoardMonitor(probe, log_dir=log_dir, every=args.every, batch_size=batch_size,
+                                 progress=bar) as monitor:
+        monitor.attach(opt)
+        record_curve(0)
+        record_probe(0, monitor.log(0))
+        model.train()
+        for step in range(1, args.steps + 1):
+            if batch_size < n:
+                idx = torch.randint(0, n, (batch_size,), generator=batches).to(inputs.device)
+                x, y = inputs[idx], targets[idx]
+            else:
+                x, y = inputs, targets
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            opt.step()
+            if step in curve_at:
+                record_curve(step)
+            if step % args.every == 0:
+                record_probe(step, monitor.last_report)
+        if args.steps % args.every:
+            record_probe(args.steps, monitor.log(args.steps))
+    return history
+
+
+def write_summary(out: str, results: dict[str, dict], extra: dict | None = None) -> str:
+    path = os.path.join(out, "summary.json")
+    with open(path, "w") as f:
+        json.dump({**results, **(extra or {})}, f, indent=2)
+    return path
+
+
+def print_table(results: dict[str, dict[str, float]]) -> None:
+    keys = [k for k, v in results["with_noise"].items() if isinstance(v, (int, float))]
+    width = max(len(k) for k in keys)
+    print(f"{'':{width}}  {'without noise':>14}  {'with noise':>14}")
+    for k in keys:
+        a, b = results["without_noise"][k], results["with_noise"][k]
+        print(f"{k:{width}}  {a:>14.4g}  {b:>14.4g}")
+
+
+def finish(out: str, figure: str, summary: str) -> None:
+    print(f"figure:  {figure}\nsummary: {summary}\nlogs:    tensorboard --logdir {out}")
