@@ -16,7 +16,13 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) examples/demo.py
+	$(PY) examples/matrix_sensing.py --out runs/matrix_sensing
+	$(PY) examples/relu_1d.py --out runs/relu_1d
+	$(PY) examples/sigmoid_single_point.py --out runs/sigmoid_single_point
+	@echo
+	@echo "figures:   runs/matrix_sensing/matrix_sensing.png runs/relu_1d/relu_1d.png runs/sigmoid_single_point/sigmoid_single_point.png"
+	@echo "summaries: runs/*/summary.json"
+	@echo "live logs: $(VENV)/bin/tensorboard --logdir runs"
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -1,0 +1,36 @@
+"""The paper examples run end to end in --quick mode and write what they promise."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+CASES = {
+    "matrix_sensing": ({"train_loss", "test_error", "sq_frobenius_U", "reg", "manifold_grad_norm"}, ["."]),
+    "relu_1d": ({"median_curve_length", "median_seed_convexity_changes", "per_seed"}, ["seed0", "seed1"]),
+    "sigmoid_single_point": ({"active_units", "unit_types", "units", "reg", "train_loss"}, ["."]),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_quick_run_writes_figure_summary_and_logs(name, tmp_path):
+    keys, run_parents = CASES[name]
+    out = tmp_path / name
+    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, f"{name}.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "tensorboard --logdir" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    for run in ("with_noise", "without_noise"):
+        assert keys <= set(summary[run]), (run, set(summary[run]))
+        for parent in run_parents:
+            assert glob.glob(str(out / parent / run / "events.out.tfevents.*")), (parent, run)
+    png = out / f"{name}.png"
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
