@@ -13,12 +13,13 @@ from .regularizer import (
     SOLVERS,
     FunctionalModel,
     Inputs,
-    _reg_grad,
-    _sq_norms,
     as_input_tuple,
     auto_chunk_size,
+    check_method,
     evaluation_mode,
     project,
+    reg_grad_with_method,
+    sq_norms_with_method,
 )
 
 __all__ = ["RegularizerProbe", "ProbeReport"]
@@ -37,6 +38,8 @@ class ProbeReport:
         loss: clean mean squared error on the probe set (``None`` without targets).
         per_sample: :math:`\\|J_i\\|_F^2` per sample, shape [n].
         outputs_per_sample: k, the number of output entries per sample.
+        method: the path that computed the norms: "fast", "fast (per-module fallback: ...)"
+            or "vmap".
         seconds: wall time of the measurement.
     """
 
@@ -47,6 +50,7 @@ class ProbeReport:
     loss: float | None
     per_sample: torch.Tensor = field(repr=False)
     outputs_per_sample: int
+    method: str
     seconds: float
 
     @property
@@ -66,7 +70,7 @@ class RegularizerProbe:
         model: any module returning a tensor of predictions with a leading sample dimension.
         inputs: probe inputs, a tensor [n, ...] or a sequence of tensors (the model's args).
         targets: optional targets [n, ...] for the clean probe loss (mean squared error).
-        chunk_size, memory_budget: see :func:`per_sample_sq_grad_norms`.
+        method, chunk_size, memory_budget: see :func:`per_sample_sq_grad_norms`.
         solver: tangent projection solver, ``"auto"``, ``"dense"`` or ``"cg"``.
 
     Example:
@@ -81,10 +85,12 @@ class RegularizerProbe:
         inputs: Inputs,
         targets: torch.Tensor | None = None,
         *,
+        method: str = "auto",
         chunk_size: int | None = None,
         solver: str = "auto",
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
     ) -> None:
+        check_method(method)
         self.inputs = as_input_tuple(inputs)
         n = self.inputs[0].shape[0]
         if targets is not None:
@@ -99,6 +105,7 @@ class RegularizerProbe:
         auto_chunk_size(FunctionalModel(model), 1, chunk_size, memory_budget)  # validates early
         self.model = model
         self.targets = targets
+        self.method = method
         self.chunk_size = chunk_size
         self.solver = solver
         self.memory_budget = memory_budget
@@ -112,9 +119,12 @@ class RegularizerProbe:
         with evaluation_mode(self.model):
             fm = FunctionalModel(self.model)
             k = fm.output_size(self.inputs)
-            chunk = auto_chunk_size(fm, k, self.chunk_size, self.memory_budget)
-            per_sample = _sq_norms(fm, self.inputs, chunk).detach()
-            reg_grad = _reg_grad(fm, self.inputs, self.chunk_size, self.memory_budget)
+            per_sample, used = sq_norms_with_method(
+                self.model, fm, self.inputs, self.method, self.chunk_size, self.memory_budget
+            )
+            reg_grad = reg_grad_with_method(
+                self.model, fm, self.inputs, self.method, self.chunk_size, self.memory_budget
+            )
             manifold = project(
                 fm, self.inputs, reg_grad, solver=self.solver, chunk_size=self.chunk_size,
                 memory_budget=self.memory_budget,
@@ -139,6 +149,7 @@ class RegularizerProbe:
             loss=loss,
             per_sample=per_sample,
             outputs_per_sample=k,
+            method=used,
             seconds=time.perf_counter() - start,
         )
 

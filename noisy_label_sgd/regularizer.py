@@ -32,6 +32,8 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .fast_norms import FastPathUnsupported, fast_sq_norms
+
 __all__ = [
     "per_sample_sq_grad_norms",
     "implicit_regularizer",
@@ -46,6 +48,7 @@ ParamDict = dict[str, torch.Tensor]
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of per-sample Jacobians held at once
 DENSE_MAX_ROWS = 8192  # above this many rows of J, an eigendecomposition of K costs too much
 SOLVERS = ("auto", "dense", "cg")
+METHODS = ("auto", "fast", "vmap")
 
 
 # -- the model as a pure function ------------------------------------------------------------
@@ -182,10 +185,43 @@ def _sq_norms(fm: FunctionalModel, batch: tuple[torch.Tensor, ...], chunk: int) 
     return torch.cat(parts)
 
 
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"Invalid method: {method!r} (choose one of {METHODS})")
+
+
+def _fast_chunks(model, batch, chunk_size, create_graph):
+    """fast_sq_norms over chunks of samples (all at once without chunk_size)."""
+    n = batch[0].shape[0]
+    parts, fell_back = [], set()
+    for s in chunk_slices(n, chunk_size or n):
+        norms, modules = fast_sq_norms(model, tuple(t[s] for t in batch), create_graph=create_graph)
+        parts.append(norms)
+        fell_back.update(modules)
+    return torch.cat(parts), sorted(fell_back)
+
+
+def sq_norms_with_method(
+    model: nn.Module, fm: FunctionalModel, batch, method: str, chunk_size, memory_budget
+) -> tuple[torch.Tensor, str]:
+    """Per-sample norms (model in evaluation mode) and a word on the path that computed them."""
+    if method in ("auto", "fast"):
+        try:
+            norms, fell_back = _fast_chunks(model, batch, chunk_size, create_graph=False)
+            used = "fast" + (f" (per-module fallback: {', '.join(fell_back)})" if fell_back else "")
+            return norms.detach(), used
+        except FastPathUnsupported as why:
+            if method == "fast":
+                raise ValueError(f"method='fast' cannot handle this model: {why}") from None
+    k = fm.output_size(batch)
+    return _sq_norms(fm, batch, auto_chunk_size(fm, k, chunk_size, memory_budget)), "vmap"
+
+
 def per_sample_sq_grad_norms(
     model: nn.Module,
     inputs: Inputs,
     *,
+    method: str = "auto",
     chunk_size: int | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> torch.Tensor:
@@ -195,28 +231,36 @@ def per_sample_sq_grad_norms(
         model: any module mapping a batch of inputs to a batch of predictions.
         inputs: a tensor [n, ...] or a sequence of tensors (the model's arguments) with a
             shared first dimension n.
-        chunk_size: samples per vmapped chunk; by default the largest that fits memory_budget.
-        memory_budget: bytes of per-sample Jacobians held at once.
+        method: ``"fast"``: norm-only closed forms from layer inputs and output gradients
+            (see :mod:`noisy_label_sgd.fast_norms`; other modules fall back per module);
+            ``"vmap"``: torch.func per-sample Jacobians of the whole model; ``"auto"``: fast
+            where the model allows, else vmap.
+        chunk_size: samples per chunk; by default all at once (fast) or the largest chunk whose
+            Jacobians fit memory_budget (vmap).
+        memory_budget: bytes of per-sample Jacobians held at once (vmap path).
 
     Returns:
         a tensor of shape [n] (multi-output models: Frobenius norm over all output entries).
 
     Raises:
         ValueError: no trainable parameters, an empty probe set, mismatched inputs, a BatchNorm
-            without running statistics, an output without a sample dimension.
+            without running statistics, an output without a sample dimension, an unknown
+            method, or ``method="fast"`` on a model it cannot handle.
         TypeError: a non-tensor model output.
     """
+    check_method(method)
     batch = as_input_tuple(inputs)
     with evaluation_mode(model):
         fm = FunctionalModel(model)
-        k = fm.output_size(batch)
-        return _sq_norms(fm, batch, auto_chunk_size(fm, k, chunk_size, memory_budget))
+        chunk = None if chunk_size is None else auto_chunk_size(fm, 1, chunk_size, memory_budget)
+        return sq_norms_with_method(model, fm, batch, method, chunk, memory_budget)[0]
 
 
 def implicit_regularizer(
     model: nn.Module,
     inputs: Inputs,
     *,
+    method: str = "auto",
     chunk_size: int | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> torch.Tensor:
@@ -226,7 +270,7 @@ def implicit_regularizer(
     :func:`per_sample_sq_grad_norms`.
     """
     return per_sample_sq_grad_norms(
-        model, inputs, chunk_size=chunk_size, memory_budget=memory_budget
+        model, inputs, method=method, chunk_size=chunk_size, memory_budget=memory_budget
     ).mean()
 
 
@@ -254,21 +298,49 @@ def regularizer_grad(
     model: nn.Module,
     inputs: Inputs,
     *,
+    method: str = "auto",
     chunk_size: int | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> ParamDict:
     r""":math:`\nabla_\theta \mathrm{reg} = \frac2n \sum_i \sum_j H_{ij} \nabla_\theta h_{ij}`.
 
-    :math:`H_{ij}` is the Hessian of output entry :math:`j` of sample :math:`i`. Arguments as for
-    :func:`per_sample_sq_grad_norms`.
+    :math:`H_{ij}` is the Hessian of output entry :math:`j` of sample :math:`i`. ``"fast"``
+    differentiates the closed-form norms once more (double backward; only when no module needs a
+    per-module fallback); ``"vmap"`` is forward-over-reverse per sample and output. Arguments
+    as for :func:`per_sample_sq_grad_norms`.
 
     Returns:
         a dict parameter name -> gradient, over the trainable parameters.
     """
+    check_method(method)
     batch = as_input_tuple(inputs)
     with evaluation_mode(model):
         fm = FunctionalModel(model)
-        return _reg_grad(fm, batch, chunk_size, memory_budget)
+        return reg_grad_with_method(model, fm, batch, method, chunk_size, memory_budget)
+
+
+def _fast_reg_grad(model: nn.Module, fm: FunctionalModel, batch, chunk_size) -> ParamDict:
+    """grad reg by double backward through the closed-form norms."""
+    named = {name: p for name, p in model.named_parameters() if name in fm.params}
+    n = batch[0].shape[0]
+    total = {name: torch.zeros_like(p) for name, p in fm.params.items()}
+    for s in chunk_slices(n, chunk_size or n):
+        norms, _ = fast_sq_norms(model, tuple(t[s] for t in batch), create_graph=True)
+        grads = torch.autograd.grad(norms.sum(), list(named.values()), allow_unused=True)
+        for name, g in zip(named, grads):
+            if g is not None:
+                total[name] += g.detach()
+    return {name: v.mul_(1.0 / n) for name, v in total.items()}
+
+
+def reg_grad_with_method(model, fm, batch, method, chunk_size, memory_budget) -> ParamDict:
+    if method in ("auto", "fast"):
+        try:
+            return _fast_reg_grad(model, fm, batch, chunk_size)
+        except FastPathUnsupported as why:
+            if method == "fast":
+                raise ValueError(f"method='fast' cannot differentiate this model's norms: {why}") from None
+    return _reg_grad(fm, batch, chunk_size, memory_budget)
 
 
 def _reg_grad(fm: FunctionalModel, batch, chunk_size, memory_budget) -> ParamDict:

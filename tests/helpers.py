@@ -82,6 +82,37 @@ class ReusedWeight(nn.Module):
         return self.out(torch.tanh(self.shared(torch.tanh(self.shared(x))))).squeeze(-1)
 
 
+class InplaceResidual(nn.Module):
+    """In-place ReLU right after a Linear, and a residual += : what breaks hook-based peers."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 6)
+        self.act = nn.ReLU(inplace=True)
+        self.fc2 = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.act(self.fc1(x))  # in place on fc1's output
+        r = self.fc2(h)
+        r += h  # in place on fc2's output (a ResNet-style residual)
+        return self.head(torch.tanh(r))
+
+
+class ConvSequence(nn.Module):
+    """Conv1d (per-module fallback) feeding a Linear over sequence positions (Gram closed form)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 4, 3)
+        self.proj = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x)).transpose(1, 2)  # [n, positions, channels]
+        return self.head(torch.tanh(self.proj(h)).mean(1)).squeeze(-1)
+
+
 def brute_jacobian(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     """J [n k, p] by a per-sample, per-output loop of torch.autograd.grad (the reference)."""
     training = model.training

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import (FrozenAndBuffers, ReusedWeight, SmallCNN, TinyTransformer, brute_jacobian,
+from helpers import (ConvSequence, FrozenAndBuffers, InplaceResidual, ReusedWeight, SmallCNN, TinyTransformer, brute_jacobian,
                      brute_reg_grad, mlp)
 from noisy_label_sgd import (implicit_regularizer, per_sample_sq_grad_norms, regularizer_grad,
                              tangent_projection)
@@ -32,6 +32,10 @@ CASES = {
     "transformer_encoder_layer": (lambda: seeded(2, TinyTransformer), lambda: randn(3, 4, 8)),
     "frozen_params_and_buffers": (lambda: seeded(3, FrozenAndBuffers), lambda: randn(6, 5)),
     "reused_weight": (lambda: seeded(4, ReusedWeight), lambda: randn(5, 4)),
+    "layernorm_mlp": (lambda: seeded(9, lambda: nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Tanh(),
+                                                               nn.Linear(7, 2))), lambda: randn(6, 5)),
+    "inplace_relu_residual": (lambda: seeded(10, InplaceResidual), lambda: randn(5, 6)),
+    "conv1d_sequence_linear": (lambda: seeded(11, ConvSequence), lambda: randn(4, 3, 7)),
     "matrix_sensing": (lambda: MatrixSensing(4, init=randn(4, 4, seed=5)).double(), lambda: randn(7, 4, 4)),
     "relu_1d": (lambda: TwoLayerReLU1D(6, torch.Generator().manual_seed(6)).double(), lambda: randn(8)),
     "sigmoid_single_point_tanh": (
@@ -53,30 +57,33 @@ def assert_rel_close(actual, expected, rtol=RTOL):
     assert float((actual - expected).abs().max() / scale) < rtol
 
 
+@pytest.mark.parametrize("method", ["fast", "vmap"])
 @pytest.mark.parametrize("name", IDS)
-def test_per_sample_norms_and_reg_match_the_brute_force_loop(name):
+def test_per_sample_norms_and_reg_match_the_brute_force_loop(name, method):
     model, x = make(name)
     J = brute_jacobian(model, x)
     n = x.shape[0]
     expected = J.pow(2).reshape(n, -1).sum(1)
-    assert_rel_close(per_sample_sq_grad_norms(model, x), expected)
-    assert_rel_close(implicit_regularizer(model, x), expected.mean())
+    assert_rel_close(per_sample_sq_grad_norms(model, x, method=method), expected)
+    assert_rel_close(implicit_regularizer(model, x, method=method), expected.mean())
 
 
+@pytest.mark.parametrize("method", ["auto", "vmap"])
 @pytest.mark.parametrize("name", IDS)
-def test_reg_grad_matches_double_backward_of_the_loop(name):
+def test_reg_grad_matches_double_backward_of_the_loop(name, method):
     model, x = make(name)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    actual = regularizer_grad(model, x)
+    actual = regularizer_grad(model, x, method=method)
     assert list(actual) == names
     assert_rel_close(torch.cat([actual[n].reshape(-1) for n in names]), brute_reg_grad(model, x))
 
 
-@pytest.mark.parametrize("name", ["frozen_params_and_buffers", "mlp_multi_output", "sigmoid_single_point_tanh"])
-def test_reg_grad_matches_central_finite_differences(name):
-    # LayerNorm is in frozen_params_and_buffers: reverse-over-reverse under vmap was wrong there
+@pytest.mark.parametrize("method", ["fast", "vmap"])
+@pytest.mark.parametrize("name", ["layernorm_mlp", "mlp_multi_output"])
+def test_reg_grad_matches_central_finite_differences(name, method):
+    # LayerNorm: reverse-over-reverse under vmap was wrong there; "fast" double-backs through it
     model, x = make(name)
-    grad = regularizer_grad(model, x)
+    grad = regularizer_grad(model, x, method=method)
     h = 1e-5
     g = torch.Generator().manual_seed(0)
     for pname, p in model.named_parameters():
@@ -261,3 +268,42 @@ def test_bad_projection_arguments():
         tangent_projection(model, x, flat(v))
     with pytest.raises(ValueError, match="Invalid chunk_size: 0"):
         per_sample_sq_grad_norms(model, x, chunk_size=0)
+
+
+# -- the fast path: what it does itself and where it falls back --------------------------------
+
+
+def test_fast_path_handles_closed_forms_without_fallback_and_reports_fallbacks():
+    from noisy_label_sgd import RegularizerProbe
+
+    model, x = make("layernorm_mlp")
+    assert RegularizerProbe(model, x)().method == "fast"
+    model, x = make("transformer_encoder_layer")
+    assert RegularizerProbe(model, x)().method == "fast (per-module fallback: layer.self_attn)"
+
+
+def test_tied_weights_across_modules_need_the_vmap_path():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(4, 3, bias=False)
+            self.out = nn.Linear(3, 4, bias=False)
+            self.out.weight = nn.Parameter(self.embed.weight.T.contiguous())
+            self.out.weight = self.embed.weight  # one parameter, two modules (shapes 3x4 used twice)
+            self.head = nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.head(torch.tanh(nn.functional.linear(torch.tanh(self.embed(x)), self.out.weight.T))).squeeze(-1)
+
+    model = seeded(12, Tied)
+    x = randn(5, 4)
+    with pytest.raises(ValueError, match="method='fast' cannot handle this model: parameter shared"):
+        per_sample_sq_grad_norms(model, x, method="fast")
+    expected = brute_jacobian(model, x).pow(2).sum(1)
+    assert_rel_close(per_sample_sq_grad_norms(model, x), expected)  # auto -> vmap
+
+
+def test_invalid_method():
+    model, x = make("mlp_multi_output")
+    with pytest.raises(ValueError, match="Invalid method: 'exact'"):
+        per_sample_sq_grad_norms(model, x, method="exact")

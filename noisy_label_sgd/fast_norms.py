@@ -1,0 +1,236 @@
+r"""Norm-only per-sample :math:`\|J_i\|_F^2` from layer inputs and output gradients.
+
+No per-sample gradient of a whole model is ever formed. Forward hooks keep each parametrised
+module's input and output; one backward of the summed outputs (k = 1) or one batched backward
+over the k output directions (``is_grads_batched``) gives :math:`g_{ij} = \partial h_{ij}/\partial y`
+at every module output :math:`y`; then, per module, in closed form:
+
+* ``nn.Linear``, :math:`y_t = W a_t + b` over positions t (none for 2-D inputs):
+  :math:`\|\nabla_W h_{ij}\|^2 = \sum_{t,s} (a_{it}\cdot a_{is})(g_{ijt}\cdot g_{ijs})` (for one
+  position :math:`\|g_{ij}\|^2\|a_i\|^2`), :math:`\|\nabla_b h_{ij}\|^2 = \|\sum_t g_{ijt}\|^2`;
+* ``nn.LayerNorm`` / ``nn.GroupNorm`` affine parameters: :math:`\nabla_\gamma = \sum g\,\hat{x}`,
+  :math:`\nabla_\beta = \sum g` over the positions that share a parameter.
+
+Any other module with parameters, and any module called more than once (a reused weight: its
+per-sample gradient is the sum over the calls, cross terms included), falls back, for that module
+only, to torch.func per-sample gradients of its own parameters (a vmapped vjp of the module at its
+recorded input). Module outputs are cloned in the hook so that an in-place op after the module
+(``ReLU(inplace=True)``, a residual ``+=``) cannot corrupt the recorded output.
+
+Whole-model fallback (:class:`FastPathUnsupported`): a parameter owned by two modules, a module
+with parameters that is never called (its weight used by a parent's functional code, as in
+``nn.MultiheadAttention``), or a module returning a non-tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, vjp, vmap
+
+__all__ = ["FastPathUnsupported", "fast_sq_norms"]
+
+CLOSED_FORM = (nn.Linear, nn.LayerNorm, nn.GroupNorm)
+
+
+class FastPathUnsupported(RuntimeError):
+    """The model needs the whole-model torch.func path (the message says why)."""
+
+
+@dataclass
+class Call:
+    args: tuple
+    kwargs: dict
+    output: torch.Tensor
+
+
+@dataclass
+class Owner:
+    """A module that owns trainable parameters directly, and its recorded calls."""
+
+    name: str
+    module: nn.Module
+    params: dict[str, nn.Parameter]
+    calls: list[Call] = field(default_factory=list)
+
+
+def _owners(model: nn.Module) -> list[Owner]:
+    owners, seen = [], {}
+    for name, module in model.named_modules():
+        params = {n: p for n, p in module._parameters.items() if p is not None and p.requires_grad}
+        for p in params.values():
+            if id(p) in seen:
+                raise FastPathUnsupported(f"parameter shared by modules {seen[id(p)]!r} and {name!r}")
+            seen[id(p)] = name
+        if params:
+            owners.append(Owner(name or type(module).__name__, module, params))
+    return owners
+
+
+def _record(owners: list[Owner], model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def make_hook(owner: Owner):
+        def hook(module, args, kwargs, output):
+            # a tuple whose other entries are None (nn.MultiheadAttention, need_weights=False)
+            extra = ()
+            if isinstance(output, tuple) and output and all(t is None for t in output[1:]):
+                output, extra = output[0], output[1:]
+            if not isinstance(output, torch.Tensor):
+                raise FastPathUnsupported(f"module {owner.name!r} returns {type(output).__name__}")
+            owner.calls.append(Call(args, kwargs, output))
+            copy = output.clone()  # later in-place ops act on the clone, not on the record
+            return (copy, *extra) if extra else copy
+
+        return hook
+
+    handles = [o.module.register_forward_hook(make_hook(o), with_kwargs=True) for o in owners]
+    try:
+        out = model(*batch)
+    finally:
+        for h in handles:
+            h.remove()
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"the model must return a tensor of predictions, got {type(out).__name__}")
+    return out
+
+
+def _merge_uncalled(owners: list[Owner]) -> list[Owner]:
+    """Give the parameters of a never-called module to its called parent (the parent's own
+    code uses them, e.g. MultiheadAttention's out_proj), for the parent's per-module fallback."""
+    by_name = {o.name: o for o in owners}
+    kept = []
+    for o in owners:
+        if o.calls:
+            kept.append(o)
+            continue
+        parent_name, _, child = o.name.rpartition(".")
+        parent = by_name.get(parent_name)
+        if parent is None or not parent.calls:
+            raise FastPathUnsupported(f"the parameters of {o.name!r} are used without calling it")
+        parent.params.update({f"{child}.{n}": p for n, p in o.params.items()})
+    return kept
+
+
+def _output_grads(h: torch.Tensor, outputs: list[torch.Tensor], create_graph: bool) -> list[torch.Tensor]:
+    """d h_ij / d y for every recorded output y, stacked over directions j: [k, *y.shape]."""
+    n, k = h.shape
+    if k == 1:
+        grads = torch.autograd.grad(h.sum(), outputs, create_graph=create_graph, allow_unused=True)
+        grads = [None if g is None else g.unsqueeze(0) for g in grads]
+    else:
+        directions = torch.eye(k, dtype=h.dtype, device=h.device)[:, None, :].expand(k, n, k)
+        try:
+            grads = torch.autograd.grad(h, outputs, directions, is_grads_batched=True,
+                                        retain_graph=True, create_graph=create_graph, allow_unused=True)
+        except RuntimeError:  # a backward op without a batching rule: one direction at a time
+            per_direction = [torch.autograd.grad(h, outputs, d, retain_graph=True,
+                                                 create_graph=create_graph, allow_unused=True)
+                             for d in directions]
+            grads = [None if column[0] is None else torch.stack(column) for column in zip(*per_direction)]
+    return [torch.zeros((k, *y.shape), dtype=y.dtype, device=y.device) if g is None else g
+            for g, y in zip(grads, outputs)]
+
+
+def _linear(module: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    k, n = g.shape[:2]
+    a = a.reshape(n, -1, a.shape[-1])  # [n, T, in]
+    g = g.reshape(k, n, -1, g.shape[-1])  # [k, n, T, out]
+    positions = a.shape[1]
+    total = torch.zeros(k, n, dtype=g.dtype, device=g.device)
+    if module.weight.requires_grad:
+        if positions == 1:
+            total = total + g.pow(2).sum((-1, -2)) * a.pow(2).sum((-1, -2))
+        elif positions * positions <= a.shape[-1] * g.shape[-1]:
+            gram_a = a @ a.transpose(1, 2)  # [n, T, T]
+            total = total + (gram_a * (g @ g.transpose(2, 3))).sum((-1, -2))
+        else:  # long sequences: the per-sample weight gradient is smaller than the Gram matrices
+            total = total + torch.einsum("knto,nti->knoi", g, a).pow(2).sum((-1, -2))
+    if module.bias is not None and module.bias.requires_grad:
+        total = total + g.sum(2).pow(2).sum(-1)
+    return total.sum(0)
+
+
+def _norm_affine(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    k, n = g.shape[:2]
+    if isinstance(module, nn.LayerNorm):
+        x_hat = nn.functional.layer_norm(a, module.normalized_shape, eps=module.eps)
+        shared = tuple(range(2, g.dim() - len(module.normalized_shape)))  # positions per sample
+    else:
+        x_hat = nn.functional.group_norm(a, module.num_groups, eps=module.eps)
+        shared = tuple(range(3, g.dim()))  # spatial positions; parameters are per channel
+    over_shared = (lambda t: t.sum(shared)) if shared else (lambda t: t)  # sum(()) would sum all
+    total = torch.zeros(k, n, dtype=g.dtype, device=g.device)
+    if module.weight is not None and module.weight.requires_grad:
+        total = total + over_shared(g * x_hat).reshape(k, n, -1).pow(2).sum(-1)
+    if module.bias is not None and module.bias.requires_grad:
+        total = total + over_shared(g).reshape(k, n, -1).pow(2).sum(-1)
+    return total.sum(0)
+
+
+def _per_module_fallback(owner: Owner, grads: list[torch.Tensor], n: int) -> torch.Tensor:
+    """Per-sample gradients of this module's own parameters, summed over its calls."""
+    params = {name: p.detach() for name, p in owner.params.items()}
+    summed: dict[str, torch.Tensor] | None = None
+    for call, g in zip(owner.calls, grads):
+        batched = [isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n for t in call.args]
+
+        def sample_output(p, *args):
+            full = tuple(t.unsqueeze(0) if b else t for t, b in zip(args, batched))
+            out = functional_call(owner.module, p, full, call.kwargs)
+            return (out[0] if isinstance(out, tuple) else out)[0]
+
+        def sample_grads(cotangent, *args):
+            return vjp(lambda p: sample_output(p, *args), params)[1](cotangent)[0]
+
+        in_dims = (0,) + tuple(0 if b else None for b in batched)
+        per_direction = vmap(vmap(sample_grads, in_dims=in_dims), in_dims=(0,) + (None,) * len(batched))
+        grads_call = per_direction(g.detach(), *[t.detach() if isinstance(t, torch.Tensor) else t for t in call.args])
+        summed = grads_call if summed is None else {k: summed[k] + v for k, v in grads_call.items()}
+    assert summed is not None
+    return sum(v.reshape(*v.shape[:2], -1).pow(2).sum(-1) for v in summed.values()).sum(0)
+
+
+def fast_sq_norms(
+    model: nn.Module, batch: tuple[torch.Tensor, ...], *, create_graph: bool = False
+) -> tuple[torch.Tensor, list[str]]:
+    """Per-sample ||J_i||_F^2 (model already in eval mode) and the modules that fell back.
+
+    With ``create_graph`` the result is differentiable w.r.t. the parameters (double backward
+    gives grad reg); it then refuses per-module fallbacks, whose vmapped vjps are not.
+
+    Raises:
+        FastPathUnsupported: the model needs the whole-model torch.func path.
+    """
+    owners = _owners(model)
+    with torch.enable_grad():
+        out = _record(owners, model, batch)
+        owners = _merge_uncalled(owners)
+        n = batch[0].shape[0]
+        if out.dim() == 0 or out.shape[0] != n:
+            raise ValueError(f"the model output has shape {tuple(out.shape)}; expected a leading "
+                             f"sample dimension of size {n}")
+        h = out.reshape(n, -1)
+        records = [(o, c) for o in owners for c in o.calls]
+        grads = _output_grads(h, [c.output for _, c in records], create_graph)
+    by_owner: dict[int, list[torch.Tensor]] = {}
+    for (o, _), g in zip(records, grads):
+        by_owner.setdefault(id(o), []).append(g)
+    total = torch.zeros(n, dtype=h.dtype, device=h.device)
+    fell_back = []
+    for o in owners:
+        g = by_owner[id(o)]
+        own = {n for n, p in o.module._parameters.items() if p is not None and p.requires_grad}
+        if isinstance(o.module, CLOSED_FORM) and len(o.calls) == 1 and not o.calls[0].kwargs and set(o.params) == own:
+            a = o.calls[0].args[0]
+            if isinstance(o.module, nn.Linear):
+                total = total + _linear(o.module, a, g[0])
+            else:
+                total = total + _norm_affine(o.module, a, g[0])
+        else:
+            if create_graph:
+                raise FastPathUnsupported(f"module {o.name!r} needs a per-module fallback")
+            fell_back.append(o.name)
+            total = total + _per_module_fallback(o, g, n)
+    return total, fell_back
