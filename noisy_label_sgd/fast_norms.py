@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
 
-__all__ = ["FastPathUnsupported", "fast_sq_norms"]
+__all__ = ["FastPathUnsupported", "fast_sq_norms", "fast_gram"]
 
 CLOSED_FORM = (nn.Linear, nn.LayerNorm, nn.GroupNorm)
 
@@ -153,6 +153,11 @@ def _linear(module: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor
 
 
 def _norm_affine(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    return _norm_affine_grads(module, a, g).pow(2).sum((0, -1))
+
+
+def _norm_affine_grads(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-sample gradients of the affine parameters, [k, n, d] (small: d = channels)."""
     k, n = g.shape[:2]
     if isinstance(module, nn.LayerNorm):
         x_hat = nn.functional.layer_norm(a, module.normalized_shape, eps=module.eps)
@@ -161,12 +166,12 @@ def _norm_affine(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.T
         x_hat = nn.functional.group_norm(a, module.num_groups, eps=module.eps)
         shared = tuple(range(3, g.dim()))  # spatial positions; parameters are per channel
     over_shared = (lambda t: t.sum(shared)) if shared else (lambda t: t)  # sum(()) would sum all
-    total = torch.zeros(k, n, dtype=g.dtype, device=g.device)
+    parts = []
     if module.weight is not None and module.weight.requires_grad:
-        total = total + over_shared(g * x_hat).reshape(k, n, -1).pow(2).sum(-1)
+        parts.append(over_shared(g * x_hat).reshape(k, n, -1))
     if module.bias is not None and module.bias.requires_grad:
-        total = total + over_shared(g).reshape(k, n, -1).pow(2).sum(-1)
-    return total.sum(0)
+        parts.append(over_shared(g).reshape(k, n, -1))
+    return torch.cat(parts, -1)
 
 
 def _per_module_fallback(owner: Owner, grads: list[torch.Tensor], n: int) -> torch.Tensor:
@@ -192,16 +197,10 @@ def _per_module_fallback(owner: Owner, grads: list[torch.Tensor], n: int) -> tor
     return sum(v.reshape(*v.shape[:2], -1).pow(2).sum(-1) for v in summed.values()).sum(0)
 
 
-def fast_sq_norms(
-    model: nn.Module, batch: tuple[torch.Tensor, ...], *, create_graph: bool = False
-) -> tuple[torch.Tensor, list[str]]:
-    """Per-sample ||J_i||_F^2 (model already in eval mode) and the modules that fell back.
+def _trace(model: nn.Module, batch: tuple[torch.Tensor, ...], create_graph: bool):
+    """Forward with recording hooks, then the output gradients of every recorded call.
 
-    With ``create_graph`` the result is differentiable w.r.t. the parameters (double backward
-    gives grad reg); it then refuses per-module fallbacks, whose vmapped vjps are not.
-
-    Raises:
-        FastPathUnsupported: the model needs the whole-model torch.func path.
+    Returns (owners, {id(owner): [grads per call]}, n, k).
     """
     owners = _owners(model)
     with torch.enable_grad():
@@ -217,20 +216,72 @@ def fast_sq_norms(
     by_owner: dict[int, list[torch.Tensor]] = {}
     for (o, _), g in zip(records, grads):
         by_owner.setdefault(id(o), []).append(g)
-    total = torch.zeros(n, dtype=h.dtype, device=h.device)
+    return owners, by_owner, n, h.shape[1]
+
+
+def _closed_form(o: Owner) -> bool:
+    own = {n for n, p in o.module._parameters.items() if p is not None and p.requires_grad}
+    return (isinstance(o.module, CLOSED_FORM) and len(o.calls) == 1 and not o.calls[0].kwargs
+            and set(o.params) == own)
+
+
+def fast_sq_norms(
+    model: nn.Module, batch: tuple[torch.Tensor, ...], *, create_graph: bool = False
+) -> tuple[torch.Tensor, list[str]]:
+    """Per-sample ||J_i||_F^2 (model already in eval mode) and the modules that fell back.
+
+    With ``create_graph`` the result is differentiable w.r.t. the parameters (double backward
+    gives grad reg); it then refuses per-module fallbacks, whose vmapped vjps are not.
+
+    Raises:
+        FastPathUnsupported: the model needs the whole-model torch.func path.
+    """
+    owners, by_owner, n, k = _trace(model, batch, create_graph)
+    if create_graph and not all(_closed_form(o) for o in owners):
+        raise FastPathUnsupported("a module needs a per-module fallback, which has no double backward")
+    total = torch.zeros(n, dtype=next(iter(by_owner.values()))[0].dtype, device=batch[0].device)
     fell_back = []
     for o in owners:
         g = by_owner[id(o)]
-        own = {n for n, p in o.module._parameters.items() if p is not None and p.requires_grad}
-        if isinstance(o.module, CLOSED_FORM) and len(o.calls) == 1 and not o.calls[0].kwargs and set(o.params) == own:
+        if _closed_form(o):
             a = o.calls[0].args[0]
-            if isinstance(o.module, nn.Linear):
-                total = total + _linear(o.module, a, g[0])
-            else:
-                total = total + _norm_affine(o.module, a, g[0])
+            norm = _linear if isinstance(o.module, nn.Linear) else _norm_affine
+            total = total + norm(o.module, a, g[0])
         else:
-            if create_graph:
-                raise FastPathUnsupported(f"module {o.name!r} needs a per-module fallback")
             fell_back.append(o.name)
             total = total + _per_module_fallback(o, g, n)
     return total, fell_back
+
+
+def fast_gram(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """K = J J^T ([n k, n k], rows sample-major) without forming J.
+
+    Linear layers on 2-D inputs contribute (a_i . a_i')(g_ij . g_i'j') (+ g_ij . g_i'j' for the
+    bias); LayerNorm/GroupNorm affine parameters their small per-sample gradients' Gram.
+
+    Raises:
+        FastPathUnsupported: any other module, sequence inputs, or a reused module.
+    """
+    owners, by_owner, n, k = _trace(model, batch, create_graph=False)
+    K = None
+    for o in owners:
+        if not _closed_form(o):
+            raise FastPathUnsupported(f"no closed-form Gram for module {o.name!r}")
+        a, g = o.calls[0].args[0], by_owner[id(o)][0]
+        if isinstance(o.module, nn.Linear):
+            if a.dim() != 2:
+                raise FastPathUnsupported(f"no closed-form Gram for {o.name!r} on sequence inputs")
+            G = g.permute(1, 0, *range(2, g.dim())).reshape(n * k, -1)  # rows (i, j)
+            GG = G @ G.T
+            part = torch.zeros_like(GG)
+            if o.module.weight.requires_grad:
+                part = part + (a @ a.T).repeat_interleave(k, 0).repeat_interleave(k, 1) * GG
+            if o.module.bias is not None and o.module.bias.requires_grad:
+                part = part + GG
+        else:
+            vectors = _norm_affine_grads(o.module, a, g)  # [k, n, d]
+            V = vectors.permute(1, 0, 2).reshape(n * k, -1)
+            part = V @ V.T
+        K = part if K is None else K + part
+    assert K is not None
+    return K.detach()

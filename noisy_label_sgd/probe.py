@@ -126,8 +126,8 @@ class RegularizerProbe:
                 self.model, fm, self.inputs, self.method, self.chunk_size, self.memory_budget
             )
             manifold = project(
-                fm, self.inputs, reg_grad, solver=self.solver, chunk_size=self.chunk_size,
-                memory_budget=self.memory_budget,
+                self.model, fm, self.inputs, reg_grad, solver=self.solver, method=self.method,
+                chunk_size=self.chunk_size, memory_budget=self.memory_budget,
             )
             grad_flat, manifold_flat = fm.flatten(reg_grad), fm.flatten(manifold)
             loss = None

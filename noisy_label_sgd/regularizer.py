@@ -32,7 +32,7 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .fast_norms import FastPathUnsupported, fast_sq_norms
+from .fast_norms import FastPathUnsupported, fast_gram, fast_sq_norms
 
 __all__ = [
     "per_sample_sq_grad_norms",
@@ -383,42 +383,57 @@ def jacobian_matrix(fm: FunctionalModel, batch, chunk: int) -> torch.Tensor:
     return torch.cat(rows)
 
 
-def _project_dense(fm, batch, v: torch.Tensor, chunk: int, rcond: float | None) -> torch.Tensor:
-    J = jacobian_matrix(fm, batch, chunk)
-    rcond = default_rcond(J.shape[0], J.dtype) if rcond is None else rcond
-    eigenvalues, Q = torch.linalg.eigh(J @ J.T)
+def _pinv_solve(K: torch.Tensor, b: torch.Tensor, rcond: float | None) -> torch.Tensor:
+    """u = K^+ b on the eigenvalues of K above rcond^2 times the largest."""
+    rcond = default_rcond(K.shape[0], K.dtype) if rcond is None else rcond
+    eigenvalues, Q = torch.linalg.eigh(K)
     keep = eigenvalues > (rcond**2) * eigenvalues.max().clamp_min(0)
     inverse = torch.where(keep, 1.0 / eigenvalues.where(keep, torch.ones_like(eigenvalues)), 0.0)
-    u = Q @ (inverse * (Q.T @ (J @ v)))  # u = K^+ J v
-    return v - J.T @ u
+    return Q @ (inverse * (Q.T @ b))
+
+
+def _project_dense(fm, batch, v: torch.Tensor, chunk: int, rcond: float | None) -> torch.Tensor:
+    J = jacobian_matrix(fm, batch, chunk)
+    return v - J.T @ _pinv_solve(J @ J.T, J @ v, rcond)
+
+
+def _chunks(batch, chunk: int) -> list[tuple[torch.Tensor, ...]]:
+    return [tuple(t[s] for t in batch) for s in chunk_slices(batch[0].shape[0], chunk)]
+
+
+def _J_times(fm: FunctionalModel, chunks, w: torch.Tensor) -> torch.Tensor:
+    """J w: a jvp of the batched outputs per chunk (forward mode, J never formed)."""
+    tangent = fm.unflatten(w)
+    return torch.cat(
+        [jvp(lambda p: fm.batch_output(p, c), (fm.params,), (tangent,))[1].reshape(-1) for c in chunks]
+    )
+
+
+def _J_transpose_times(fm: FunctionalModel, chunks, u: torch.Tensor) -> torch.Tensor:
+    """J^T u: a vjp of the batched outputs per chunk."""
+    total = torch.zeros(fm.num_params, dtype=fm.dtype, device=fm.device)
+    start = 0
+    for c in chunks:
+        out, pullback = vjp(lambda p: fm.batch_output(p, c), fm.params)
+        total += fm.flatten(pullback(u[start : start + out.numel()].view_as(out))[0])
+        start += out.numel()
+    return total
+
+
+def _project_gram(model, fm, batch, v: torch.Tensor, chunk: int, rcond: float | None) -> torch.Tensor:
+    """Dense solve with K = J J^T from the fast path's closed forms; J v and J^T u matrix-free."""
+    K = fast_gram(model, batch)
+    chunks = _chunks(batch, chunk)
+    return v - _J_transpose_times(fm, chunks, _pinv_solve(K, _J_times(fm, chunks, v), rcond))
 
 
 def _project_cg(fm, batch, v: torch.Tensor, chunk: int, tol: float | None, max_iter: int | None):
     """P_T v = v - J^T u with K u = J v solved by conjugate gradients, J never formed.
 
-    J w is a jvp and J^T u a vjp of the batched outputs, chunk by chunk. CG started at 0 stays in
-    range(K) = range(J), so it finds K^+ J v even though K is singular.
+    CG started at 0 stays in range(K) = range(J), so it finds K^+ J v even though K is singular.
     """
-    n = batch[0].shape[0]
-    slices = list(chunk_slices(n, chunk))
-    chunks = [tuple(t[s] for t in batch) for s in slices]
-
-    def J_times(w: torch.Tensor) -> torch.Tensor:
-        tangent = fm.unflatten(w)
-        return torch.cat(
-            [jvp(lambda p: fm.batch_output(p, c), (fm.params,), (tangent,))[1].reshape(-1) for c in chunks]
-        )
-
-    def J_transpose_times(u: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros(fm.num_params, dtype=fm.dtype, device=fm.device)
-        start = 0
-        for c in chunks:
-            out, pullback = vjp(lambda p: fm.batch_output(p, c), fm.params)
-            total += fm.flatten(pullback(u[start : start + out.numel()].view_as(out))[0])
-            start += out.numel()
-        return total
-
-    b = J_times(v)
+    chunks = _chunks(batch, chunk)
+    b = _J_times(fm, chunks, v)
     tol = default_cg_tol(fm.dtype) if tol is None else tol
     max_iter = 2 * b.numel() + 10 if max_iter is None else max_iter
     u = torch.zeros_like(b)
@@ -427,7 +442,7 @@ def _project_cg(fm, batch, v: torch.Tensor, chunk: int, tol: float | None, max_i
     for _ in range(max_iter):
         if rr <= target:
             break
-        Kd = J_times(J_transpose_times(d))
+        Kd = _J_times(fm, chunks, _J_transpose_times(fm, chunks, d))
         alpha = rr / d.dot(Kd)
         u += alpha * d
         r -= alpha * Kd
@@ -442,7 +457,7 @@ def _project_cg(fm, batch, v: torch.Tensor, chunk: int, tol: float | None, max_i
                 "solver='dense'",
                 stacklevel=3,
             )
-    return v - J_transpose_times(u)
+    return v - _J_transpose_times(fm, chunks, u)
 
 
 def choose_solver(fm: FunctionalModel, rows: int, memory_budget: int) -> str:
@@ -469,11 +484,13 @@ def _check_vector(fm: FunctionalModel, vector: ParamDict) -> torch.Tensor:
 
 
 def project(
+    model: nn.Module,
     fm: FunctionalModel,
     batch: tuple[torch.Tensor, ...],
     vector: ParamDict,
     *,
     solver: str,
+    method: str = "auto",
     chunk_size: int | None,
     memory_budget: int,
     rcond: float | None = None,
@@ -486,8 +503,14 @@ def project(
     v = _check_vector(fm, vector)
     k = fm.output_size(batch)
     chunk = auto_chunk_size(fm, k, chunk_size, memory_budget)
+    rows = batch[0].shape[0] * k
+    if solver in ("auto", "dense") and method in ("auto", "fast") and rows <= DENSE_MAX_ROWS:
+        try:
+            return fm.unflatten(_project_gram(model, fm, batch, v, chunk, rcond))
+        except FastPathUnsupported:
+            pass
     if solver == "auto":
-        solver = choose_solver(fm, batch[0].shape[0] * k, memory_budget)
+        solver = choose_solver(fm, rows, memory_budget)
     if solver == "dense":
         return fm.unflatten(_project_dense(fm, batch, v, chunk, rcond))
     return fm.unflatten(_project_cg(fm, batch, v, chunk, tol, max_iter))
@@ -499,6 +522,7 @@ def tangent_projection(
     vector: ParamDict,
     *,
     solver: str = "auto",
+    method: str = "auto",
     chunk_size: int | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     rcond: float | None = None,
@@ -516,7 +540,9 @@ def tangent_projection(
             and inverts it on the eigenvalues above ``rcond**2 * max eigenvalue``; ``"cg"``
             solves :math:`K u = Jv` by conjugate gradients with jvp/vjp products, never forming
             J; ``"auto"`` takes dense when J fits ``memory_budget`` and
-            :math:`nk \le 8192`, else cg.
+            :math:`nk \le 8192`, else cg. With ``method`` "fast"/"auto", a model of Linear
+            (2-D inputs), LayerNorm and GroupNorm layers gets K in closed form from the fast
+            path and J v, J^T u as a jvp and a vjp: dense without ever forming J.
         rcond: relative singular-value cutoff of :math:`J^+` (dense); default
             :func:`default_rcond` = :math:`\sqrt{nk\,\varepsilon}`.
         tol: CG relative residual tolerance; default 1e-10 (float64) or 100 eps.
@@ -525,10 +551,11 @@ def tangent_projection(
     Returns:
         :math:`P_T v` as a dict name -> tensor.
     """
+    check_method(method)
     batch = as_input_tuple(inputs)
     with evaluation_mode(model):
         fm = FunctionalModel(model)
         return project(
-            fm, batch, vector, solver=solver, chunk_size=chunk_size, memory_budget=memory_budget,
-            rcond=rcond, tol=tol, max_iter=max_iter,
+            model, fm, batch, vector, solver=solver, method=method, chunk_size=chunk_size,
+            memory_budget=memory_budget, rcond=rcond, tol=tol, max_iter=max_iter,
         )

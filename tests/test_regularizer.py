@@ -148,12 +148,13 @@ def random_vector(model, seed=0):
     return {n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("name", ["mlp_multi_output", "cnn_groupnorm", "matrix_sensing", "relu_1d"])
+@pytest.mark.parametrize("name", ["mlp_multi_output", "layernorm_mlp", "cnn_groupnorm", "matrix_sensing", "relu_1d"])
 def test_projection_against_svd_null_space(name):
     model, x = make(name)
     J = brute_jacobian(model, x)
     v = random_vector(model)
-    dense = flat(tangent_projection(model, x, v, solver="dense"))
+    dense = flat(tangent_projection(model, x, v, solver="dense"))  # closed-form K where possible
+    dense_jacobian = flat(tangent_projection(model, x, v, solver="dense", method="vmap"))
     cg = flat(tangent_projection(model, x, v, solver="cg"))
     # reference: projector on null(J) from an SVD, same relative cutoff
     _, s, Vh = torch.linalg.svd(J, full_matrices=False)
@@ -161,6 +162,7 @@ def test_projection_against_svd_null_space(name):
     V = Vh[:rank].T
     expected = flat(v) - V @ (V.T @ flat(v))
     assert_rel_close(dense, expected)
+    assert_rel_close(dense_jacobian, expected)
     assert_rel_close(cg, expected)
     # J P_T v = 0 to rounding, and P_T is idempotent
     assert float((J @ dense).norm()) < 1e-10 * float(J.norm() * flat(v).norm())
@@ -307,3 +309,12 @@ def test_invalid_method():
     model, x = make("mlp_multi_output")
     with pytest.raises(ValueError, match="Invalid method: 'exact'"):
         per_sample_sq_grad_norms(model, x, method="exact")
+
+
+@pytest.mark.parametrize("name", ["mlp_multi_output", "layernorm_mlp"])
+def test_closed_form_gram_matrix(name):
+    from noisy_label_sgd.fast_norms import fast_gram
+
+    model, x = make(name)
+    J = brute_jacobian(model, x)
+    assert_rel_close(fast_gram(model.eval(), (x,)), J @ J.T)
