@@ -5,12 +5,15 @@
 Every (case, method) runs in its own subprocess so that its peak memory is its own: on CPU the
 growth of peak RSS over the RSS before the first call, on CUDA torch.cuda.max_memory_allocated.
 Methods:
-  train_step   forward + backward + SGD step on the batch (the baseline);
-  naive_reg    reg by a per-sample, per-output loop of torch.autograd.grad;
-  reg          per_sample_sq_grad_norms (torch.func vmap + jacrev);
-  reg_grad     regularizer_grad (forward-over-reverse);
-  projection   tangent_projection of a random vector, solver "auto".
-Each figure of reg is checked against the naive loop (relative difference printed).
+  train_step    forward + backward + SGD step on the batch (the baseline);
+  naive_reg     reg by a per-sample, per-output loop of torch.autograd.grad;
+  vmap_reg      torch.func vmap(jacrev) per-sample Jacobians (per_sample_sq_grad_norms, method="vmap");
+  reg           per_sample_sq_grad_norms, method="auto" (the norm-only fast path where it applies);
+  reg_grad      regularizer_grad, method="auto";
+  projection    tangent_projection of a random vector, solver and method "auto";
+  opacus_reg    Opacus ghost-clipping per-sample norms (scalar outputs; optional extra);
+  backpack_reg  BackPACK BatchL2Grad (scalar outputs; optional extra).
+Every reg figure is checked against the naive loop (relative difference printed).
 """
 
 import argparse
@@ -27,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import environment, median_seconds, print_table, write_json  # noqa: E402
 from noisy_label_sgd import per_sample_sq_grad_norms, regularizer_grad, tangent_projection  # noqa: E402
 
-METHODS = ["train_step", "naive_reg", "reg", "reg_grad", "projection"]
+METHODS = ["train_step", "naive_reg", "vmap_reg", "reg", "reg_grad", "projection", "opacus_reg", "backpack_reg"]
 
 
 class SumOutputs(nn.Module):
@@ -82,8 +85,42 @@ def naive_reg(model, x):
     return total / x.shape[0]
 
 
+def opacus_reg(model, x):
+    import warnings
+
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    warnings.simplefilter("ignore")
+    gsm = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="sum",
+                                               use_ghost_clipping=True)
+
+    def run():
+        gsm.zero_grad()
+        gsm(x).sum().backward()
+        return gsm.get_norm_sample().pow(2)
+
+    return run
+
+
+def backpack_reg(model, x):
+    from backpack import backpack, extend
+    from backpack.extensions import BatchL2Grad
+
+    model = extend(model)
+
+    def run():
+        model.zero_grad()
+        with backpack(BatchL2Grad()):
+            model(x).sum().backward()
+        return sum(p.batch_l2 for p in model.parameters())
+
+    return run
+
+
 def worker(case: str, method: str, repeats: int, device: torch.device) -> dict:
     _, build, shape = CASES[case]
+    if method == "opacus_reg" or method == "backpack_reg":
+        __import__("opacus" if method == "opacus_reg" else "backpack")  # optional extras
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = build().to(device)
@@ -100,15 +137,21 @@ def worker(case: str, method: str, repeats: int, device: torch.device) -> dict:
     elif method == "naive_reg":
         model.eval()
         run = lambda: naive_reg(model, x)
+    elif method == "vmap_reg":
+        run = lambda: per_sample_sq_grad_norms(model, x, method="vmap")
     elif method == "reg":
         run = lambda: per_sample_sq_grad_norms(model, x)
+    elif method in ("opacus_reg", "backpack_reg"):
+        if case == "mlp10":
+            raise SystemExit("scalar outputs only")
+        run = (opacus_reg if method == "opacus_reg" else backpack_reg)(model, x)
     elif method == "reg_grad":
         run = lambda: regularizer_grad(model, x)
     else:
         g = torch.Generator().manual_seed(2)
         v = {n: torch.randn(p.shape, generator=g).to(device) for n, p in model.named_parameters()}
         run = lambda: tangent_projection(model, x, v)
-    slow = method in ("naive_reg", "projection")
+    slow = method == "naive_reg" or (method == "vmap_reg" and case == "mlp10")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
@@ -120,7 +163,7 @@ def worker(case: str, method: str, repeats: int, device: torch.device) -> dict:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     result = {"seconds": seconds, "peak_mb": peak / 2**20}
-    if method in ("reg", "naive_reg"):
+    if method.endswith("reg"):
         value = run()
         result["reg"] = float(value.mean()) if isinstance(value, torch.Tensor) else value
     return result
@@ -147,7 +190,8 @@ def main():
         cmd = [sys.executable, __file__, "--worker", case, method, "--repeats", str(args.repeats), "--device", args.device]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
-            results.setdefault(case, {})[method] = {"error": out.stderr.strip().splitlines()[-1]}
+            lines = (out.stderr.strip() or "failed").splitlines()
+            results.setdefault(case, {})[method] = {"error": lines[-1]}
             continue
         results.setdefault(case, {})[method] = json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -161,7 +205,7 @@ def main():
                 continue
             ratio = f"{r['seconds'] / step:.2f}x" if step else "-"
             agree = ""
-            if method == "reg" and naive:
+            if method.endswith("reg") and method != "naive_reg" and naive:
                 agree = f"rel diff {abs(r['reg'] - naive) / abs(naive):.1e}"
             rows.append([CASES[case][0], method, f"{1e3 * r['seconds']:.1f}", ratio, f"{r['peak_mb']:.0f}", agree])
     env = environment(device)
