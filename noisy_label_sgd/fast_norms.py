@@ -8,6 +8,8 @@ at every module output :math:`y`; then, per module, in closed form:
 * ``nn.Linear``, :math:`y_t = W a_t + b` over positions t (none for 2-D inputs):
   :math:`\|\nabla_W h_{ij}\|^2 = \sum_{t,s} (a_{it}\cdot a_{is})(g_{ijt}\cdot g_{ijs})` (for one
   position :math:`\|g_{ij}\|^2\|a_i\|^2`), :math:`\|\nabla_b h_{ij}\|^2 = \|\sum_t g_{ijt}\|^2`;
+* ``nn.Conv1d`` / ``nn.Conv2d`` (groups 1, zero padding): a Linear over output positions applied
+  to the unfolded input patches;
 * ``nn.LayerNorm`` / ``nn.GroupNorm`` affine parameters: :math:`\nabla_\gamma = \sum g\,\hat{x}`,
   :math:`\nabla_\beta = \sum g` over the positions that share a parameter.
 
@@ -33,7 +35,7 @@ from torch.func import functional_call, vjp, vmap
 
 __all__ = ["FastPathUnsupported", "fast_sq_norms", "fast_gram"]
 
-CLOSED_FORM = (nn.Linear, nn.LayerNorm, nn.GroupNorm)
+CLOSED_FORM = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LayerNorm, nn.GroupNorm)
 
 
 class FastPathUnsupported(RuntimeError):
@@ -152,6 +154,20 @@ def _linear(module: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor
     return total.sum(0)
 
 
+def _conv(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """A convolution is a Linear over output positions on unfolded patches."""
+    if isinstance(module, nn.Conv1d):  # as a 2-D convolution of height 1
+        a, g = a.unsqueeze(2), g.unsqueeze(3)
+        kernel, stride, padding, dilation = ((1, module.kernel_size[0]), (1, module.stride[0]),
+                                             (0, module.padding[0]), (1, module.dilation[0]))
+    else:
+        kernel, stride, padding, dilation = module.kernel_size, module.stride, module.padding, module.dilation
+    k, n = g.shape[:2]
+    patches = nn.functional.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)
+    positions = g.flatten(3).transpose(-1, -2)  # [k, n, L, out]
+    return _linear(module, patches.transpose(1, 2), positions)  # a: [n, L, in * kernel]
+
+
 def _norm_affine(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return _norm_affine_grads(module, a, g).pow(2).sum((0, -1))
 
@@ -221,8 +237,13 @@ def _trace(model: nn.Module, batch: tuple[torch.Tensor, ...], create_graph: bool
 
 def _closed_form(o: Owner) -> bool:
     own = {n for n, p in o.module._parameters.items() if p is not None and p.requires_grad}
-    return (isinstance(o.module, CLOSED_FORM) and len(o.calls) == 1 and not o.calls[0].kwargs
-            and set(o.params) == own)
+    m = o.module
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)) and (
+        m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str)
+    ):
+        return False
+    return (isinstance(m, CLOSED_FORM) and len(o.calls) == 1 and not o.calls[0].kwargs
+            and len(o.calls[0].args) == 1 and set(o.params) == own)
 
 
 def fast_sq_norms(
@@ -245,7 +266,12 @@ def fast_sq_norms(
         g = by_owner[id(o)]
         if _closed_form(o):
             a = o.calls[0].args[0]
-            norm = _linear if isinstance(o.module, nn.Linear) else _norm_affine
+            if isinstance(o.module, nn.Linear):
+                norm = _linear
+            elif isinstance(o.module, (nn.Conv1d, nn.Conv2d)):
+                norm = _conv
+            else:
+                norm = _norm_affine
             total = total + norm(o.module, a, g[0])
         else:
             fell_back.append(o.name)
@@ -265,7 +291,7 @@ def fast_gram(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor
     owners, by_owner, n, k = _trace(model, batch, create_graph=False)
     K = None
     for o in owners:
-        if not _closed_form(o):
+        if not _closed_form(o) or isinstance(o.module, (nn.Conv1d, nn.Conv2d)):
             raise FastPathUnsupported(f"no closed-form Gram for module {o.name!r}")
         a, g = o.calls[0].args[0], by_owner[id(o)][0]
         if isinstance(o.module, nn.Linear):

@@ -36,6 +36,8 @@ CASES = {
                                                                nn.Linear(7, 2))), lambda: randn(6, 5)),
     "inplace_relu_residual": (lambda: seeded(10, InplaceResidual), lambda: randn(5, 6)),
     "conv1d_sequence_linear": (lambda: seeded(11, ConvSequence), lambda: randn(4, 3, 7)),
+    "grouped_conv_fallback": (lambda: seeded(13, lambda: nn.Sequential(
+        nn.Conv2d(4, 4, 3, groups=2), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 2 * 2, 1))), lambda: randn(3, 4, 4, 4)),
     "matrix_sensing": (lambda: MatrixSensing(4, init=randn(4, 4, seed=5)).double(), lambda: randn(7, 4, 4)),
     "relu_1d": (lambda: TwoLayerReLU1D(6, torch.Generator().manual_seed(6)).double(), lambda: randn(8)),
     "sigmoid_single_point_tanh": (
@@ -278,8 +280,11 @@ def test_bad_projection_arguments():
 def test_fast_path_handles_closed_forms_without_fallback_and_reports_fallbacks():
     from noisy_label_sgd import RegularizerProbe
 
-    model, x = make("layernorm_mlp")
-    assert RegularizerProbe(model, x)().method == "fast"
+    for name in ("layernorm_mlp", "cnn_groupnorm", "conv1d_sequence_linear", "inplace_relu_residual"):
+        model, x = make(name)
+        assert RegularizerProbe(model, x)().method == "fast", name
+    model, x = make("grouped_conv_fallback")
+    assert RegularizerProbe(model, x)().method == "fast (per-module fallback: 0)"
     model, x = make("transformer_encoder_layer")
     assert RegularizerProbe(model, x)().method == "fast (per-module fallback: layer.self_attn)"
 
