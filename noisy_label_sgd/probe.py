@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .distributed import all_gather_cat, all_reduce_sum, is_distributed, unwrap_ddp
 from .regularizer import (
     DEFAULT_MEMORY_BUDGET,
     SOLVERS,
@@ -63,6 +64,11 @@ class RegularizerProbe:
     """Measures the implicit regularizer of ``model`` on a fixed probe set, on demand.
 
     The probe keeps a reference to the model and reads its current parameters at every call.
+    Under torch.distributed (a DistributedDataParallel model, or any model once a process group
+    is initialised) every rank passes its own shard of the probe set and must call the probe
+    together: reg, grad reg, the projection (distributed conjugate gradients) and the loss are
+    those of the union of the shards, identical on every rank, and ``per_sample`` holds the
+    union in rank order.
     The model is evaluated in eval mode (BatchNorm on running statistics, dropout off: samples
     are independent); the call changes no parameter, mode, gradient or random state.
 
@@ -91,6 +97,7 @@ class RegularizerProbe:
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
     ) -> None:
         check_method(method)
+        model = unwrap_ddp(model)
         self.inputs = as_input_tuple(inputs)
         n = self.inputs[0].shape[0]
         if targets is not None:
@@ -116,6 +123,8 @@ class RegularizerProbe:
 
     def __call__(self) -> ProbeReport:
         start = time.perf_counter()
+        distributed = is_distributed()
+        n_local = self.num_samples
         with evaluation_mode(self.model):
             fm = FunctionalModel(self.model)
             k = fm.output_size(self.inputs)
@@ -125,22 +134,17 @@ class RegularizerProbe:
             reg_grad = reg_grad_with_method(
                 self.model, fm, self.inputs, self.method, self.chunk_size, self.memory_budget
             )
+            if distributed:  # local means -> the mean over the union of the shards
+                n_total = int(all_reduce_sum(torch.tensor(float(n_local))).item())
+                per_sample = all_gather_cat(per_sample)
+                reg_grad = fm.unflatten(all_reduce_sum(fm.flatten(reg_grad) * n_local) / n_total)
             manifold = project(
                 self.model, fm, self.inputs, reg_grad, solver=self.solver, method=self.method,
                 chunk_size=self.chunk_size, memory_budget=self.memory_budget,
+                all_reduce=all_reduce_sum if distributed else None,
             )
             grad_flat, manifold_flat = fm.flatten(reg_grad), fm.flatten(manifold)
-            loss = None
-            if self.targets is not None:
-                with torch.no_grad():
-                    out = fm.batch_output(fm.params, self.inputs)
-                    if self.targets[0].numel() != out.shape[1]:
-                        raise ValueError(
-                            f"targets have {self.targets[0].numel()} entries per sample but the "
-                            f"model outputs {out.shape[1]}"
-                        )
-                    target = self.targets.reshape(out.shape).to(out.dtype)
-                    loss = float((out - target).pow(2).mean())
+            loss = None if self.targets is None else self._clean_loss(fm)
         return ProbeReport(
             reg=float(per_sample.mean()),
             reg_grad_norm=float(grad_flat.norm()),
@@ -152,6 +156,21 @@ class RegularizerProbe:
             method=used,
             seconds=time.perf_counter() - start,
         )
+
+    def _clean_loss(self, fm: FunctionalModel) -> float:
+        """Mean squared error over every target entry of the (union of the) probe set(s)."""
+        assert self.targets is not None
+        with torch.no_grad():
+            out = fm.batch_output(fm.params, self.inputs)
+            if self.targets[0].numel() != out.shape[1]:
+                raise ValueError(
+                    f"targets have {self.targets[0].numel()} entries per sample but the "
+                    f"model outputs {out.shape[1]}"
+                )
+            target = self.targets.reshape(out.shape).to(out.dtype)
+            sums = torch.stack([(out - target).pow(2).sum(), torch.tensor(float(out.numel()), dtype=out.dtype)])
+            total = all_reduce_sum(sums) if is_distributed() else sums
+            return float(total[0] / total[1])
 
     def __repr__(self) -> str:
         return (

@@ -369,8 +369,9 @@ def default_rcond(rows: int, dtype: torch.dtype) -> float:
 
 
 def default_cg_tol(dtype: torch.dtype) -> float:
-    """CG stops at ||K u - J v|| <= tol ||J v||: 1e-10 in float64, 100 eps in lower precision."""
-    return max(1e-10, 100 * torch.finfo(dtype).eps)
+    """CG stops at ||K u - J v|| <= tol ||J v||: 1e-10 in float64, sqrt(eps) in lower precision
+    (where the jvp/vjp products themselves carry relative errors of order 1e-5 and more)."""
+    return 1e-10 if torch.finfo(dtype).eps < 1e-15 else math.sqrt(torch.finfo(dtype).eps)
 
 
 def jacobian_matrix(fm: FunctionalModel, batch, chunk: int) -> torch.Tensor:
@@ -427,37 +428,45 @@ def _project_gram(model, fm, batch, v: torch.Tensor, chunk: int, rcond: float | 
     return v - _J_transpose_times(fm, chunks, _pinv_solve(K, _J_times(fm, chunks, v), rcond))
 
 
-def _project_cg(fm, batch, v: torch.Tensor, chunk: int, tol: float | None, max_iter: int | None):
+def _project_cg(fm, batch, v: torch.Tensor, chunk: int, tol: float | None, max_iter: int | None,
+                all_reduce=None):
     """P_T v = v - J^T u with K u = J v solved by conjugate gradients, J never formed.
 
     CG started at 0 stays in range(K) = range(J), so it finds K^+ J v even though K is singular.
+    Distributed (``all_reduce`` given): each rank holds the rows of J of its shard; J^T u and
+    every inner product are summed over ranks, so all ranks run the same iteration.
     """
+    reduce = all_reduce or (lambda t: t)
     chunks = _chunks(batch, chunk)
+    J_transpose_times = lambda u: reduce(_J_transpose_times(fm, chunks, u))
+    dot = lambda a, b: reduce(a.dot(b))
     b = _J_times(fm, chunks, v)
     tol = default_cg_tol(fm.dtype) if tol is None else tol
-    max_iter = 2 * b.numel() + 10 if max_iter is None else max_iter
+    rows = int(reduce(torch.tensor(float(b.numel()), dtype=b.dtype, device=b.device)).item())
+    max_iter = 2 * rows + 10 if max_iter is None else max_iter  # the same on every rank
     u = torch.zeros_like(b)
     r, d = b.clone(), b.clone()
-    rr, target = r.dot(r), (tol * b.norm()) ** 2
+    rr = dot(r, r)
+    target = tol**2 * rr
     for _ in range(max_iter):
         if rr <= target:
             break
-        Kd = _J_times(fm, chunks, _J_transpose_times(fm, chunks, d))
-        alpha = rr / d.dot(Kd)
+        Kd = _J_times(fm, chunks, J_transpose_times(d))
+        alpha = rr / dot(d, Kd)
         u += alpha * d
         r -= alpha * Kd
-        rr_new = r.dot(r)
+        rr_new = dot(r, r)
         d = r + (rr_new / rr) * d
         rr = rr_new
     else:
         if rr > target:
             warnings.warn(
                 f"tangent_projection: CG stopped after {max_iter} iterations at relative residual "
-                f"{float(rr.sqrt() / b.norm()):.2e} > tol {tol:.1e}; J is ill-conditioned, try "
+                f"{float((rr / dot(b, b)).sqrt()):.2e} > tol {tol:.1e}; J is ill-conditioned, try "
                 "solver='dense'",
                 stacklevel=3,
             )
-    return v - _J_transpose_times(fm, chunks, u)
+    return v - J_transpose_times(u)
 
 
 def choose_solver(fm: FunctionalModel, rows: int, memory_budget: int) -> str:
@@ -496,14 +505,21 @@ def project(
     rcond: float | None = None,
     tol: float | None = None,
     max_iter: int | None = None,
+    all_reduce=None,
 ) -> ParamDict:
-    """tangent_projection on a FunctionalModel already in evaluation mode."""
+    """tangent_projection on a FunctionalModel already in evaluation mode.
+
+    With ``all_reduce`` (distributed: this rank holds a shard of the rows of J) it always runs
+    conjugate gradients, the solver whose only cross-rank need is a sum.
+    """
     if solver not in SOLVERS:
         raise ValueError(f"Invalid solver: {solver!r} (choose one of {SOLVERS})")
     v = _check_vector(fm, vector)
     k = fm.output_size(batch)
     chunk = auto_chunk_size(fm, k, chunk_size, memory_budget)
     rows = batch[0].shape[0] * k
+    if all_reduce is not None:
+        return fm.unflatten(_project_cg(fm, batch, v, chunk, tol, max_iter, all_reduce))
     if solver in ("auto", "dense") and method in ("auto", "fast") and rows <= DENSE_MAX_ROWS:
         try:
             return fm.unflatten(_project_gram(model, fm, batch, v, chunk, rcond))
@@ -545,7 +561,7 @@ def tangent_projection(
             path and J v, J^T u as a jvp and a vjp: dense without ever forming J.
         rcond: relative singular-value cutoff of :math:`J^+` (dense); default
             :func:`default_rcond` = :math:`\sqrt{nk\,\varepsilon}`.
-        tol: CG relative residual tolerance; default 1e-10 (float64) or 100 eps.
+        tol: CG relative residual tolerance; default 1e-10 (float64) or sqrt(eps).
         max_iter: CG iteration cap; default :math:`2nk + 10`. CG warns if it stops unconverged.
 
     Returns:

@@ -28,6 +28,7 @@ from torch.utils.hooks import RemovableHandle
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
+from .distributed import rank as process_rank
 from .optim import label_noise_of
 from .probe import ProbeReport, RegularizerProbe
 
@@ -72,6 +73,9 @@ class TensorBoardMonitor:
     probe_seconds; a histogram of the per-sample :math:`\\|J_i\\|^2`; a custom-scalars layout that
     groups them; and hparams (lr, momentum, noise std, distribution, batch size) so that runs
     with and without noise compare side by side in the HPARAMS tab.
+
+    Under torch.distributed every rank runs the probe (a collective: each passes its own shard)
+    and only rank 0 writes events or shows a progress bar.
 
     The monitor changes nothing in training: the probe touches no parameter, gradient, mode or
     random state. A probe that fails (e.g. out of memory) is reported once as a warning; training
@@ -125,17 +129,20 @@ class TensorBoardMonitor:
         self.prefix = prefix
         self.batch_size = batch_size
         self.extra_hparams = dict(hparams or {})
+        self.is_writer = process_rank() == 0
         self._owns_writer = writer is None
-        self.writer = SummaryWriter(_open_log_dir(log_dir)) if writer is None else writer
-        self._write_layout()
+        self.writer: SummaryWriter | None = None
+        if self.is_writer:
+            self.writer = SummaryWriter(_open_log_dir(log_dir)) if writer is None else writer
+            self._write_layout()
         self._optimizer: torch.optim.Optimizer | None = None
         self._handle: RemovableHandle | None = None
         self._steps = 0
         self._hparams_written = False
         self.failures = 0
         self.last_report: ProbeReport | None = None
-        self._owns_bar = progress is True
-        self._bar = self._make_bar(progress, total_steps)
+        self._owns_bar = progress is True and self.is_writer
+        self._bar = self._make_bar(progress if self.is_writer else False, total_steps)
 
     # -- wiring ---------------------------------------------------------------------------------
 
@@ -192,6 +199,9 @@ class TensorBoardMonitor:
         if report.loss is not None:
             values["probe_loss"] = report.loss
         values.update(self._training_values(report))
+        self.last_report = report
+        if self.writer is None:  # not rank 0: the probe ran (a collective), nothing to write
+            return report
         for name, value in values.items():
             self.writer.add_scalar(tag(name), value, step)
         if self.histograms:
@@ -203,7 +213,6 @@ class TensorBoardMonitor:
             if report.loss is not None:
                 postfix["loss"] = f"{report.loss:.3g}"
             self._bar.set_postfix(postfix, refresh=False)
-        self.last_report = report
         return report
 
     def _batch_size(self) -> int:
@@ -286,16 +295,18 @@ class TensorBoardMonitor:
         return progress
 
     def flush(self) -> None:
-        self.writer.flush()
+        if self.writer is not None:
+            self.writer.flush()
 
     def close(self) -> None:
         """Detach from the optimizer, flush, and close what the monitor opened."""
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
-        self.writer.flush()
-        if self._owns_writer:
-            self.writer.close()
+        if self.writer is not None:
+            self.writer.flush()
+            if self._owns_writer:
+                self.writer.close()
         if self._owns_bar:
             self._bar.close()
 

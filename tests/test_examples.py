@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
@@ -34,3 +35,18 @@ def test_quick_run_writes_figure_summary_and_logs(name, tmp_path):
             assert glob.glob(str(out / parent / run / "events.out.tfevents.*")), (parent, run)
     png = out / f"{name}.png"
     assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ddp_example_with_torchrun_and_resume(tmp_path):
+    out = tmp_path / "ddp"
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            os.path.join(EXAMPLES, "ddp_training.py"), "--every", "10", "--save-every", "10", "--out", str(out)]
+    first = subprocess.run(base + ["--steps", "20"], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "2 ranks, 20 steps" in first.stdout
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 20 and ckpt["optimizer"]["label_noise"]["step"] == 20
+    resumed = subprocess.run(base + ["--steps", "30", "--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "2 ranks, 30 steps" in resumed.stdout
+    assert len(glob.glob(str(out / "events.out.tfevents.*"))) == 2  # rank 0 only, one per launch

@@ -1,0 +1,104 @@
+"""Worker functions for tests/test_distributed.py: each runs in a spawned gloo process."""
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DistributedSampler, TensorDataset
+
+from helpers import mlp
+from noisy_label_sgd import LabelNoise, LabelNoiseSGD, RegularizerProbe, TensorBoardMonitor
+
+TIMEOUT = timedelta(seconds=30)  # a collective waiting on a dead peer fails instead of hanging
+
+
+def setup(rank: int, world: int, init_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=TIMEOUT)
+
+
+def dataset(n: int = 64):
+    g = torch.Generator().manual_seed(123)
+    return TensorDataset(torch.randn(n, 6, generator=g, dtype=torch.float64),
+                         torch.randn(n, 3, generator=g, dtype=torch.float64))
+
+
+def train(rank, world, init_file, out_dir, steps, hook, start=0, save_at=None, resume=None):
+    """DDP + LabelNoiseSGD, DistributedSampler, 2 micro-batches per step (the first under no_sync)."""
+    setup(rank, world, init_file)
+    try:
+        model = DDP(mlp())
+        opt = LabelNoiseSGD(model.parameters(), lr=0.05, momentum=0.9, noise_std=0.5, seed=7)
+        if resume:
+            ckpt = torch.load(resume, weights_only=True)
+            model.module.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+        if hook == "output":
+            opt.attach_output_noise(model)  # the hook on the DDP wrapper
+            loss_fn = nn.MSELoss()
+        else:
+            loss_fn = opt.noisy_loss(nn.MSELoss())
+        data = dataset()
+        sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=1)
+        draws = []
+        for step in range(start, steps):
+            sampler.set_epoch(step)  # the batches of a step depend only on the step
+            idx = list(sampler)[:16]
+            opt.zero_grad()
+            for micro, part in enumerate((idx[:8], idx[8:])):
+                x, y = data[part]
+                if micro == 0:
+                    with model.no_sync():
+                        loss_fn(model(x), y).backward()
+                else:
+                    loss_fn(model(x), y).backward()
+                draws.append(opt.label_noise.last_noise.clone())
+            opt.step()
+            if save_at is not None and step + 1 == save_at and rank == 0:
+                torch.save({"model": model.module.state_dict(), "optimizer": opt.state_dict()},
+                           os.path.join(out_dir, "checkpoint.pt"))
+        torch.save({"params": [p.detach() for p in model.parameters()], "draws": draws,
+                    "noise_step": opt.label_noise.step},
+                   os.path.join(out_dir, f"train_rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def noise_streams(rank, world, init_file, out_dir):
+    """Large draws of a rank-aware stream (rank picked up from torch.distributed)."""
+    setup(rank, world, init_file)
+    try:
+        noise = LabelNoise(1.0, seed=3)
+        draws = [noise.sample(torch.zeros(20000, dtype=torch.float64)) for _ in range(2)]
+        torch.save({"rank": noise.rank, "draws": draws}, os.path.join(out_dir, f"noise_rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def probe(rank, world, init_file, out_dir, x, y, bounds):
+    """Each rank probes its shard; the monitor writes from rank 0 only."""
+    setup(rank, world, init_file)
+    try:
+        model = DDP(mlp())
+        lo, hi = bounds[rank], bounds[rank + 1]
+        p = RegularizerProbe(model, x[lo:hi], y[lo:hi])
+        report = p()
+        with TensorBoardMonitor(p, log_dir=os.path.join(out_dir, f"tb_rank{rank}"), every=1) as monitor:
+            monitor.log(1)
+        torch.save(report, os.path.join(out_dir, f"probe_rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def one_rank_fails(rank, world, init_file, out_dir):
+    """Rank 1 gets bad input (NaN targets) while rank 0 waits in a collective."""
+    setup(rank, world, init_file)
+    noise = LabelNoise(0.1)
+    targets = torch.full((4,), float("nan")) if rank == 1 else torch.zeros(4)
+    noise.perturb(targets)
+    dist.all_reduce(torch.zeros(1))
+    dist.destroy_process_group()

@@ -1,0 +1,87 @@
+"""Label noise, training and the probe under torch.distributed: 2 spawned gloo processes."""
+
+import math
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import distributed_workers as workers
+from helpers import mlp
+from noisy_label_sgd import RegularizerProbe
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+WORLD = 2
+
+
+def spawn(fn, tmp_path, *args, tag="group"):
+    init_file = str(tmp_path / f"{tag}.init")
+    mp.spawn(fn, args=(WORLD, init_file, str(tmp_path), *args), nprocs=WORLD, join=True)
+
+
+def load(tmp_path, name):
+    return [torch.load(tmp_path / f"{name}_rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("hook", ["loss", "output"])
+def test_ddp_training_keeps_ranks_identical_and_draws_differ(tmp_path, hook):
+    spawn(workers.train, tmp_path, 6, hook)
+    ranks = load(tmp_path, "train")
+    for a, b in zip(ranks[0]["params"], ranks[1]["params"]):
+        assert torch.equal(a, b)
+    assert ranks[0]["noise_step"] == ranks[1]["noise_step"] == 6
+    for d0, d1 in zip(ranks[0]["draws"], ranks[1]["draws"]):
+        assert not torch.equal(d0, d1)
+    # same seed again: both ranks' streams reproduce exactly
+    again = tmp_path / "again"
+    again.mkdir()
+    spawn(workers.train, again, 6, hook)
+    for r0, r1 in zip(ranks, load(again, "train")):
+        assert all(torch.equal(a, b) for a, b in zip(r0["draws"], r1["draws"]))
+
+
+def test_ranks_draw_uncorrelated_noise(tmp_path):
+    spawn(workers.noise_streams, tmp_path)
+    r0, r1 = load(tmp_path, "noise")
+    assert (r0["rank"], r1["rank"]) == (0, 1)  # picked up from torch.distributed
+    a, b = r0["draws"][0], r1["draws"][0]
+    corr = float(((a - a.mean()) * (b - b.mean())).sum() / (a.std() * b.std() * (a.numel() - 1)))
+    assert abs(corr) < 5 / math.sqrt(a.numel())
+
+
+def test_resume_from_a_rank0_checkpoint_is_bit_for_bit(tmp_path):
+    full, first, second = (tmp_path / d for d in ("full", "first", "second"))
+    for d in (full, first, second):
+        d.mkdir()
+    spawn(workers.train, full, 8, "loss")
+    spawn(workers.train, first, 4, "loss", 0, 4)  # stops after 4 steps, rank 0 saves
+    spawn(workers.train, second, 8, "loss", 4, None, str(first / "checkpoint.pt"))
+    for r_full, r_resumed in zip(load(full, "train"), load(second, "train")):
+        assert r_resumed["noise_step"] == 8
+        for a, b in zip(r_full["params"], r_resumed["params"]):
+            assert torch.equal(a, b)
+        assert all(torch.equal(a, b) for a, b in zip(r_full["draws"][8:], r_resumed["draws"]))
+
+
+def test_distributed_probe_equals_the_single_process_probe_on_the_union(tmp_path):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(10, 6, generator=g, dtype=torch.float64)
+    y = torch.randn(10, 3, generator=g, dtype=torch.float64)
+    bounds = [0, 6, 10]  # unequal shards
+    spawn(workers.probe, tmp_path, x, y, bounds)
+    single = RegularizerProbe(mlp(), x, y)()
+    for report in load(tmp_path, "probe"):
+        for name in ("reg", "reg_grad_norm", "manifold_grad_norm", "normal_grad_norm", "loss"):
+            assert math.isclose(getattr(report, name), getattr(single, name), rel_tol=1e-6), name
+        torch.testing.assert_close(report.per_sample, single.per_sample, rtol=1e-10, atol=0)
+    assert os.listdir(tmp_path / "tb_rank0") and not (tmp_path / "tb_rank1").exists()
+
+
+def test_one_rank_raising_ends_the_job_with_its_error(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(Exception, match="NaN or Inf"):
+        spawn(workers.one_rank_fails, tmp_path)
+    assert time.monotonic() - start < 60
