@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
 
-__all__ = ["FastPathUnsupported", "fast_sq_norms", "fast_gram"]
+__all__ = ["FastPathUnsupported", "fast_sq_norms", "fast_gram", "fast_chunk_size"]
 
 CLOSED_FORM = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LayerNorm, nn.GroupNorm)
 
@@ -211,6 +211,21 @@ def _per_module_fallback(owner: Owner, grads: list[torch.Tensor], n: int) -> tor
         summed = grads_call if summed is None else {k: summed[k] + v for k, v in grads_call.items()}
     assert summed is not None
     return sum(v.reshape(*v.shape[:2], -1).pow(2).sum(-1) for v in summed.values()).sum(0)
+
+
+def fast_chunk_size(model: nn.Module, batch: tuple[torch.Tensor, ...], memory_budget: int) -> int:
+    """Samples per chunk so that what the fast path holds fits ``memory_budget`` bytes.
+
+    Per sample it holds every recorded layer input and output, a clone of each output and the
+    k output gradients of each: measured on a one-sample forward, times (k + 3).
+    """
+    owners = _owners(model)
+    with torch.no_grad():
+        out = _record(owners, model, tuple(t[:1] for t in batch))
+    k = out.numel()
+    floats = sum(c.output.numel() for o in owners for c in o.calls)
+    itemsize = out.element_size()
+    return max(1, memory_budget // max(1, itemsize * floats * (k + 3)))
 
 
 def _trace(model: nn.Module, batch: tuple[torch.Tensor, ...], create_graph: bool):

@@ -32,7 +32,7 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .fast_norms import FastPathUnsupported, fast_gram, fast_sq_norms
+from .fast_norms import FastPathUnsupported, fast_chunk_size, fast_gram, fast_sq_norms
 
 __all__ = [
     "per_sample_sq_grad_norms",
@@ -190,11 +190,11 @@ def check_method(method: str) -> None:
         raise ValueError(f"Invalid method: {method!r} (choose one of {METHODS})")
 
 
-def _fast_chunks(model, batch, chunk_size, create_graph):
-    """fast_sq_norms over chunks of samples (all at once without chunk_size)."""
+def _fast_chunks(model, batch, chunk_size, create_graph, memory_budget):
+    """fast_sq_norms over chunks of samples (by default as many as fit memory_budget)."""
     n = batch[0].shape[0]
     parts, fell_back = [], set()
-    for s in chunk_slices(n, chunk_size or n):
+    for s in chunk_slices(n, chunk_size or fast_chunk_size(model, batch, memory_budget)):
         norms, modules = fast_sq_norms(model, tuple(t[s] for t in batch), create_graph=create_graph)
         parts.append(norms)
         fell_back.update(modules)
@@ -207,7 +207,7 @@ def sq_norms_with_method(
     """Per-sample norms (model in evaluation mode) and a word on the path that computed them."""
     if method in ("auto", "fast"):
         try:
-            norms, fell_back = _fast_chunks(model, batch, chunk_size, create_graph=False)
+            norms, fell_back = _fast_chunks(model, batch, chunk_size, False, memory_budget)
             used = "fast" + (f" (per-module fallback: {', '.join(fell_back)})" if fell_back else "")
             return norms.detach(), used
         except FastPathUnsupported as why:
@@ -235,9 +235,10 @@ def per_sample_sq_grad_norms(
             (see :mod:`noisy_label_sgd.fast_norms`; other modules fall back per module);
             ``"vmap"``: torch.func per-sample Jacobians of the whole model; ``"auto"``: fast
             where the model allows, else vmap.
-        chunk_size: samples per chunk; by default all at once (fast) or the largest chunk whose
-            Jacobians fit memory_budget (vmap).
-        memory_budget: bytes of per-sample Jacobians held at once (vmap path).
+        chunk_size: samples per chunk; by default the largest chunk whose working set fits
+            memory_budget: layer inputs, outputs and output gradients (fast) or per-sample
+            Jacobians (vmap).
+        memory_budget: bytes held at once (1 GiB).
 
     Returns:
         a tensor of shape [n] (multi-output models: Frobenius norm over all output entries).
@@ -319,12 +320,14 @@ def regularizer_grad(
         return reg_grad_with_method(model, fm, batch, method, chunk_size, memory_budget)
 
 
-def _fast_reg_grad(model: nn.Module, fm: FunctionalModel, batch, chunk_size) -> ParamDict:
+def _fast_reg_grad(model: nn.Module, fm: FunctionalModel, batch, chunk_size, memory_budget) -> ParamDict:
     """grad reg by double backward through the closed-form norms."""
     named = {name: p for name, p in model.named_parameters() if name in fm.params}
     n = batch[0].shape[0]
     total = {name: torch.zeros_like(p) for name, p in fm.params.items()}
-    for s in chunk_slices(n, chunk_size or n):
+    # the double backward keeps about twice the first backward's tensors
+    chunk = chunk_size or max(1, fast_chunk_size(model, batch, memory_budget) // 2)
+    for s in chunk_slices(n, chunk):
         norms, _ = fast_sq_norms(model, tuple(t[s] for t in batch), create_graph=True)
         grads = torch.autograd.grad(norms.sum(), list(named.values()), allow_unused=True)
         for name, g in zip(named, grads):
@@ -336,7 +339,7 @@ def _fast_reg_grad(model: nn.Module, fm: FunctionalModel, batch, chunk_size) -> 
 def reg_grad_with_method(model, fm, batch, method, chunk_size, memory_budget) -> ParamDict:
     if method in ("auto", "fast"):
         try:
-            return _fast_reg_grad(model, fm, batch, chunk_size)
+            return _fast_reg_grad(model, fm, batch, chunk_size, memory_budget)
         except FastPathUnsupported as why:
             if method == "fast":
                 raise ValueError(f"method='fast' cannot differentiate this model's norms: {why}") from None

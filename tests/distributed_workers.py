@@ -36,8 +36,8 @@ def train(rank, world, init_file, out_dir, steps, hook, start=0, save_at=None, r
             ckpt = torch.load(resume, weights_only=True)
             model.module.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
-        if hook == "output":
-            opt.attach_output_noise(model)  # the hook on the DDP wrapper
+        if hook in ("output", "output_module"):  # on the DDP wrapper, or on the module inside
+            opt.attach_output_noise(model if hook == "output" else model.module)
             loss_fn = nn.MSELoss()
         else:
             loss_fn = opt.noisy_loss(nn.MSELoss())

@@ -127,15 +127,17 @@ def test_sigmoid_single_point_closed_form(name):
     assert_rel_close(implicit_regularizer(model, x), closed)
 
 
-def test_chunking_and_memory_budget_do_not_change_the_numbers():
+@pytest.mark.parametrize("method", ["fast", "vmap"])
+def test_chunking_and_memory_budget_do_not_change_the_numbers(method):
     model, x = make("mlp_multi_output")
-    full = per_sample_sq_grad_norms(model, x)
-    assert_rel_close(per_sample_sq_grad_norms(model, x, chunk_size=1), full, 1e-12)
-    assert_rel_close(per_sample_sq_grad_norms(model, x, memory_budget=1), full, 1e-12)
-    g_full = regularizer_grad(model, x)
-    g_chunked = regularizer_grad(model, x, chunk_size=2)
-    for n in g_full:
-        assert_rel_close(g_chunked[n], g_full[n], 1e-12)
+    full = per_sample_sq_grad_norms(model, x, method=method)
+    assert_rel_close(per_sample_sq_grad_norms(model, x, method=method, chunk_size=1), full, 1e-12)
+    assert_rel_close(per_sample_sq_grad_norms(model, x, method=method, memory_budget=1), full, 1e-12)
+    g_full = regularizer_grad(model, x, method=method)
+    for kwargs in (dict(chunk_size=2), dict(memory_budget=1)):
+        g_chunked = regularizer_grad(model, x, method=method, **kwargs)
+        for n in g_full:
+            assert_rel_close(g_chunked[n], g_full[n], 1e-12)
 
 
 # -- tangent projection ----------------------------------------------------------------------
