@@ -45,6 +45,15 @@ def environment_note(device: torch.device) -> str:
             f"python {platform.python_version()}")
 
 
+def save_figure(fig, title: str, device: torch.device, path: str, dpi: int = 110) -> str:
+    """Title, the device and versions in the corner, tight layout, PNG."""
+    fig.suptitle(title, fontsize=10)
+    fig.text(0.01, 0.01, environment_note(device), fontsize=7, color="gray")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
 def annealed(std: float, steps: int, fraction: float) -> Callable[[int], float]:
     """Constant std, then a linear decay to 0 over the last ``fraction`` of the steps."""
     start = (1.0 - fraction) * steps

@@ -24,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from common import environment_note, finish, parser, print_table, train, write_summary  # noqa: E402
+from common import finish, parser, print_table, save_figure, train, write_summary  # noqa: E402
 from noisy_label_sgd.paper_models import MatrixSensing  # noqa: E402
 
 args = parser("matrix_sensing", __doc__, steps=20000, lr=0.02, noise_std=3.0, every=1000, anneal=0.2)
@@ -81,12 +81,8 @@ axes[1].set(xlabel="step", ylabel="||U||_F^2 = nuclear norm of UU^T",
 for ax in axes:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
-fig.suptitle(f"Matrix sensing, d={d}, r={r}, n={n}, lr {args.lr}, label noise N(0, {args.noise_std}^2) "
-             f"annealed over the last {args.anneal:.0%}", fontsize=10)
-fig.text(0.01, 0.01, environment_note(device), fontsize=7, color="gray")
-fig.tight_layout(rect=(0, 0.03, 1, 1))
-figure = os.path.join(args.out, "matrix_sensing.png")
-fig.savefig(figure, dpi=120)
+figure = save_figure(fig, f"Matrix sensing, d={d}, r={r}, n={n}, lr {args.lr}, label noise N(0, {args.noise_std}^2) "
+                     f"annealed over the last {args.anneal:.0%}", device, os.path.join(args.out, "matrix_sensing.png"), dpi=120)
 summary = write_summary(args.out, results, {"config": {"d": d, "r": r, "n": n, "steps": args.steps, "lr": args.lr,
                                                        "noise_std": args.noise_std, "anneal": args.anneal}})
 finish(args.out, figure, summary)

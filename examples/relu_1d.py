@@ -26,7 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from common import environment_note, finish, parser, train, write_summary  # noqa: E402
+from common import finish, parser, save_figure, train, write_summary  # noqa: E402
 from noisy_label_sgd.paper_models import TwoLayerReLU1D  # noqa: E402
 
 LEVELS = [0, 3.5, 2, 2, 4, 3, 2, 1, 2, 3, 4, 1]
@@ -125,12 +125,9 @@ axes[3].axhline(data_length, color="gray", lw=0.8, label="linear interpolation (
 axes[2].set(title="clean train loss (dashed: no noise)", xlabel="step")
 axes[3].set(title="curve length (dashed: no noise)", xlabel="step")
 axes[3].legend(fontsize=7)
-fig.suptitle(f"Two-layer ReLU, width {args.width}, 12 points, lr {args.lr} (momentum 0.9), label noise std "
-             f"{args.noise_std} annealed over the last {args.anneal:.0%}", fontsize=10)
-fig.text(0.01, 0.01, environment_note(device), fontsize=7, color="gray")
-fig.tight_layout(rect=(0, 0.03, 1, 1))
-figure = os.path.join(args.out, "relu_1d.png")
-fig.savefig(figure, dpi=110)
+figure = save_figure(fig, f"Two-layer ReLU, width {args.width}, 12 points, lr {args.lr} (momentum 0.9), label "
+                     f"noise std {args.noise_std} annealed over the last {args.anneal:.0%}", device,
+                     os.path.join(args.out, "relu_1d.png"))
 summary = write_summary(args.out, results, {"data": {"curve_length": data_length, "convexity_changes": data_changes},
                                             "config": {"width": args.width, "steps": args.steps, "lr": args.lr,
                                                        "noise_std": args.noise_std, "seeds": args.seeds}})

@@ -25,7 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from common import environment_note, finish, parser, print_table, train, write_summary  # noqa: E402
+from common import finish, parser, print_table, save_figure, train, write_summary  # noqa: E402
 from noisy_label_sgd.paper_models import TwoLayerSigmoid  # noqa: E402
 
 args = parser("sigmoid_single_point", __doc__, steps=50000, lr=0.05, noise_std=1.0, every=2500, anneal=0.2)
@@ -107,12 +107,9 @@ for key, style in (("without_noise", "--"), ("with_noise", "-")):
     axes[2].plot(h.probe_steps, h.probe["reg"], style, marker=".", label=key.replace("_", " "))
 axes[2].set(title="implicit regularizer reg(theta)", xlabel="step")
 axes[2].legend(fontsize=8)
-fig.suptitle(f"{args.activation} two-layer net on one point, width {args.width}, lr {args.lr}, label noise std "
-             f"{args.noise_std} annealed over the last {args.anneal:.0%}", fontsize=10)
-fig.text(0.01, 0.01, environment_note(device), fontsize=7, color="gray")
-fig.tight_layout(rect=(0, 0.03, 1, 1))
-figure = os.path.join(args.out, "sigmoid_single_point.png")
-fig.savefig(figure, dpi=110)
+figure = save_figure(fig, f"{args.activation} two-layer net on one point, width {args.width}, lr {args.lr}, "
+                     f"label noise std {args.noise_std} annealed over the last {args.anneal:.0%}", device,
+                     os.path.join(args.out, "sigmoid_single_point.png"))
 summary = write_summary(args.out, results, {"config": {"activation": args.activation, "width": args.width,
                                                        "dim": args.dim, "steps": args.steps, "lr": args.lr,
                                                        "noise_std": args.noise_std}})
