@@ -27,7 +27,6 @@ with parameters that is never called (its weight used by a parent's functional c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
