@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import platform
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -74,6 +75,7 @@ class History:
     curve: dict[str, list[float]] = field(default_factory=dict)
     probe_steps: list[int] = field(default_factory=list)
     probe: dict[str, list[float]] = field(default_factory=dict)
+    cost: dict[str, float] = field(default_factory=dict)  # probe cost against training time
 
     @staticmethod
     def _append(steps, store, step, values):
@@ -82,7 +84,8 @@ class History:
             store.setdefault(k, []).append(v)
 
     def final(self) -> dict[str, float]:
-        return {**{k: v[-1] for k, v in self.curve.items()}, **{k: v[-1] for k, v in self.probe.items()}}
+        return {**{k: v[-1] for k, v in self.curve.items()}, **{k: v[-1] for k, v in self.probe.items()},
+                **self.cost}
 
 
 def log_spaced_steps(steps: int, points: int = 80) -> set[int]:
@@ -125,9 +128,13 @@ def train(
         model.train(was_training)
         history._append(history.curve_steps, history.curve, step, values)
 
+    probe_seconds = []
+
     def record_probe(step: int, report) -> None:
         history._append(history.probe_steps, history.probe, step,
                         {"reg": report.reg, "manifold_grad_norm": report.manifold_grad_norm})
+        if step > 0:
+            probe_seconds.append(report.seconds)
 
     bar = tqdm(total=args.steps, desc=desc, unit="step", mininterval=0.5)
     with bar, TensorBoardMonitor(probe, log_dir=log_dir, every=args.every, batch_size=batch_size,
@@ -136,6 +143,7 @@ def train(
         record_curve(0)
         record_probe(0, monitor.log(0))
         model.train()
+        start = time.perf_counter()
         for step in range(1, args.steps + 1):
             if batch_size < n:
                 idx = torch.randint(0, n, (batch_size,), generator=batches).to(inputs.device)
@@ -149,8 +157,14 @@ def train(
                 record_curve(step)
             if step % args.every == 0:
                 record_probe(step, monitor.last_report)
+        loop_seconds = time.perf_counter() - start
         if args.steps % args.every:
             record_probe(args.steps, monitor.log(args.steps))
+    # what the probe would cost at every=100: one call per 100 training steps
+    probe_ms = 1e3 * sum(probe_seconds) / max(1, len(probe_seconds))
+    step_ms = 1e3 * (loop_seconds - sum(probe_seconds[: args.steps // args.every])) / args.steps
+    history.cost = {"probe_ms_per_call": probe_ms, "train_ms_per_step": step_ms,
+                    "probe_share_at_every_100": probe_ms / (probe_ms + 100 * step_ms)}
     return history
 
 
