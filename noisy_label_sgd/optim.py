@@ -114,10 +114,14 @@ def add_label_noise(
             )
         return state_dict
 
+    post_handle = optimizer.register_step_post_hook(post_step)
+    # advance before any other post-hook, so that hooks registered earlier (a monitor) also see
+    # the completed step count; torch has no prepend flag for step hooks
+    optimizer._optimizer_step_post_hooks.move_to_end(post_handle.id, last=False)
     optimizer._label_noise = noise  # type: ignore[attr-defined]
     optimizer._label_noise_handles = [  # type: ignore[attr-defined]
         optimizer.register_step_pre_hook(pre_step),
-        optimizer.register_step_post_hook(post_step),
+        post_handle,
         optimizer.register_state_dict_post_hook(save),
         optimizer.register_load_state_dict_pre_hook(load),
     ]

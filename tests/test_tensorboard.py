@@ -152,3 +152,21 @@ def test_log_on_demand_and_progress_bar(tmp_path):
     assert "reg" in bar.postfix and "loss" in bar.postfix
     monitor.close()
     assert [e.step for e in read_events(tmp_path).Scalars(f"{PREFIX}/reg")] == [7]
+
+
+def test_steps_are_right_when_noise_is_added_after_the_monitor(tmp_path):
+    from noisy_label_sgd import add_label_noise, noisy_loss
+
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    monitor = TensorBoardMonitor(RegularizerProbe(model, batch(0)[0]), log_dir=tmp_path, every=2)
+    monitor.attach(opt)
+    noise = add_label_noise(opt, std=0.1)  # its step post-hook still runs first
+    loss_fn = noisy_loss(nn.MSELoss(), noise)
+    for step in range(4):
+        x, y = batch(step)
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+    monitor.close()
+    assert [e.step for e in read_events(tmp_path).Scalars(f"{PREFIX}/reg")] == [2, 4]
