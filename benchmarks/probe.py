@@ -66,8 +66,43 @@ def cnn():
     )
 
 
+class BasicBlock(nn.Module):
+    """ResNet basic block with GroupNorm, in-place ReLU and an in-place residual add."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.norm1 = nn.GroupNorm(8, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.norm2 = nn.GroupNorm(8, cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.GroupNorm(8, cout))
+
+    def forward(self, x):
+        out = self.relu(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        out += self.shortcut(x)
+        return self.relu(out)
+
+
+def resnet18_gn():
+    """ResNet-18 for 3x32x32 inputs (CIFAR stem), GroupNorm instead of BatchNorm, 10 outputs."""
+    layers, cin = [nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.GroupNorm(8, 64), nn.ReLU(inplace=True)], 64
+    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+        cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 10)]
+    return nn.Sequential(*layers)
+
+
 CASES = {
     "mlp": ("MLP 784-512-512-10, scalar, batch 256", lambda: SumOutputs(mlp()), (256, 784)),
+    "mlp_4096": ("MLP 784-512-512-10, scalar, batch 4096", lambda: SumOutputs(mlp()), (4096, 784)),
+    "resnet18": ("ResNet-18 (GroupNorm) 3x32x32, scalar, batch 128", lambda: SumOutputs(resnet18_gn()), (128, 3, 32, 32)),
+    "transformer4": ("TransformerEncoder 4x(d=256), seq 128, scalar, batch 32",
+                     lambda: PooledTransformer(256, 4), (32, 128, 256)),
     "mlp10": ("MLP 784-512-512-10, 10 outputs, batch 256", mlp, (256, 784)),
     "cnn": ("CNN 3x32x32 (3 conv + linear), scalar, batch 128", lambda: SumOutputs(cnn()), (128, 3, 32, 32)),
     "transformer": ("Transformer 2x(d=64), seq 32, scalar, batch 32", PooledTransformer, (32, 32, 64)),
@@ -117,7 +152,7 @@ def backpack_reg(model, x):
     return run
 
 
-def worker(case: str, method: str, repeats: int, device: torch.device) -> dict:
+def worker(case: str, method: str, repeats: int, device: torch.device, autocast: str) -> dict:
     _, build, shape = CASES[case]
     if method == "opacus_reg" or method == "backpack_reg":
         __import__("opacus" if method == "opacus_reg" else "backpack")  # optional extras
@@ -157,6 +192,13 @@ def worker(case: str, method: str, repeats: int, device: torch.device) -> dict:
         base = torch.cuda.memory_allocated(device)
     else:
         base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    if autocast == "bf16":  # mixed precision as users train with it; fp32 parameters
+        plain_run = run
+
+        def run():
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                return plain_run()
+
     seconds = median_seconds(run, device, repeats=1 if slow else repeats, warmup=0 if slow else 1)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) - base
@@ -171,7 +213,9 @@ def worker(case: str, method: str, repeats: int, device: torch.device) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cases", default=",".join(CASES))
+    p.add_argument("--cases", default="mlp,mlp10,cnn,transformer",
+                   help=f"comma-separated, from {', '.join(CASES)}")
+    p.add_argument("--autocast", choices=("none", "bf16"), default="none")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -179,7 +223,7 @@ def main():
     args = p.parse_args()
     device = torch.device(args.device)
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.repeats, device)))
+        print(json.dumps(worker(*args.worker, args.repeats, device, args.autocast)))
         return
 
     from tqdm import tqdm
@@ -187,7 +231,8 @@ def main():
     jobs = [(c, m) for c in args.cases.split(",") for m in args.methods.split(",")]
     results = {}
     for case, method in tqdm(jobs, desc="probe benchmark", unit="run"):
-        cmd = [sys.executable, __file__, "--worker", case, method, "--repeats", str(args.repeats), "--device", args.device]
+        cmd = [sys.executable, __file__, "--worker", case, method, "--repeats", str(args.repeats),
+               "--device", args.device, "--autocast", args.autocast]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             lines = (out.stderr.strip() or "failed").splitlines()
@@ -211,7 +256,9 @@ def main():
     env = environment(device)
     print(f"# {env}")
     print_table(["case", "method", "ms", "vs train step", "peak MB", "check vs naive"], rows)
-    print("wrote", write_json(f"probe_{device.type}", {"environment": env, "results": results}))
+    suffix = "" if args.autocast == "none" else f"_{args.autocast}"
+    print("wrote", write_json(f"probe_{device.type}{suffix}", {"environment": env, "autocast": args.autocast,
+                                                                "results": results}))
 
 
 if __name__ == "__main__":
