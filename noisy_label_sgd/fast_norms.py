@@ -10,6 +10,8 @@ at every module output :math:`y`; then, per module, in closed form:
   position :math:`\|g_{ij}\|^2\|a_i\|^2`), :math:`\|\nabla_b h_{ij}\|^2 = \|\sum_t g_{ijt}\|^2`;
 * ``nn.Conv1d`` / ``nn.Conv2d`` (groups 1, zero padding): a Linear over output positions applied
   to the unfolded input patches;
+* ``nn.MultiheadAttention`` as plain self-attention (packed projections, no masks): in_proj and
+  out_proj as affine maps, the gradients at q, k, v by a backward through the attention product;
 * ``nn.LayerNorm`` / ``nn.GroupNorm`` affine parameters: :math:`\nabla_\gamma = \sum g\,\hat{x}`,
   :math:`\nabla_\beta = \sum g` over the positions that share a parameter.
 
@@ -135,12 +137,18 @@ def _output_grads(h: torch.Tensor, outputs: list[torch.Tensor], create_graph: bo
 
 
 def _linear(module: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    bias = module.bias is not None and module.bias.requires_grad
+    return _affine_map(a, g, module.weight.requires_grad, bias)
+
+
+def _affine_map(a: torch.Tensor, g: torch.Tensor, weight: bool, bias: bool) -> torch.Tensor:
+    """sum_j ||grad of (W a + b) at output gradient g_j||^2 per sample, over positions."""
     k, n = g.shape[:2]
     a = a.reshape(n, -1, a.shape[-1])  # [n, T, in]
     g = g.reshape(k, n, -1, g.shape[-1])  # [k, n, T, out]
     positions = a.shape[1]
     total = torch.zeros(k, n, dtype=g.dtype, device=g.device)
-    if module.weight.requires_grad:
+    if weight:
         if positions == 1:
             total = total + g.pow(2).sum((-1, -2)) * a.pow(2).sum((-1, -2))
         elif positions * positions <= a.shape[-1] * g.shape[-1]:
@@ -148,9 +156,51 @@ def _linear(module: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor
             total = total + (gram_a * (g @ g.transpose(2, 3))).sum((-1, -2))
         else:  # long sequences: the per-sample weight gradient is smaller than the Gram matrices
             total = total + torch.einsum("knto,nti->knoi", g, a).pow(2).sum((-1, -2))
-    if module.bias is not None and module.bias.requires_grad:
+    if bias:
         total = total + g.sum(2).pow(2).sum(-1)
     return total.sum(0)
+
+
+MHA_PARAMS = {"in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"}
+
+
+def _self_attention(o: Owner) -> bool:
+    """nn.MultiheadAttention used as plain self-attention (what TransformerEncoderLayer does):
+    query is key is value, packed projections, no masks, no extra key/value biases."""
+    m, calls = o.module, o.calls
+    if not isinstance(m, nn.MultiheadAttention) or len(calls) != 1 or not set(o.params) <= MHA_PARAMS:
+        return False
+    args, kwargs = calls[0].args, calls[0].kwargs
+    masks = [kwargs.get("key_padding_mask"), kwargs.get("attn_mask"), *args[3:4], *args[5:6]]
+    return (len(args) >= 3 and args[0] is args[1] is args[2] and m._qkv_same_embed_dim
+            and m.bias_k is None and not m.add_zero_attn and all(t is None for t in masks)
+            and not kwargs.get("is_causal", False) and not (len(args) > 7 and args[7]))
+
+
+def _attention(o: Owner, g: torch.Tensor) -> torch.Tensor:
+    """Self-attention as two affine maps around the attention product: out_proj on the heads'
+    concatenated outputs, in_proj on the input; the gradients at the packed q, k, v come from
+    one batched backward through the attention product alone."""
+    m = o.module
+    x = o.calls[0].args[0].detach()
+    if not m.batch_first:
+        x, g = x.transpose(0, 1), g.transpose(1, 2)
+    n, length, embed = x.shape
+    heads = lambda t: t.reshape(n, length, m.num_heads, -1).transpose(1, 2)
+    with torch.enable_grad():
+        qkv = nn.functional.linear(x, m.in_proj_weight.detach(), None if m.in_proj_bias is None
+                                   else m.in_proj_bias.detach()).requires_grad_()
+        q, k_, v = qkv.chunk(3, -1)
+        attended = nn.functional.scaled_dot_product_attention(heads(q), heads(k_), heads(v))
+        attended = attended.transpose(1, 2).reshape(n, length, embed)
+        g_attended = g @ m.out_proj.weight.detach()  # [k, n, L, E]
+        g_qkv = torch.autograd.grad(attended, qkv, g_attended, is_grads_batched=True)[0]
+    total = torch.zeros(n, dtype=g.dtype, device=g.device)
+    if "in_proj_weight" in o.params or "in_proj_bias" in o.params:
+        total = total + _affine_map(x, g_qkv, "in_proj_weight" in o.params, "in_proj_bias" in o.params)
+    if "out_proj.weight" in o.params or "out_proj.bias" in o.params:
+        total = total + _affine_map(attended.detach(), g, "out_proj.weight" in o.params, "out_proj.bias" in o.params)
+    return total
 
 
 def _conv(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -190,7 +240,14 @@ def _norm_affine_grads(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> t
 
 
 def _per_module_fallback(owner: Owner, grads: list[torch.Tensor], n: int) -> torch.Tensor:
-    """Per-sample gradients of this module's own parameters, summed over its calls."""
+    """Per-sample gradients of this module's own parameters, summed over its calls.
+
+    Samples must run along dim 0 of the module's output and tensor arguments.
+    """
+    if isinstance(owner.module, nn.MultiheadAttention) and not owner.module.batch_first or any(
+        c.output.shape[0] != n for c in owner.calls
+    ):
+        raise FastPathUnsupported(f"module {owner.name!r} does not put samples first")
     params = {name: p.detach() for name, p in owner.params.items()}
     summed: dict[str, torch.Tensor] | None = None
     for call, g in zip(owner.calls, grads):
@@ -272,7 +329,7 @@ def fast_sq_norms(
         FastPathUnsupported: the model needs the whole-model torch.func path.
     """
     owners, by_owner, n, k = _trace(model, batch, create_graph)
-    if create_graph and not all(_closed_form(o) for o in owners):
+    if create_graph and not all(_closed_form(o) for o in owners):  # (attention is exact but detached)
         raise FastPathUnsupported("a module needs a per-module fallback, which has no double backward")
     total = torch.zeros(n, dtype=next(iter(by_owner.values()))[0].dtype, device=batch[0].device)
     fell_back = []
@@ -287,6 +344,8 @@ def fast_sq_norms(
             else:
                 norm = _norm_affine
             total = total + norm(o.module, a, g[0])
+        elif _self_attention(o):
+            total = total + _attention(o, g[0])
         else:
             fell_back.append(o.name)
             total = total + _per_module_fallback(o, g, n)

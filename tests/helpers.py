@@ -113,6 +113,26 @@ class ConvSequence(nn.Module):
         return self.head(torch.tanh(self.proj(h)).mean(1)).squeeze(-1)
 
 
+class Attention(nn.Module):
+    """nn.MultiheadAttention, sequence-first (closed form) or batch-first with a causal mask
+    (per-module fallback)."""
+
+    def __init__(self, masked: bool = False):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(6, 2, batch_first=masked)
+        self.head = nn.Linear(6, 1)
+        self.masked = masked
+
+    def forward(self, x):  # x: [n, L, 6]
+        if self.masked:
+            mask = torch.triu(torch.ones(x.shape[1], x.shape[1], dtype=torch.bool), 1)
+            out, _ = self.attn(x, x, x, need_weights=False, attn_mask=mask)
+            return self.head(torch.tanh(out).mean(1)).squeeze(-1)
+        seq = x.transpose(0, 1)
+        out, _ = self.attn(seq, seq, seq, need_weights=False)
+        return self.head(torch.tanh(out).mean(0)).squeeze(-1)
+
+
 def brute_jacobian(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     """J [n k, p] by a per-sample, per-output loop of torch.autograd.grad (the reference)."""
     training = model.training

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import (ConvSequence, FrozenAndBuffers, InplaceResidual, ReusedWeight, SmallCNN, TinyTransformer, brute_jacobian,
+from helpers import (ConvSequence, FrozenAndBuffers, InplaceResidual, ReusedWeight, Attention, SmallCNN, TinyTransformer, brute_jacobian,
                      brute_reg_grad, mlp)
 from noisy_label_sgd import (implicit_regularizer, per_sample_sq_grad_norms, regularizer_grad,
                              tangent_projection)
@@ -36,6 +36,8 @@ CASES = {
                                                                nn.Linear(7, 2))), lambda: randn(6, 5)),
     "inplace_relu_residual": (lambda: seeded(10, InplaceResidual), lambda: randn(5, 6)),
     "conv1d_sequence_linear": (lambda: seeded(11, ConvSequence), lambda: randn(4, 3, 7)),
+    "attention_sequence_first": (lambda: seeded(14, Attention), lambda: randn(3, 5, 6)),
+    "attention_masked_fallback": (lambda: seeded(15, lambda: Attention(masked=True)), lambda: randn(3, 5, 6)),
     "grouped_conv_fallback": (lambda: seeded(13, lambda: nn.Sequential(
         nn.Conv2d(4, 4, 3, groups=2), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 2 * 2, 1))), lambda: randn(3, 4, 4, 4)),
     "matrix_sensing": (lambda: MatrixSensing(4, init=randn(4, 4, seed=5)).double(), lambda: randn(7, 4, 4)),
@@ -282,13 +284,14 @@ def test_bad_projection_arguments():
 def test_fast_path_handles_closed_forms_without_fallback_and_reports_fallbacks():
     from noisy_label_sgd import RegularizerProbe
 
-    for name in ("layernorm_mlp", "cnn_groupnorm", "conv1d_sequence_linear", "inplace_relu_residual"):
+    for name in ("layernorm_mlp", "cnn_groupnorm", "conv1d_sequence_linear", "inplace_relu_residual",
+                 "transformer_encoder_layer", "attention_sequence_first"):
         model, x = make(name)
         assert RegularizerProbe(model, x)().method == "fast", name
     model, x = make("grouped_conv_fallback")
     assert RegularizerProbe(model, x)().method == "fast (per-module fallback: 0)"
-    model, x = make("transformer_encoder_layer")
-    assert RegularizerProbe(model, x)().method == "fast (per-module fallback: layer.self_attn)"
+    model, x = make("attention_masked_fallback")
+    assert RegularizerProbe(model, x)().method == "fast (per-module fallback: attn)"
 
 
 def test_tied_weights_across_modules_need_the_vmap_path():
