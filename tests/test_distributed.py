@@ -15,11 +15,18 @@ from noisy_label_sgd import RegularizerProbe
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 WORLD = 2
+DEADLINE_S = 120  # a test whose processes hang is killed and fails instead of hanging the suite
 
 
 def spawn(fn, tmp_path, *args, tag="group"):
     init_file = str(tmp_path / f"{tag}.init")
-    mp.spawn(fn, args=(WORLD, init_file, str(tmp_path), *args), nprocs=WORLD, join=True)
+    context = mp.spawn(fn, args=(WORLD, init_file, str(tmp_path), *args), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + DEADLINE_S
+    while not context.join(timeout=1):  # raises as soon as one process fails
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise TimeoutError(f"{fn.__name__} did not finish within {DEADLINE_S} s")
 
 
 def load(tmp_path, name):
