@@ -18,9 +18,8 @@ from .regularizer import (
     auto_chunk_size,
     check_method,
     evaluation_mode,
+    norms_and_grad_with_method,
     project,
-    reg_grad_with_method,
-    sq_norms_with_method,
 )
 
 __all__ = ["RegularizerProbe", "ProbeReport"]
@@ -128,10 +127,7 @@ class RegularizerProbe:
         with evaluation_mode(self.model):
             fm = FunctionalModel(self.model)
             k = fm.output_size(self.inputs)
-            per_sample, used = sq_norms_with_method(
-                self.model, fm, self.inputs, self.method, self.chunk_size, self.memory_budget
-            )
-            reg_grad = reg_grad_with_method(
+            per_sample, reg_grad, used = norms_and_grad_with_method(
                 self.model, fm, self.inputs, self.method, self.chunk_size, self.memory_budget
             )
             if distributed:  # local means -> the mean over the union of the shards

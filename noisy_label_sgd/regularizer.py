@@ -320,11 +320,14 @@ def regularizer_grad(
         return reg_grad_with_method(model, fm, batch, method, chunk_size, memory_budget)
 
 
-def _fast_reg_grad(model: nn.Module, fm: FunctionalModel, batch, chunk_size, memory_budget) -> ParamDict:
-    """grad reg by double backward through the closed-form norms."""
+def _fast_norms_and_grad(
+    model: nn.Module, fm: FunctionalModel, batch, chunk_size, memory_budget
+) -> tuple[torch.Tensor, ParamDict]:
+    """Per-sample norms and grad reg from one pass: double backward through the closed forms."""
     named = {name: p for name, p in model.named_parameters() if name in fm.params}
     n = batch[0].shape[0]
     total = {name: torch.zeros_like(p) for name, p in fm.params.items()}
+    parts = []
     # the double backward keeps about twice the first backward's tensors
     chunk = chunk_size or max(1, fast_chunk_size(model, batch, memory_budget) // 2)
     for s in chunk_slices(n, chunk):
@@ -333,17 +336,37 @@ def _fast_reg_grad(model: nn.Module, fm: FunctionalModel, batch, chunk_size, mem
         for name, g in zip(named, grads):
             if g is not None:
                 total[name] += g.detach()
-    return {name: v.mul_(1.0 / n) for name, v in total.items()}
+        parts.append(norms.detach())
+    return torch.cat(parts), {name: v.mul_(1.0 / n) for name, v in total.items()}
 
 
 def reg_grad_with_method(model, fm, batch, method, chunk_size, memory_budget) -> ParamDict:
     if method in ("auto", "fast"):
         try:
-            return _fast_reg_grad(model, fm, batch, chunk_size, memory_budget)
+            return _fast_norms_and_grad(model, fm, batch, chunk_size, memory_budget)[1]
         except FastPathUnsupported as why:
             if method == "fast":
                 raise ValueError(f"method='fast' cannot differentiate this model's norms: {why}") from None
     return _reg_grad(fm, batch, chunk_size, memory_budget)
+
+
+def norms_and_grad_with_method(
+    model, fm, batch, method, chunk_size, memory_budget
+) -> tuple[torch.Tensor, ParamDict, str]:
+    """What the probe needs: norms, grad reg and the path, sharing one pass when it can.
+
+    With ``method="fast"`` only the norms must come from the fast path: a model whose norms
+    need a per-module fallback gets its gradient from the vmap path.
+    """
+    if method in ("auto", "fast"):
+        try:
+            norms, grad_reg = _fast_norms_and_grad(model, fm, batch, chunk_size, memory_budget)
+            return norms, grad_reg, "fast"
+        except FastPathUnsupported:
+            pass
+    norms, used = sq_norms_with_method(model, fm, batch, method, chunk_size, memory_budget)
+    grad_method = "auto" if method == "fast" else method
+    return norms, reg_grad_with_method(model, fm, batch, grad_method, chunk_size, memory_budget), used
 
 
 def _reg_grad(fm: FunctionalModel, batch, chunk_size, memory_budget) -> ParamDict:

@@ -113,3 +113,18 @@ def test_targets_with_the_wrong_number_of_entries():
     x, y = data()
     with pytest.raises(ValueError, match="targets have 2 entries per sample but the model outputs 3"):
         RegularizerProbe(mlp(), x, y[:, :2])()
+
+
+def test_fast_probe_on_a_model_with_a_per_module_fallback():
+    # method="fast" binds the norms; grad reg then comes from the vmap path, still exact
+    from helpers import Attention
+
+    with torch.random.fork_rng():
+        torch.manual_seed(15)
+        model = Attention(masked=True).double()
+    x = torch.randn(3, 5, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    report = RegularizerProbe(model, x, method="fast")()
+    assert report.method == "fast (per-module fallback: attn)"
+    J = brute_jacobian(model, x)
+    assert math.isclose(report.reg, float(J.pow(2).sum() / 3), rel_tol=1e-10)
+    assert math.isclose(report.reg_grad_norm, float(brute_reg_grad(model, x).norm()), rel_tol=1e-9)
