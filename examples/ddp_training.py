@@ -87,4 +87,5 @@ if rank == 0:
     print(f"{world} ranks, {args.steps} steps: reg {report.reg:.4g}, manifold grad {report.manifold_grad_norm:.3g}, "
           f"clean probe loss {report.loss:.3g}")
     print(f"logs: tensorboard --logdir {args.out}; checkpoint: {checkpoint}")
+dist.barrier()  # no rank leaves while another is still in a collective
 dist.destroy_process_group()

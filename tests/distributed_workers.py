@@ -20,6 +20,15 @@ def setup(rank: int, world: int, init_file: str) -> None:
                             timeout=TIMEOUT)
 
 
+def teardown() -> None:
+    """Every rank done before any leaves, then exit at once: an ordinary interpreter exit
+    sometimes aborted a worker ("terminate called without an active exception") while gloo and
+    DDP threads were torn down, after all results had been written."""
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
 def dataset(n: int = 64):
     g = torch.Generator().manual_seed(123)
     return TensorDataset(torch.randn(n, 6, generator=g, dtype=torch.float64),
@@ -63,9 +72,8 @@ def train(rank, world, init_file, out_dir, steps, hook, start=0, save_at=None, r
         torch.save({"params": [p.detach() for p in model.parameters()], "draws": draws,
                     "noise_step": opt.label_noise.step},
                    os.path.join(out_dir, f"train_rank{rank}.pt"))
-        dist.barrier()
     finally:
-        dist.destroy_process_group()
+        teardown()
 
 
 def noise_streams(rank, world, init_file, out_dir):
@@ -76,7 +84,7 @@ def noise_streams(rank, world, init_file, out_dir):
         draws = [noise.sample(torch.zeros(20000, dtype=torch.float64)) for _ in range(2)]
         torch.save({"rank": noise.rank, "draws": draws}, os.path.join(out_dir, f"noise_rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        teardown()
 
 
 def probe(rank, world, init_file, out_dir, x, y, bounds):
@@ -91,7 +99,7 @@ def probe(rank, world, init_file, out_dir, x, y, bounds):
             monitor.log(1)
         torch.save(report, os.path.join(out_dir, f"probe_rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        teardown()
 
 
 def one_rank_fails(rank, world, init_file, out_dir):
@@ -99,6 +107,11 @@ def one_rank_fails(rank, world, init_file, out_dir):
     setup(rank, world, init_file)
     noise = LabelNoise(0.1)
     targets = torch.full((4,), float("nan")) if rank == 1 else torch.zeros(4)
-    noise.perturb(targets)
+    try:
+        noise.perturb(targets)
+    except ValueError as error:  # recorded, since the job may report rank 0's error first
+        with open(os.path.join(out_dir, f"error_rank{rank}.txt"), "w") as f:
+            f.write(str(error))
+        raise
     dist.all_reduce(torch.zeros(1))
     dist.destroy_process_group()
