@@ -226,30 +226,25 @@ def test_empty_probe_set():
         implicit_regularizer(mlp(), randn(0, 6))
 
 
-def test_non_tensor_output():
-    class DictOut(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(3, 1).double()
+class WrappedOutput(nn.Module):
+    """A Linear whose output is passed through ``wrap`` (a non-tensor, a reduced batch...)."""
 
-        def forward(self, x):
-            return {"y": self.lin(x)}
+    def __init__(self, wrap):
+        super().__init__()
+        self.lin = nn.Linear(3, 1).double()
+        self.wrap = wrap
 
-    with pytest.raises(TypeError, match="must return a tensor of predictions, got dict"):
-        implicit_regularizer(DictOut(), randn(2, 3))
+    def forward(self, x):
+        return self.wrap(self.lin(x))
 
 
-def test_output_without_sample_dimension():
-    class Summed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(3, 1).double()
-
-        def forward(self, x):
-            return self.lin(x).sum()
-
-    with pytest.raises(ValueError, match="leading sample dimension"):
-        implicit_regularizer(Summed(), randn(2, 3))
+@pytest.mark.parametrize("wrap,error,message", [
+    (lambda out: {"y": out}, TypeError, "must return a tensor of predictions, got dict"),
+    (lambda out: out.sum(), ValueError, "leading sample dimension"),
+])
+def test_bad_model_outputs(wrap, error, message):
+    with pytest.raises(error, match=message):
+        implicit_regularizer(WrappedOutput(wrap), randn(2, 3))
 
 
 def test_batchnorm_is_evaluated_in_eval_mode_and_batch_statistics_are_refused():
