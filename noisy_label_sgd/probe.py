@@ -18,8 +18,11 @@ from .regularizer import (
     auto_chunk_size,
     check_method,
     evaluation_mode,
+    is_small_jacobian,
     norms_and_grad_with_method,
     project,
+    project_with_jacobian,
+    small_jacobian_norms_and_grad,
 )
 
 __all__ = ["RegularizerProbe", "ProbeReport"]
@@ -127,20 +130,29 @@ class RegularizerProbe:
         with evaluation_mode(self.model):
             fm = FunctionalModel(self.model)
             k = fm.output_size(self.inputs)
-            per_sample, reg_grad, used = norms_and_grad_with_method(
-                self.model, fm, self.inputs, self.method, self.chunk_size, self.memory_budget
-            )
-            if distributed:  # local means -> the mean over the union of the shards
-                n_total = int(all_reduce_sum(torch.tensor(float(n_local))).item())
-                per_sample = all_gather_cat(per_sample)
-                reg_grad = fm.unflatten(all_reduce_sum(fm.flatten(reg_grad) * n_local) / n_total)
-            manifold = project(
-                self.model, fm, self.inputs, reg_grad, solver=self.solver, method=self.method,
-                chunk_size=self.chunk_size, memory_budget=self.memory_budget,
-                all_reduce=all_reduce_sum if distributed else None,
-            )
-            grad_flat, manifold_flat = fm.flatten(reg_grad), fm.flatten(manifold)
-            loss = None if self.targets is None else self._clean_loss(fm)
+            small = (self.method == "auto" and self.solver != "cg" and not distributed
+                     and is_small_jacobian(fm, n_local * k))
+            if small:  # one J serves the norms, grad reg and the projection
+                J, per_sample, reg_grad, out = small_jacobian_norms_and_grad(fm, self.inputs)
+                grad_flat = fm.flatten(reg_grad)
+                manifold_flat = project_with_jacobian(J, grad_flat)
+                used = "jacobian"
+            else:
+                out = None
+                per_sample, reg_grad, used = norms_and_grad_with_method(
+                    self.model, fm, self.inputs, self.method, self.chunk_size, self.memory_budget
+                )
+                if distributed:  # local means -> the mean over the union of the shards
+                    n_total = int(all_reduce_sum(torch.tensor(float(n_local))).item())
+                    per_sample = all_gather_cat(per_sample)
+                    reg_grad = fm.unflatten(all_reduce_sum(fm.flatten(reg_grad) * n_local) / n_total)
+                manifold = project(
+                    self.model, fm, self.inputs, reg_grad, solver=self.solver, method=self.method,
+                    chunk_size=self.chunk_size, memory_budget=self.memory_budget,
+                    all_reduce=all_reduce_sum if distributed else None,
+                )
+                grad_flat, manifold_flat = fm.flatten(reg_grad), fm.flatten(manifold)
+            loss = None if self.targets is None else self._clean_loss(fm, out)
         return ProbeReport(
             reg=float(per_sample.mean()),
             reg_grad_norm=float(grad_flat.norm()),
@@ -153,11 +165,13 @@ class RegularizerProbe:
             seconds=time.perf_counter() - start,
         )
 
-    def _clean_loss(self, fm: FunctionalModel) -> float:
-        """Mean squared error over every target entry of the (union of the) probe set(s)."""
+    def _clean_loss(self, fm: FunctionalModel, out: torch.Tensor | None) -> float:
+        """Mean squared error over every target entry of the (union of the) probe set(s), from
+        the outputs ``out`` [n, k] when already at hand."""
         assert self.targets is not None
         with torch.no_grad():
-            out = fm.batch_output(fm.params, self.inputs)
+            if out is None:
+                out = fm.batch_output(fm.params, self.inputs)
             if self.targets[0].numel() != out.shape[1]:
                 raise ValueError(
                     f"targets have {self.targets[0].numel()} entries per sample but the "

@@ -47,6 +47,10 @@ ParamDict = dict[str, torch.Tensor]
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of per-sample Jacobians held at once
 DENSE_MAX_ROWS = 8192  # above this many rows of J, an eigendecomposition of K costs too much
+# A J this small is cheapest formed whole (one batched backward, nk rows): for tiny models and
+# probe sets the fixed cost of the per-sample paths is many times their arithmetic.
+SMALL_JACOBIAN_MAX_ROWS = 64
+SMALL_JACOBIAN_MAX_BYTES = 16 << 20
 SOLVERS = ("auto", "dense", "cg")
 METHODS = ("auto", "fast", "vmap")
 
@@ -369,6 +373,47 @@ def norms_and_grad_with_method(
     return norms, reg_grad_with_method(model, fm, batch, grad_method, chunk_size, memory_budget), used
 
 
+def is_small_jacobian(fm: FunctionalModel, rows: int) -> bool:
+    itemsize = torch.empty((), dtype=fm.dtype).element_size()
+    return rows <= SMALL_JACOBIAN_MAX_ROWS and rows * fm.num_params * itemsize <= SMALL_JACOBIAN_MAX_BYTES
+
+
+def small_jacobian_norms_and_grad(
+    fm: FunctionalModel, batch: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, torch.Tensor, ParamDict, torch.Tensor]:
+    """J ([n k, p]), the per-sample norms, grad reg and the outputs [n, k], from one J kept
+    with its graph.
+
+    J comes from one backward of the batch outputs batched over its n k rows, grad reg from one
+    more backward of ||J||_F^2 / n (reverse over reverse). Some ops lack a batched double
+    backward (GroupNorm in torch 2.13 raises): then J is formed row by row instead. The work is
+    n k backward passes of the whole batch, so this is only for a small J
+    (:func:`is_small_jacobian`).
+    """
+    params = {name: p.detach().requires_grad_() for name, p in fm.params.items()}
+    leaves = list(params.values())
+
+    def differentiate(jac: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        J = torch.cat([j.reshape(n * k, -1) for j in jac], dim=1)
+        norms = J.pow(2).sum(1).view(n, k).sum(1)
+        grads = torch.autograd.grad(norms.sum() / n, leaves, allow_unused=True, materialize_grads=True)
+        return J, norms, grads
+
+    with torch.enable_grad():
+        out = fm.batch_output(params, batch)
+        n, k = out.shape
+        rows = torch.eye(n * k, dtype=out.dtype, device=out.device).view(n * k, n, k)
+        try:
+            jac = torch.autograd.grad(out, leaves, rows, is_grads_batched=True, retain_graph=True,
+                                      create_graph=True, allow_unused=True, materialize_grads=True)
+            J, norms, grads = differentiate(jac)
+        except RuntimeError:
+            per_row = [torch.autograd.grad(out.reshape(-1)[r], leaves, retain_graph=True, create_graph=True,
+                                           allow_unused=True, materialize_grads=True) for r in range(n * k)]
+            J, norms, grads = differentiate([torch.stack(js) for js in zip(*per_row)])
+    return J.detach(), norms.detach(), dict(zip(params, grads)), out.detach()
+
+
 def _reg_grad(fm: FunctionalModel, batch, chunk_size, memory_budget) -> ParamDict:
     n = batch[0].shape[0]
     k = fm.output_size(batch)
@@ -419,9 +464,13 @@ def _pinv_solve(K: torch.Tensor, b: torch.Tensor, rcond: float | None) -> torch.
     return Q @ (inverse * (Q.T @ b))
 
 
-def _project_dense(fm, batch, v: torch.Tensor, chunk: int, rcond: float | None) -> torch.Tensor:
-    J = jacobian_matrix(fm, batch, chunk)
+def project_with_jacobian(J: torch.Tensor, v: torch.Tensor, rcond: float | None = None) -> torch.Tensor:
+    """P_T v = v - J^T K^+ J v with K = J J^T, for a J at hand."""
     return v - J.T @ _pinv_solve(J @ J.T, J @ v, rcond)
+
+
+def _project_dense(fm, batch, v: torch.Tensor, chunk: int, rcond: float | None) -> torch.Tensor:
+    return project_with_jacobian(jacobian_matrix(fm, batch, chunk), v, rcond)
 
 
 def _chunks(batch, chunk: int) -> list[tuple[torch.Tensor, ...]]:

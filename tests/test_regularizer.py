@@ -282,11 +282,30 @@ def test_fast_path_handles_closed_forms_without_fallback_and_reports_fallbacks()
     for name in ("layernorm_mlp", "cnn_groupnorm", "conv1d_sequence_linear", "inplace_relu_residual",
                  "transformer_encoder_layer", "attention_sequence_first"):
         model, x = make(name)
-        assert RegularizerProbe(model, x)().method == "fast", name
+        assert RegularizerProbe(model, x, method="fast")().method == "fast", name
     model, x = make("grouped_conv_fallback")
-    assert RegularizerProbe(model, x)().method == "fast (per-module fallback: 0)"
+    assert RegularizerProbe(model, x, method="fast")().method == "fast (per-module fallback: 0)"
     model, x = make("attention_masked_fallback")
-    assert RegularizerProbe(model, x)().method == "fast (per-module fallback: attn)"
+    assert RegularizerProbe(model, x, method="fast")().method == "fast (per-module fallback: attn)"
+
+
+@pytest.mark.parametrize("name", IDS)
+def test_probe_on_a_small_jacobian_matches_brute_force(name):
+    # these probe sets have at most 64 output entries: the probe forms J once (method "jacobian")
+    from noisy_label_sgd import RegularizerProbe
+
+    model, x = make(name)
+    report = RegularizerProbe(model, x)()
+    assert report.method == "jacobian"
+    J = brute_jacobian(model, x)
+    n = x.shape[0]
+    assert_rel_close(report.per_sample, J.pow(2).reshape(n, -1).sum(1))
+    grad = brute_reg_grad(model, x)
+    assert math.isclose(report.reg_grad_norm, float(grad.norm()), rel_tol=RTOL)
+    _, s, Vh = torch.linalg.svd(J, full_matrices=False)
+    V = Vh[: int((s > s[0] * 1e-6).sum())].T
+    manifold = grad - V @ (V.T @ grad)
+    assert math.isclose(report.manifold_grad_norm, float(manifold.norm()), rel_tol=RTOL, abs_tol=1e-9 * float(grad.norm()))
 
 
 def test_tied_weights_across_modules_need_the_vmap_path():
