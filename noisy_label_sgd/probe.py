@@ -41,7 +41,8 @@ class ProbeReport:
         loss: clean mean squared error on the probe set (``None`` without targets).
         per_sample: :math:`\\|J_i\\|_F^2` per sample, shape [n].
         outputs_per_sample: k, the number of output entries per sample.
-        method: the path that computed the norms: "fast", "fast (per-module fallback: ...)"
+        method: the path that computed the norms: "jacobian" (a small J formed whole, which
+            also gives grad reg and the projection), "fast", "fast (per-module fallback: ...)"
             or "vmap".
         seconds: wall time of the measurement.
     """

@@ -209,6 +209,8 @@ def sq_norms_with_method(
     model: nn.Module, fm: FunctionalModel, batch, method: str, chunk_size, memory_budget
 ) -> tuple[torch.Tensor, str]:
     """Per-sample norms (model in evaluation mode) and a word on the path that computed them."""
+    if method == "auto" and is_small_jacobian(fm, batch[0].shape[0] * fm.output_size(batch)):
+        return small_jacobian_norms_and_grad(fm, batch, with_grad=False)[1], "jacobian"
     if method in ("auto", "fast"):
         try:
             norms, fell_back = _fast_chunks(model, batch, chunk_size, False, memory_budget)
@@ -237,8 +239,9 @@ def per_sample_sq_grad_norms(
             shared first dimension n.
         method: ``"fast"``: norm-only closed forms from layer inputs and output gradients
             (see :mod:`noisy_label_sgd.fast_norms`; other modules fall back per module);
-            ``"vmap"``: torch.func per-sample Jacobians of the whole model; ``"auto"``: fast
-            where the model allows, else vmap.
+            ``"vmap"``: torch.func per-sample Jacobians of the whole model; ``"auto"``: a
+            small J (at most 64 rows n k and 16 MB) formed whole by one batched backward, else
+            fast where the model allows, else vmap.
         chunk_size: samples per chunk; by default the largest chunk whose working set fits
             memory_budget: layer inputs, outputs and output gradients (fast) or per-sample
             Jacobians (vmap).
@@ -311,8 +314,9 @@ def regularizer_grad(
 
     :math:`H_{ij}` is the Hessian of output entry :math:`j` of sample :math:`i`. ``"fast"``
     differentiates the closed-form norms once more (double backward; only when no module needs a
-    per-module fallback); ``"vmap"`` is forward-over-reverse per sample and output. Arguments
-    as for :func:`per_sample_sq_grad_norms`.
+    per-module fallback); ``"vmap"`` is forward-over-reverse per sample and output; ``"auto"``
+    differentiates a small J (see :func:`per_sample_sq_grad_norms`) once more, else takes fast
+    where it applies, else vmap. Arguments as for :func:`per_sample_sq_grad_norms`.
 
     Returns:
         a dict parameter name -> gradient, over the trainable parameters.
@@ -345,6 +349,8 @@ def _fast_norms_and_grad(
 
 
 def reg_grad_with_method(model, fm, batch, method, chunk_size, memory_budget) -> ParamDict:
+    if method == "auto" and is_small_jacobian(fm, batch[0].shape[0] * fm.output_size(batch)):
+        return small_jacobian_norms_and_grad(fm, batch)[2]
     if method in ("auto", "fast"):
         try:
             return _fast_norms_and_grad(model, fm, batch, chunk_size, memory_budget)[1]
@@ -379,10 +385,9 @@ def is_small_jacobian(fm: FunctionalModel, rows: int) -> bool:
 
 
 def small_jacobian_norms_and_grad(
-    fm: FunctionalModel, batch: tuple[torch.Tensor, ...]
-) -> tuple[torch.Tensor, torch.Tensor, ParamDict, torch.Tensor]:
-    """J ([n k, p]), the per-sample norms, grad reg and the outputs [n, k], from one J kept
-    with its graph.
+    fm: FunctionalModel, batch: tuple[torch.Tensor, ...], with_grad: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, ParamDict | None, torch.Tensor]:
+    """J ([n k, p]), the per-sample norms, grad reg (``with_grad``) and the outputs [n, k].
 
     J comes from one backward of the batch outputs batched over its n k rows, grad reg from one
     more backward of ||J||_F^2 / n (reverse over reverse). Some ops lack a batched double
@@ -393,25 +398,29 @@ def small_jacobian_norms_and_grad(
     params = {name: p.detach().requires_grad_() for name, p in fm.params.items()}
     leaves = list(params.values())
 
-    def differentiate(jac: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    def differentiate(jac: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, ParamDict | None]:
         J = torch.cat([j.reshape(n * k, -1) for j in jac], dim=1)
         norms = J.pow(2).sum(1).view(n, k).sum(1)
+        if not with_grad:
+            return J, norms, None
         grads = torch.autograd.grad(norms.sum() / n, leaves, allow_unused=True, materialize_grads=True)
-        return J, norms, grads
+        return J, norms, dict(zip(params, grads))
 
     with torch.enable_grad():
         out = fm.batch_output(params, batch)
         n, k = out.shape
         rows = torch.eye(n * k, dtype=out.dtype, device=out.device).view(n * k, n, k)
         try:
-            jac = torch.autograd.grad(out, leaves, rows, is_grads_batched=True, retain_graph=True,
-                                      create_graph=True, allow_unused=True, materialize_grads=True)
-            J, norms, grads = differentiate(jac)
+            jac = torch.autograd.grad(out, leaves, rows, is_grads_batched=True, retain_graph=with_grad,
+                                      create_graph=with_grad, allow_unused=True, materialize_grads=True)
+            J, norms, grad_reg = differentiate(jac)
         except RuntimeError:
+            if not with_grad:
+                raise
             per_row = [torch.autograd.grad(out.reshape(-1)[r], leaves, retain_graph=True, create_graph=True,
                                            allow_unused=True, materialize_grads=True) for r in range(n * k)]
-            J, norms, grads = differentiate([torch.stack(js) for js in zip(*per_row)])
-    return J.detach(), norms.detach(), dict(zip(params, grads)), out.detach()
+            J, norms, grad_reg = differentiate([torch.stack(js) for js in zip(*per_row)])
+    return J.detach(), norms.detach(), grad_reg, out.detach()
 
 
 def _reg_grad(fm: FunctionalModel, batch, chunk_size, memory_budget) -> ParamDict:

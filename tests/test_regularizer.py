@@ -61,7 +61,7 @@ def assert_rel_close(actual, expected, rtol=RTOL):
     assert float((actual - expected).abs().max() / scale) < rtol
 
 
-@pytest.mark.parametrize("method", ["fast", "vmap"])
+@pytest.mark.parametrize("method", ["auto", "fast", "vmap"])
 @pytest.mark.parametrize("name", IDS)
 def test_per_sample_norms_and_reg_match_the_brute_force_loop(name, method):
     model, x = make(name)
@@ -72,17 +72,28 @@ def test_per_sample_norms_and_reg_match_the_brute_force_loop(name, method):
     assert_rel_close(implicit_regularizer(model, x, method=method), expected.mean())
 
 
-@pytest.mark.parametrize("method", ["auto", "vmap"])
+# models with a torch.func fallback or attention somewhere: "fast" has no double backward there
+NO_FAST_GRAD = {"reused_weight", "attention_masked_fallback", "grouped_conv_fallback", "matrix_sensing", "relu_1d",
+                "sigmoid_single_point_tanh", "sigmoid_single_point_logistic", "frozen_params_and_buffers",
+                "transformer_encoder_layer", "attention_sequence_first"}
+
+
+@pytest.mark.parametrize("method", ["auto", "fast", "vmap"])
 @pytest.mark.parametrize("name", IDS)
 def test_reg_grad_matches_double_backward_of_the_loop(name, method):
+    # these probe sets are small: "auto" forms J once (the small-Jacobian path)
     model, x = make(name)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if method == "fast" and name in NO_FAST_GRAD:
+        with pytest.raises(ValueError, match="method='fast' cannot differentiate"):
+            regularizer_grad(model, x, method=method)
+        return
     actual = regularizer_grad(model, x, method=method)
     assert list(actual) == names
     assert_rel_close(torch.cat([actual[n].reshape(-1) for n in names]), brute_reg_grad(model, x))
 
 
-@pytest.mark.parametrize("method", ["fast", "vmap"])
+@pytest.mark.parametrize("method", ["auto", "fast", "vmap"])
 @pytest.mark.parametrize("name", ["layernorm_mlp", "mlp_multi_output"])
 def test_reg_grad_matches_central_finite_differences(name, method):
     # LayerNorm: reverse-over-reverse under vmap was wrong there; "fast" double-backs through it
