@@ -1,6 +1,6 @@
 """Time and peak memory of the probe's parts against a naive per-sample loop and a training step.
 
-    python benchmarks/probe.py [--cases mlp,mlp10,cnn,transformer] [--repeats 5] [--device cpu]
+    python benchmarks/probe.py [--cases mlp,mlp10,cnn,transformer,relu1d] [--repeats 5] [--device cpu]
 
 Every (case, method) runs in its own subprocess so that its peak memory is its own: on CPU the
 growth of peak RSS over the RSS before the first call, on CUDA torch.cuda.max_memory_allocated.
@@ -55,6 +55,17 @@ class PooledTransformer(nn.Module):
         return self.head(self.encoder(x).mean(1)).squeeze(-1)
 
 
+class ReLU1D(nn.Module):
+    """The paper's 1-D two-layer ReLU net (sum_i c_i ReLU(a_i x + b_i) + a x + b) from nn.Linear."""
+
+    def __init__(self, width=1000):
+        super().__init__()
+        self.hidden, self.out, self.skip = nn.Linear(1, width), nn.Linear(width, 1, bias=False), nn.Linear(1, 1)
+
+    def forward(self, x):
+        return (self.out(torch.relu(self.hidden(x))) + self.skip(x)).squeeze(-1)
+
+
 def mlp():
     return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
 
@@ -106,6 +117,7 @@ CASES = {
     "mlp10": ("MLP 784-512-512-10, 10 outputs, batch 256", mlp, (256, 784)),
     "cnn": ("CNN 3x32x32 (3 conv + linear), scalar, batch 128", lambda: SumOutputs(cnn()), (128, 3, 32, 32)),
     "transformer": ("Transformer 2x(d=64), seq 32, scalar, batch 32", PooledTransformer, (32, 32, 64)),
+    "relu1d": ("1-D two-layer ReLU, width 1000, n = 12", ReLU1D, (12, 1)),
 }
 
 
@@ -213,7 +225,7 @@ def worker(case: str, method: str, repeats: int, device: torch.device, autocast:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cases", default="mlp,mlp10,cnn,transformer",
+    p.add_argument("--cases", default="mlp,mlp10,cnn,transformer,relu1d",
                    help=f"comma-separated, from {', '.join(CASES)}")
     p.add_argument("--autocast", choices=("none", "bf16"), default="none")
     p.add_argument("--methods", default=",".join(METHODS))

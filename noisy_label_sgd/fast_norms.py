@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
 
-__all__ = ["FastPathUnsupported", "fast_sq_norms", "fast_gram", "fast_chunk_size"]
+__all__ = ["FastPathUnsupported", "fast_sq_norms", "fast_gram", "fast_chunk_size", "closed_form_layers"]
 
 CLOSED_FORM = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LayerNorm, nn.GroupNorm)
 
@@ -71,6 +71,17 @@ def _owners(model: nn.Module) -> list[Owner]:
         if params:
             owners.append(Owner(name or type(module).__name__, module, params))
     return owners
+
+
+def closed_form_layers(model: nn.Module, differentiable: bool) -> bool:
+    """Whether every module owning trainable parameters is of a type with a closed form (with
+    ``differentiable``: one the double backward goes through, so not attention); a look at
+    the types only, before any trace."""
+    kinds = CLOSED_FORM if differentiable else (*CLOSED_FORM, nn.MultiheadAttention)
+    try:
+        return all(isinstance(o.module, kinds) for o in _owners(model))
+    except FastPathUnsupported:
+        return False
 
 
 def _record(owners: list[Owner], model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:

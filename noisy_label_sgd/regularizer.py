@@ -32,7 +32,7 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .fast_norms import FastPathUnsupported, fast_chunk_size, fast_gram, fast_sq_norms
+from .fast_norms import FastPathUnsupported, closed_form_layers, fast_chunk_size, fast_gram, fast_sq_norms
 
 __all__ = [
     "per_sample_sq_grad_norms",
@@ -209,7 +209,9 @@ def sq_norms_with_method(
     model: nn.Module, fm: FunctionalModel, batch, method: str, chunk_size, memory_budget
 ) -> tuple[torch.Tensor, str]:
     """Per-sample norms (model in evaluation mode) and a word on the path that computed them."""
-    if method == "auto" and is_small_jacobian(fm, batch[0].shape[0] * fm.output_size(batch)):
+    if method == "auto" and not closed_form_layers(model, differentiable=False) and is_small_jacobian(
+        fm, batch[0].shape[0] * fm.output_size(batch)
+    ):
         return small_jacobian_norms_and_grad(fm, batch, with_grad=False)[1], "jacobian"
     if method in ("auto", "fast"):
         try:
@@ -240,8 +242,9 @@ def per_sample_sq_grad_norms(
         method: ``"fast"``: norm-only closed forms from layer inputs and output gradients
             (see :mod:`noisy_label_sgd.fast_norms`; other modules fall back per module);
             ``"vmap"``: torch.func per-sample Jacobians of the whole model; ``"auto"``: a
-            small J (at most 64 rows n k and 16 MB) formed whole by one batched backward, else
-            fast where the model allows, else vmap.
+            model of closed-form layers gets fast; any other model with a small J (at most 64
+            rows n k and 16 MB) gets J formed whole by one batched backward, else fast with
+            per-module fallbacks where the model allows, else vmap.
         chunk_size: samples per chunk; by default the largest chunk whose working set fits
             memory_budget: layer inputs, outputs and output gradients (fast) or per-sample
             Jacobians (vmap).
@@ -349,7 +352,9 @@ def _fast_norms_and_grad(
 
 
 def reg_grad_with_method(model, fm, batch, method, chunk_size, memory_budget) -> ParamDict:
-    if method == "auto" and is_small_jacobian(fm, batch[0].shape[0] * fm.output_size(batch)):
+    if method == "auto" and not closed_form_layers(model, differentiable=True) and is_small_jacobian(
+        fm, batch[0].shape[0] * fm.output_size(batch)
+    ):
         return small_jacobian_norms_and_grad(fm, batch)[2]
     if method in ("auto", "fast"):
         try:
