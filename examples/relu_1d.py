@@ -100,15 +100,16 @@ for key, runs in per_seed.items():
 
 print(f"relu 1-d, width {args.width}, {args.steps} steps, lr {args.lr} (momentum 0.9), noise std {args.noise_std}")
 print(f"data: linear interpolation length {data_length:.3f}, {data_changes} convexity changes (the minimum)")
-print(f"{'seed':>4}  {'length w/o':>10}  {'length with':>11}  {'changes w/o':>11}  {'changes with':>12}  {'loss w/o':>9}  {'loss with':>9}")
+print(f"{'seed':>4}  {'length w/o':>10}  {'length with':>11}  {'changes w/o':>11}  {'changes with':>12}  "
+      f"{'reg w/o':>8}  {'reg with':>8}  {'loss w/o':>9}  {'loss with':>9}")
 for seed in range(args.seeds):
     a, b = per_seed["without_noise"][seed], per_seed["with_noise"][seed]
     print(f"{seed:>4}  {a['curve_length']:>10.3f}  {b['curve_length']:>11.3f}  {a['convexity_changes']:>11}  "
-          f"{b['convexity_changes']:>12}  {a['train_loss']:>9.1e}  {b['train_loss']:>9.1e}")
+          f"{b['convexity_changes']:>12}  {a['reg']:>8.2f}  {b['reg']:>8.2f}  {a['train_loss']:>9.1e}  {b['train_loss']:>9.1e}")
 print(f"median curve length: without noise {results['without_noise']['median_curve_length']:.3f}, "
       f"with noise {results['with_noise']['median_curve_length']:.3f}")
 
-fig, axes = plt.subplots(1, 4, figsize=(17, 4))
+fig, axes = plt.subplots(1, 5, figsize=(21, 4))
 colors = plt.cm.viridis(torch.linspace(0, 0.9, args.seeds).tolist())
 for ax, key in zip(axes[:2], ("without_noise", "with_noise")):
     for seed in range(args.seeds):
@@ -121,10 +122,12 @@ for seed in range(args.seeds):
         h = histories[(seed, key)]
         axes[2].loglog(h.curve_steps[1:], h.curve["train_loss"][1:], style, color=colors[seed], lw=1)
         axes[3].semilogx(h.curve_steps[1:], h.curve["curve_length"][1:], style, color=colors[seed], lw=1)
+        axes[4].semilogy(h.probe_steps, h.probe["reg"], style, color=colors[seed], lw=1)
 axes[3].axhline(data_length, color="gray", lw=0.8, label="linear interpolation (minimum)")
 axes[2].set(title="clean train loss (dashed: no noise)", xlabel="step")
 axes[3].set(title="curve length (dashed: no noise)", xlabel="step")
 axes[3].legend(fontsize=7)
+axes[4].set(title="implicit regularizer reg (dashed: no noise)", xlabel="step")
 figure = save_figure(fig, f"Two-layer ReLU, width {args.width}, 12 points, lr {args.lr} (momentum 0.9), label "
                      f"noise std {args.noise_std} annealed over the last {args.anneal:.0%}", device,
                      os.path.join(args.out, "relu_1d.png"))

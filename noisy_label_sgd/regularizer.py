@@ -47,10 +47,11 @@ ParamDict = dict[str, torch.Tensor]
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of per-sample Jacobians held at once
 DENSE_MAX_ROWS = 8192  # above this many rows of J, an eigendecomposition of K costs too much
-# A J this small is cheapest formed whole (one batched backward, nk rows): for tiny models and
-# probe sets the fixed cost of the per-sample paths is many times their arithmetic.
+# A J this small is cheapest formed whole by one backward batched over its n k rows: that costs
+# n k backward passes of the whole batch, but for tiny models and probe sets the fixed cost of
+# the per-sample paths is many times their arithmetic.
 SMALL_JACOBIAN_MAX_ROWS = 64
-SMALL_JACOBIAN_MAX_BYTES = 16 << 20
+SMALL_JACOBIAN_MAX_ENTRIES = 1 << 18
 SOLVERS = ("auto", "dense", "cg")
 METHODS = ("auto", "fast", "vmap")
 
@@ -243,7 +244,7 @@ def per_sample_sq_grad_norms(
             (see :mod:`noisy_label_sgd.fast_norms`; other modules fall back per module);
             ``"vmap"``: torch.func per-sample Jacobians of the whole model; ``"auto"``: a
             model of closed-form layers gets fast; any other model with a small J (at most 64
-            rows n k and 16 MB) gets J formed whole by one batched backward, else fast with
+            rows n k and 2^18 entries) gets J formed whole by one batched backward, else fast with
             per-module fallbacks where the model allows, else vmap.
         chunk_size: samples per chunk; by default the largest chunk whose working set fits
             memory_budget: layer inputs, outputs and output gradients (fast) or per-sample
@@ -385,8 +386,7 @@ def norms_and_grad_with_method(
 
 
 def is_small_jacobian(fm: FunctionalModel, rows: int) -> bool:
-    itemsize = torch.empty((), dtype=fm.dtype).element_size()
-    return rows <= SMALL_JACOBIAN_MAX_ROWS and rows * fm.num_params * itemsize <= SMALL_JACOBIAN_MAX_BYTES
+    return rows <= SMALL_JACOBIAN_MAX_ROWS and rows * fm.num_params <= SMALL_JACOBIAN_MAX_ENTRIES
 
 
 def small_jacobian_norms_and_grad(
