@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -160,8 +161,9 @@ def train(
         loop_seconds = time.perf_counter() - start
         if args.steps % args.every:
             record_probe(args.steps, monitor.log(args.steps))
-    # what the probe would cost at every=100: one call per 100 training steps
-    probe_ms = 1e3 * sum(probe_seconds) / max(1, len(probe_seconds))
+    # what the probe would cost at every=100: one call per 100 training steps; the median call,
+    # as a full garbage collection of the interpreter (~150 ms, once a run) lands in some call
+    probe_ms = 1e3 * statistics.median(probe_seconds) if probe_seconds else 0.0
     step_ms = 1e3 * (loop_seconds - sum(probe_seconds[: args.steps // args.every])) / args.steps
     history.cost = {"probe_ms_per_call": probe_ms, "train_ms_per_step": step_ms,
                     "probe_share_at_every_100": probe_ms / (probe_ms + 100 * step_ms)}
