@@ -18,7 +18,6 @@ from .regularizer import (
     auto_chunk_size,
     check_method,
     evaluation_mode,
-    is_small_jacobian,
     norms_and_grad_with_method,
     project,
     project_with_jacobian,
@@ -130,16 +129,17 @@ class RegularizerProbe:
         n_local = self.num_samples
         with evaluation_mode(self.model):
             fm = FunctionalModel(self.model)
-            k = fm.output_size(self.inputs)
-            small = (self.method == "auto" and self.solver != "cg" and not distributed
-                     and is_small_jacobian(fm, n_local * k))
-            if small:  # one J serves the norms, grad reg and the projection
-                J, per_sample, reg_grad, out = small_jacobian_norms_and_grad(fm, self.inputs)
+            small = None
+            if self.method == "auto" and self.solver != "cg" and not distributed:
+                small = small_jacobian_norms_and_grad(fm, self.inputs)
+            if small is not None:  # one J serves the norms, grad reg and the projection
+                J, per_sample, reg_grad, out = small
+                k = out.shape[1]
                 grad_flat = fm.flatten(reg_grad)
                 manifold_flat = project_with_jacobian(J, grad_flat)
                 used = "jacobian"
             else:
-                out = None
+                out, k = None, fm.output_size(self.inputs)
                 per_sample, reg_grad, used = norms_and_grad_with_method(
                     self.model, fm, self.inputs, self.method, self.chunk_size, self.memory_budget
                 )

@@ -210,10 +210,10 @@ def sq_norms_with_method(
     model: nn.Module, fm: FunctionalModel, batch, method: str, chunk_size, memory_budget
 ) -> tuple[torch.Tensor, str]:
     """Per-sample norms (model in evaluation mode) and a word on the path that computed them."""
-    if method == "auto" and not closed_form_layers(model, differentiable=False) and is_small_jacobian(
-        fm, batch[0].shape[0] * fm.output_size(batch)
-    ):
-        return small_jacobian_norms_and_grad(fm, batch, with_grad=False)[1], "jacobian"
+    if method == "auto" and not closed_form_layers(model, differentiable=False):
+        small = small_jacobian_norms_and_grad(fm, batch, with_grad=False)
+        if small is not None:
+            return small[1], "jacobian"
     if method in ("auto", "fast"):
         try:
             norms, fell_back = _fast_chunks(model, batch, chunk_size, False, memory_budget)
@@ -353,10 +353,10 @@ def _fast_norms_and_grad(
 
 
 def reg_grad_with_method(model, fm, batch, method, chunk_size, memory_budget) -> ParamDict:
-    if method == "auto" and not closed_form_layers(model, differentiable=True) and is_small_jacobian(
-        fm, batch[0].shape[0] * fm.output_size(batch)
-    ):
-        return small_jacobian_norms_and_grad(fm, batch)[2]
+    if method == "auto" and not closed_form_layers(model, differentiable=True):
+        small = small_jacobian_norms_and_grad(fm, batch)
+        if small is not None:
+            return small[2]
     if method in ("auto", "fast"):
         try:
             return _fast_norms_and_grad(model, fm, batch, chunk_size, memory_budget)[1]
@@ -391,14 +391,14 @@ def is_small_jacobian(fm: FunctionalModel, rows: int) -> bool:
 
 def small_jacobian_norms_and_grad(
     fm: FunctionalModel, batch: tuple[torch.Tensor, ...], with_grad: bool = True
-) -> tuple[torch.Tensor, torch.Tensor, ParamDict | None, torch.Tensor]:
-    """J ([n k, p]), the per-sample norms, grad reg (``with_grad``) and the outputs [n, k].
+) -> tuple[torch.Tensor, torch.Tensor, ParamDict | None, torch.Tensor] | None:
+    """J ([n k, p]), the per-sample norms, grad reg (``with_grad``) and the outputs [n, k];
+    None when J is not small (:func:`is_small_jacobian`: known once the outputs are).
 
     J comes from one backward of the batch outputs batched over its n k rows, grad reg from one
     more backward of ||J||_F^2 / n (reverse over reverse). Some ops lack a batched double
     backward (GroupNorm in torch 2.13 raises): then J is formed row by row instead. The work is
-    n k backward passes of the whole batch, so this is only for a small J
-    (:func:`is_small_jacobian`).
+    n k backward passes of the whole batch, so this is only for a small J.
     """
     params = {name: p.detach().requires_grad_() for name, p in fm.params.items()}
     leaves = list(params.values())
@@ -411,9 +411,13 @@ def small_jacobian_norms_and_grad(
         grads = torch.autograd.grad(norms.sum() / n, leaves, allow_unused=True, materialize_grads=True)
         return J, norms, dict(zip(params, grads))
 
+    if not is_small_jacobian(fm, batch[0].shape[0]):
+        return None
     with torch.enable_grad():
         out = fm.batch_output(params, batch)
         n, k = out.shape
+        if not is_small_jacobian(fm, n * k):
+            return None
         rows = torch.eye(n * k, dtype=out.dtype, device=out.device).view(n * k, n, k)
         try:
             jac = torch.autograd.grad(out, leaves, rows, is_grads_batched=True, retain_graph=with_grad,
