@@ -420,8 +420,13 @@ def small_jacobian_norms_and_grad(
             return None
         rows = torch.eye(n * k, dtype=out.dtype, device=out.device).view(n * k, n, k)
         try:
-            jac = torch.autograd.grad(out, leaves, rows, is_grads_batched=True, retain_graph=with_grad,
-                                      create_graph=with_grad, allow_unused=True, materialize_grads=True)
+            if n * k == 1:  # one row: a plain backward, without the batching machinery
+                jac = [j.unsqueeze(0) for j in torch.autograd.grad(
+                    out.sum(), leaves, retain_graph=with_grad, create_graph=with_grad, allow_unused=True,
+                    materialize_grads=True)]
+            else:
+                jac = torch.autograd.grad(out, leaves, rows, is_grads_batched=True, retain_graph=with_grad,
+                                          create_graph=with_grad, allow_unused=True, materialize_grads=True)
             J, norms, grad_reg = differentiate(jac)
         except RuntimeError:
             if not with_grad:
