@@ -223,9 +223,36 @@ def _conv(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     else:
         kernel, stride, padding, dilation = module.kernel_size, module.stride, module.padding, module.dilation
     k, n = g.shape[:2]
+    positions = g.shape[3] * g.shape[4]
+    width = module.in_channels * kernel[0] * kernel[1] * module.out_channels
+    if positions * positions > width and module.in_channels >= GROUPED_MIN_IN_CHANNELS:
+        return _conv_grouped(module, a, g, kernel, stride, padding, dilation)
     patches = nn.functional.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)
     positions = g.flatten(3).transpose(-1, -2)  # [k, n, L, out]
     return _linear(module, patches.transpose(1, 2), positions)  # a: [n, L, in * kernel]
+
+
+# Per-sample weight gradients as one weight gradient of a convolution grouped by sample: on CPU
+# (oneDNN) about 4x faster than unfold and per-sample products for 32 -> 64 channels, slower
+# for 3 input channels.
+GROUPED_MIN_IN_CHANNELS = 16
+
+
+def _conv_grouped(module, a, g, kernel, stride, padding, dilation) -> torch.Tensor:
+    """The samples as groups of one convolution: its weight gradient is [n * out, in, *kernel],
+    the per-sample gradients stacked, for each output direction."""
+    k, n, out_channels = g.shape[:3]
+    x = a.reshape(1, n * a.shape[1], *a.shape[2:])
+    total = torch.zeros(n, dtype=g.dtype, device=g.device)
+    for g_j in g:  # one weight gradient per output direction
+        if module.weight.requires_grad:
+            weight = torch.nn.grad.conv2d_weight(
+                x, (n * out_channels, module.in_channels, *kernel), g_j.reshape(1, n * out_channels, *g.shape[3:]),
+                stride=stride, padding=padding, dilation=dilation, groups=n)
+            total = total + weight.reshape(n, -1).pow(2).sum(1)
+        if module.bias is not None and module.bias.requires_grad:
+            total = total + g_j.sum((-1, -2)).pow(2).sum(-1)
+    return total
 
 
 def _norm_affine(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

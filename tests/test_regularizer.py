@@ -40,6 +40,12 @@ CASES = {
     "attention_masked_fallback": (lambda: seeded(15, lambda: Attention(masked=True)), lambda: randn(3, 5, 6)),
     "grouped_conv_fallback": (lambda: seeded(13, lambda: nn.Sequential(
         nn.Conv2d(4, 4, 3, groups=2), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 2 * 2, 1))), lambda: randn(3, 4, 4, 4)),
+    # 16 input channels: the per-sample weight gradients as one grouped convolution's
+    "wide_conv2d_strided_dilated": (lambda: seeded(16, lambda: nn.Sequential(
+        nn.Conv2d(16, 2, 3, stride=2, padding=2, dilation=2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 5 * 5, 2))),
+        lambda: randn(3, 16, 10, 10)),
+    "wide_conv1d": (lambda: seeded(17, lambda: nn.Sequential(
+        nn.Conv1d(16, 2, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 12, 1))), lambda: randn(4, 16, 12)),
     "matrix_sensing": (lambda: MatrixSensing(4, init=randn(4, 4, seed=5)).double(), lambda: randn(7, 4, 4)),
     "relu_1d": (lambda: TwoLayerReLU1D(6, torch.Generator().manual_seed(6)).double(), lambda: randn(8)),
     "sigmoid_single_point_tanh": (
@@ -94,7 +100,7 @@ def test_reg_grad_matches_double_backward_of_the_loop(name, method):
 
 
 @pytest.mark.parametrize("method", ["auto", "fast", "vmap"])
-@pytest.mark.parametrize("name", ["layernorm_mlp", "mlp_multi_output"])
+@pytest.mark.parametrize("name", ["layernorm_mlp", "mlp_multi_output", "wide_conv2d_strided_dilated"])
 def test_reg_grad_matches_central_finite_differences(name, method):
     # LayerNorm: reverse-over-reverse under vmap was wrong there; "fast" double-backs through it
     model, x = make(name)
@@ -353,3 +359,16 @@ def test_closed_form_gram_matrix(name):
     model, x = make(name)
     J = brute_jacobian(model, x)
     assert_rel_close(fast_gram(model.eval(), (x,)), J @ J.T)
+
+
+def test_wide_convolutions_take_the_grouped_weight_gradient(monkeypatch):
+    # the two wide cases above check that path's numbers; this checks they reach it
+    from noisy_label_sgd import fast_norms
+
+    calls = []
+    grouped = fast_norms._conv_grouped
+    monkeypatch.setattr(fast_norms, "_conv_grouped", lambda *args: calls.append(1) or grouped(*args))
+    for name in ("wide_conv2d_strided_dilated", "wide_conv1d"):
+        model, x = make(name)
+        per_sample_sq_grad_norms(model, x, method="fast")
+    assert len(calls) == 2
