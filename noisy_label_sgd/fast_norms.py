@@ -9,7 +9,9 @@ at every module output :math:`y`; then, per module, in closed form:
   :math:`\|\nabla_W h_{ij}\|^2 = \sum_{t,s} (a_{it}\cdot a_{is})(g_{ijt}\cdot g_{ijs})` (for one
   position :math:`\|g_{ij}\|^2\|a_i\|^2`), :math:`\|\nabla_b h_{ij}\|^2 = \|\sum_t g_{ijt}\|^2`;
 * ``nn.Conv1d`` / ``nn.Conv2d`` (groups 1, zero padding): a Linear over output positions applied
-  to the unfolded input patches;
+  to the unfolded input patches; with many positions and at least 16 input channels, the
+  per-sample weight gradients instead as the weight gradient of one convolution grouped by
+  sample (the batch folded into channels);
 * ``nn.MultiheadAttention`` as plain self-attention (packed projections, no masks): in_proj and
   out_proj as affine maps, the gradients at q, k, v by a backward through the attention product;
 * ``nn.LayerNorm`` / ``nn.GroupNorm`` affine parameters: :math:`\nabla_\gamma = \sum g\,\hat{x}`,
