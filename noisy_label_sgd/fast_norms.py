@@ -225,9 +225,9 @@ def _conv(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     else:
         kernel, stride, padding, dilation = module.kernel_size, module.stride, module.padding, module.dilation
     k, n = g.shape[:2]
-    positions = g.shape[3] * g.shape[4]
+    count = g.shape[3] * g.shape[4]  # output positions
     width = module.in_channels * kernel[0] * kernel[1] * module.out_channels
-    if positions * positions > width and module.in_channels >= GROUPED_MIN_IN_CHANNELS:
+    if count * count > width and module.in_channels >= GROUPED_MIN_IN_CHANNELS:
         return _conv_grouped(module, a, g, kernel, stride, padding, dilation)
     patches = nn.functional.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)
     positions = g.flatten(3).transpose(-1, -2)  # [k, n, L, out]

@@ -374,7 +374,12 @@ def norms_and_grad_with_method(
     With ``method="fast"`` only the norms must come from the fast path: a model whose norms
     need a per-module fallback gets its gradient from the vmap path.
     """
-    if method in ("auto", "fast"):
+    closed_forms = closed_form_layers(model, differentiable=True)
+    if method == "auto" and not closed_forms:
+        small = small_jacobian_norms_and_grad(fm, batch)
+        if small is not None:
+            return small[1], small[2], "jacobian"
+    if method in ("auto", "fast") and closed_forms:  # else the fast double backward must refuse
         try:
             norms, grad_reg = _fast_norms_and_grad(model, fm, batch, chunk_size, memory_budget)
             return norms, grad_reg, "fast"
@@ -400,6 +405,8 @@ def small_jacobian_norms_and_grad(
     backward (GroupNorm in torch 2.13 raises): then J is formed row by row instead. The work is
     n k backward passes of the whole batch, so this is only for a small J.
     """
+    if not is_small_jacobian(fm, batch[0].shape[0]):
+        return None
     params = {name: p.detach().requires_grad_() for name, p in fm.params.items()}
     leaves = list(params.values())
 
@@ -411,20 +418,18 @@ def small_jacobian_norms_and_grad(
         grads = torch.autograd.grad(norms.sum() / n, leaves, allow_unused=True, materialize_grads=True)
         return J, norms, dict(zip(params, grads))
 
-    if not is_small_jacobian(fm, batch[0].shape[0]):
-        return None
     with torch.enable_grad():
         out = fm.batch_output(params, batch)
         n, k = out.shape
         if not is_small_jacobian(fm, n * k):
             return None
-        rows = torch.eye(n * k, dtype=out.dtype, device=out.device).view(n * k, n, k)
         try:
             if n * k == 1:  # one row: a plain backward, without the batching machinery
                 jac = [j.unsqueeze(0) for j in torch.autograd.grad(
                     out.sum(), leaves, retain_graph=with_grad, create_graph=with_grad, allow_unused=True,
                     materialize_grads=True)]
             else:
+                rows = torch.eye(n * k, dtype=out.dtype, device=out.device).view(n * k, n, k)
                 jac = torch.autograd.grad(out, leaves, rows, is_grads_batched=True, retain_graph=with_grad,
                                           create_graph=with_grad, allow_unused=True, materialize_grads=True)
             J, norms, grad_reg = differentiate(jac)

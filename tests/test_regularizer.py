@@ -372,3 +372,14 @@ def test_wide_convolutions_take_the_grouped_weight_gradient(monkeypatch):
         model, x = make(name)
         per_sample_sq_grad_norms(model, x, method="fast")
     assert len(calls) == 2
+
+
+def test_probe_with_cg_shares_one_small_jacobian_for_norms_and_grad():
+    # solver="cg" leaves the probe's own small-J branch for norms_and_grad_with_method
+    from noisy_label_sgd import RegularizerProbe
+
+    model, x = make("relu_1d")
+    report = RegularizerProbe(model, x, solver="cg")()
+    assert report.method == "jacobian"
+    assert_rel_close(report.per_sample, brute_jacobian(model, x).pow(2).sum(1))
+    assert math.isclose(report.reg_grad_norm, float(brute_reg_grad(model, x).norm()), rel_tol=RTOL)
