@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from typing import Callable
 
@@ -40,6 +41,31 @@ def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int,
         sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def cpu_peak_allocated_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes held by PyTorch's CPU allocator during ``fn()`` above what it held before.
+
+    Read from the profiler's memory events (each carries the allocator's running total), so every
+    tensor allocation and free is seen, however short-lived; memory outside PyTorch's allocator
+    (oneDNN scratch space, the Python heap) is not. Blocks allocated before the call and freed
+    during it are not subtracted (the allocator's profile does not know their size), so the figure
+    can only err high.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    memory = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+    if not memory:
+        return 0
+    before = memory[0]["args"]["Total Allocated"] - memory[0]["args"]["Bytes"]
+    return max(e["args"]["Total Allocated"] for e in memory) - before
 
 
 def write_json(name: str, payload: dict) -> str:

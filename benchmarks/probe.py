@@ -2,8 +2,11 @@
 
     python benchmarks/probe.py [--cases mlp,mlp10,cnn,transformer,relu1d] [--repeats 5] [--device cpu]
 
-Every (case, method) runs in its own subprocess so that its peak memory is its own: on CPU the
-growth of peak RSS over the RSS before the first call, on CUDA torch.cuda.max_memory_allocated.
+Every (case, method) runs in its own subprocess so that its peak memory is its own, measured
+over the first call (from a fresh model: no gradients held yet) and the timed ones: on CUDA
+torch.cuda.max_memory_allocated above the memory before; on CPU the CPU allocator's peak during
+the first call above what it held before (profiler memory events; not for the slow naive loops),
+and, cruder, the growth of peak RSS.
 Methods:
   train_step    forward + backward + SGD step on the batch (the baseline);
   naive_reg     reg by a per-sample, per-output loop of torch.autograd.grad;
@@ -27,7 +30,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, median_seconds, print_table, write_json  # noqa: E402
+from common import cpu_peak_allocated_bytes, environment, median_seconds, print_table, write_json  # noqa: E402
 from noisy_label_sgd import per_sample_sq_grad_norms, regularizer_grad, tangent_projection  # noqa: E402
 
 METHODS = ["train_step", "naive_reg", "vmap_reg", "reg", "reg_grad", "projection", "opacus_reg", "backpack_reg"]
@@ -211,12 +214,16 @@ def worker(case: str, method: str, repeats: int, device: torch.device, autocast:
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 return plain_run()
 
-    seconds = median_seconds(run, device, repeats=1 if slow else repeats, warmup=0 if slow else 1)
+    allocated = None
+    if device.type == "cpu" and not slow:  # the first call doubles as the warm-up
+        allocated = cpu_peak_allocated_bytes(run) / 2**20
+    seconds = median_seconds(run, device, repeats=1 if slow else repeats, warmup=0 if slow or allocated else 1)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    result = {"seconds": seconds, "peak_mb": peak / 2**20}
+    result = {"seconds": seconds, "peak_mb": peak / 2**20 if device.type == "cuda" else allocated,
+              "rss_growth_mb": None if device.type == "cuda" else peak / 2**20}
     if method.endswith("reg"):
         value = run()
         result["reg"] = float(value.mean()) if isinstance(value, torch.Tensor) else value
@@ -258,16 +265,18 @@ def main():
         naive = by_method.get("naive_reg", {}).get("reg")
         for method, r in by_method.items():
             if "error" in r:
-                rows.append([CASES[case][0], method, "error", "", "", r["error"][:60]])
+                rows.append([CASES[case][0], method, "error", "", "", "", r["error"][:60]])
                 continue
             ratio = f"{r['seconds'] / step:.2f}x" if step else "-"
             agree = ""
             if method.endswith("reg") and method != "naive_reg" and naive:
                 agree = f"rel diff {abs(r['reg'] - naive) / abs(naive):.1e}"
-            rows.append([CASES[case][0], method, f"{1e3 * r['seconds']:.1f}", ratio, f"{r['peak_mb']:.0f}", agree])
+            peak = f"{r['peak_mb']:.1f}" if r["peak_mb"] is not None else "-"
+            rss = f"{r['rss_growth_mb']:.0f}" if r.get("rss_growth_mb") is not None else "-"
+            rows.append([CASES[case][0], method, f"{1e3 * r['seconds']:.1f}", ratio, peak, rss, agree])
     env = environment(device)
     print(f"# {env}")
-    print_table(["case", "method", "ms", "vs train step", "peak MB", "check vs naive"], rows)
+    print_table(["case", "method", "ms", "vs train step", "peak MB", "RSS growth MB", "check vs naive"], rows)
     suffix = "" if args.autocast == "none" else f"_{args.autocast}"
     print("wrote", write_json(f"probe_{device.type}{suffix}", {"environment": env, "autocast": args.autocast,
                                                                 "results": results}))

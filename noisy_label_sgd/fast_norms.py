@@ -20,8 +20,9 @@ at every module output :math:`y`; then, per module, in closed form:
 Any other module with parameters, and any module called more than once (a reused weight: its
 per-sample gradient is the sum over the calls, cross terms included), falls back, for that module
 only, to torch.func per-sample gradients of its own parameters (a vmapped vjp of the module at its
-recorded input). Module outputs are cloned in the hook so that an in-place op after the module
-(``ReLU(inplace=True)``, a residual ``+=``) cannot corrupt the recorded output.
+recorded input). Outputs are recorded by their gradient edges (:class:`Call`), which in-place ops
+after the module (``ReLU(inplace=True)``, a residual ``+=``) leave pointing at the module's own
+output.
 
 Whole-model fallback (:class:`FastPathUnsupported`): a parameter owned by two modules, a module
 with parameters that is never called (its weight used by a parent's functional code, as in
@@ -47,9 +48,19 @@ class FastPathUnsupported(RuntimeError):
 
 @dataclass
 class Call:
+    """One recorded call: its arguments, and where its output enters the autograd graph.
+
+    Only the output's gradient edge is kept, not the tensor: the record holds no extra copy,
+    and an in-place op after the module (``ReLU(inplace=True)``, a residual ``+=``) moves the
+    tensor to a new node while the edge still leads to the module's own output.
+    """
+
     args: tuple
     kwargs: dict
-    output: torch.Tensor
+    edge: torch.autograd.graph.GradientEdge | None
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
 
 
 @dataclass
@@ -95,9 +106,12 @@ def _record(owners: list[Owner], model: nn.Module, batch: tuple[torch.Tensor, ..
                 output, extra = output[0], output[1:]
             if not isinstance(output, torch.Tensor):
                 raise FastPathUnsupported(f"module {owner.name!r} returns {type(output).__name__}")
-            owner.calls.append(Call(args, kwargs, output))
-            copy = output.clone()  # later in-place ops act on the clone, not on the record
-            return (copy, *extra) if extra else copy
+            edge = None  # (a forward under no_grad only measures sizes)
+            if torch.is_grad_enabled():
+                if output.grad_fn is None:
+                    raise FastPathUnsupported(f"the output of module {owner.name!r} is not differentiable")
+                edge = torch.autograd.graph.get_gradient_edge(output)
+            owner.calls.append(Call(args, kwargs, edge, output.shape, output.dtype, output.device))
 
         return hook
 
@@ -129,24 +143,44 @@ def _merge_uncalled(owners: list[Owner]) -> list[Owner]:
     return kept
 
 
-def _output_grads(h: torch.Tensor, outputs: list[torch.Tensor], create_graph: bool) -> list[torch.Tensor]:
-    """d h_ij / d y for every recorded output y, stacked over directions j: [k, *y.shape]."""
+def _output_grads(h: torch.Tensor, calls: list[Call], directions: range, create_graph: bool) -> list[torch.Tensor]:
+    """d h_ij / d y for every recorded output y and the output directions j in ``directions``,
+    stacked over them: [len(directions), *y.shape]."""
     n, k = h.shape
+    edges = [c.edge for c in calls]
     if k == 1:
-        grads = torch.autograd.grad(h.sum(), outputs, create_graph=create_graph, allow_unused=True)
+        grads = torch.autograd.grad(h.sum(), edges, retain_graph=create_graph, create_graph=create_graph,
+                                    allow_unused=True)
         grads = [None if g is None else g.unsqueeze(0) for g in grads]
     else:
-        directions = torch.eye(k, dtype=h.dtype, device=h.device)[:, None, :].expand(k, n, k)
+        rows = torch.eye(k, dtype=h.dtype, device=h.device)[directions.start:directions.stop, None, :]
+        rows = rows.expand(len(directions), n, k)
         try:
-            grads = torch.autograd.grad(h, outputs, directions, is_grads_batched=True,
-                                        retain_graph=True, create_graph=create_graph, allow_unused=True)
+            if len(directions) == 1:
+                grads = torch.autograd.grad(h, edges, rows[0], retain_graph=True, create_graph=create_graph,
+                                            allow_unused=True)
+                grads = [None if g is None else g.unsqueeze(0) for g in grads]
+            else:
+                grads = torch.autograd.grad(h, edges, rows, is_grads_batched=True, retain_graph=True,
+                                            create_graph=create_graph, allow_unused=True)
         except RuntimeError:  # a backward op without a batching rule: one direction at a time
-            per_direction = [torch.autograd.grad(h, outputs, d, retain_graph=True,
+            per_direction = [torch.autograd.grad(h, edges, d, retain_graph=True,
                                                  create_graph=create_graph, allow_unused=True)
-                             for d in directions]
+                             for d in rows]
             grads = [None if column[0] is None else torch.stack(column) for column in zip(*per_direction)]
-    return [torch.zeros((k, *y.shape), dtype=y.dtype, device=y.device) if g is None else g
-            for g, y in zip(grads, outputs)]
+    return [torch.zeros((len(directions), *c.shape), dtype=c.dtype, device=c.device) if g is None else g
+            for g, c in zip(grads, calls)]
+
+
+def _direction_groups(owners: list[Owner], k: int) -> list[range]:
+    """The k output directions in groups, one batched backward each, so that the probe needs
+    about a training step's memory: a step holds the parameters' gradients, a group its output
+    gradients at every recorded output plus temporaries of their size (their squares), so a
+    group's gradients take at most half the parameters' size (at least one direction)."""
+    per_direction = sum(c.shape.numel() for o in owners for c in o.calls)
+    params = sum(p.numel() for o in owners for p in o.params.values())
+    size = max(1, min(k, params // max(1, 2 * per_direction)))
+    return [range(start, min(start + size, k)) for start in range(0, k, size)]
 
 
 def _linear(module: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -285,7 +319,7 @@ def _per_module_fallback(owner: Owner, grads: list[torch.Tensor], n: int) -> tor
     Samples must run along dim 0 of the module's output and tensor arguments.
     """
     if isinstance(owner.module, nn.MultiheadAttention) and not owner.module.batch_first or any(
-        c.output.shape[0] != n for c in owner.calls
+        c.shape[0] != n for c in owner.calls
     ):
         raise FastPathUnsupported(f"module {owner.name!r} does not put samples first")
     params = {name: p.detach() for name, p in owner.params.items()}
@@ -319,31 +353,35 @@ def fast_chunk_size(model: nn.Module, batch: tuple[torch.Tensor, ...], memory_bu
     with torch.no_grad():
         out = _record(owners, model, tuple(t[:1] for t in batch))
     k = out.numel()
-    floats = sum(c.output.numel() for o in owners for c in o.calls)
+    floats = sum(c.shape.numel() for o in owners for c in o.calls)
     itemsize = out.element_size()
     return max(1, memory_budget // max(1, itemsize * floats * (k + 3)))
 
 
-def _trace(model: nn.Module, batch: tuple[torch.Tensor, ...], create_graph: bool):
-    """Forward with recording hooks, then the output gradients of every recorded call.
-
-    Returns (owners, {id(owner): [grads per call]}, n, k).
-    """
+def _trace(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[list[Owner], torch.Tensor]:
+    """Forward with recording hooks: the owners with their calls, and the outputs h [n, k]
+    (with their graph)."""
     owners = _owners(model)
+    n = batch[0].shape[0]
     with torch.enable_grad():
         out = _record(owners, model, batch)
-        owners = _merge_uncalled(owners)
-        n = batch[0].shape[0]
         if out.dim() == 0 or out.shape[0] != n:
             raise ValueError(f"the model output has shape {tuple(out.shape)}; expected a leading "
                              f"sample dimension of size {n}")
         h = out.reshape(n, -1)
-        records = [(o, c) for o in owners for c in o.calls]
-        grads = _output_grads(h, [c.output for _, c in records], create_graph)
+    return _merge_uncalled(owners), h
+
+
+def _grads_by_owner(owners: list[Owner], h: torch.Tensor, directions: range,
+                    create_graph: bool) -> dict[int, list[torch.Tensor]]:
+    """The output gradients of every recorded call, per owner (by id), for ``directions``."""
+    records = [(o, c) for o in owners for c in o.calls]
+    with torch.enable_grad():
+        grads = _output_grads(h, [c for _, c in records], directions, create_graph)
     by_owner: dict[int, list[torch.Tensor]] = {}
     for (o, _), g in zip(records, grads):
         by_owner.setdefault(id(o), []).append(g)
-    return owners, by_owner, n, h.shape[1]
+    return by_owner
 
 
 def _closed_form(o: Owner) -> bool:
@@ -368,27 +406,31 @@ def fast_sq_norms(
     Raises:
         FastPathUnsupported: the model needs the whole-model torch.func path.
     """
-    owners, by_owner, n, k = _trace(model, batch, create_graph)
+    owners, h = _trace(model, batch)
+    n, k = h.shape
     if create_graph and not all(_closed_form(o) for o in owners):  # (attention is exact but detached)
         raise FastPathUnsupported("a module needs a per-module fallback, which has no double backward")
-    total = torch.zeros(n, dtype=next(iter(by_owner.values()))[0].dtype, device=batch[0].device)
+    total = torch.zeros(n, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
     fell_back = []
-    for o in owners:
-        g = by_owner[id(o)]
-        if _closed_form(o):
-            a = o.calls[0].args[0]
-            if isinstance(o.module, nn.Linear):
-                norm = _linear
-            elif isinstance(o.module, (nn.Conv1d, nn.Conv2d)):
-                norm = _conv
+    for directions in _direction_groups(owners, k):
+        by_owner = _grads_by_owner(owners, h, directions, create_graph)
+        for o in owners:
+            g = by_owner.pop(id(o))  # (freed once this module's part is summed)
+            if _closed_form(o):
+                a = o.calls[0].args[0]
+                if isinstance(o.module, nn.Linear):
+                    norm = _linear
+                elif isinstance(o.module, (nn.Conv1d, nn.Conv2d)):
+                    norm = _conv
+                else:
+                    norm = _norm_affine
+                total = total + norm(o.module, a, g[0])
+            elif _self_attention(o):
+                total = total + _attention(o, g[0])
             else:
-                norm = _norm_affine
-            total = total + norm(o.module, a, g[0])
-        elif _self_attention(o):
-            total = total + _attention(o, g[0])
-        else:
-            fell_back.append(o.name)
-            total = total + _per_module_fallback(o, g, n)
+                if o.name not in fell_back:
+                    fell_back.append(o.name)
+                total = total + _per_module_fallback(o, g, n)
     return total, fell_back
 
 
@@ -401,7 +443,9 @@ def fast_gram(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor
     Raises:
         FastPathUnsupported: any other module, sequence inputs, or a reused module.
     """
-    owners, by_owner, n, k = _trace(model, batch, create_graph=False)
+    owners, h = _trace(model, batch)
+    n, k = h.shape
+    by_owner = _grads_by_owner(owners, h, range(k), create_graph=False)
     K = None
     for o in owners:
         if not _closed_form(o) or isinstance(o.module, (nn.Conv1d, nn.Conv2d)):

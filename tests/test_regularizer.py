@@ -78,6 +78,35 @@ def test_per_sample_norms_and_reg_match_the_brute_force_loop(name, method):
     assert_rel_close(implicit_regularizer(model, x, method=method), expected.mean())
 
 
+@pytest.mark.parametrize("size", [1, 2])
+@pytest.mark.parametrize("name", IDS)
+def test_fast_path_in_groups_of_output_directions_matches_the_loop(name, size, monkeypatch):
+    # the test models are small enough for one group; split the k directions as a large model would
+    from noisy_label_sgd import fast_norms
+
+    monkeypatch.setattr(fast_norms, "_direction_groups",
+                        lambda owners, k: [range(s, min(s + size, k)) for s in range(0, k, size)])
+    model, x = make(name)
+    J = brute_jacobian(model, x)
+    assert_rel_close(per_sample_sq_grad_norms(model, x, method="fast"), J.pow(2).reshape(x.shape[0], -1).sum(1))
+    if name not in NO_FAST_GRAD:
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        grad = regularizer_grad(model, x, method="fast")
+        assert_rel_close(torch.cat([grad[n].reshape(-1) for n in names]), brute_reg_grad(model, x))
+
+
+def test_output_direction_groups_hold_at_most_half_the_parameters():
+    from noisy_label_sgd import fast_norms
+
+    model = seeded(18, lambda: nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)))
+    params = sum(p.numel() for p in model.parameters())  # 82
+    for n, size in ((3, 1), (1, 4)):  # per direction 6 n + 4 n floats of output gradients
+        owners, h = fast_norms._trace(model, (randn(n, 8),))
+        groups = fast_norms._direction_groups(owners, h.shape[1])
+        assert [list(g) for g in groups] == [list(range(s, min(s + size, 4))) for s in range(0, 4, size)]
+        assert max(len(g) for g in groups) * 10 * n <= params / 2 or size == 1
+
+
 # models with a torch.func fallback or attention somewhere: "fast" has no double backward there
 NO_FAST_GRAD = {"reused_weight", "attention_masked_fallback", "grouped_conv_fallback", "matrix_sensing", "relu_1d",
                 "sigmoid_single_point_tanh", "sigmoid_single_point_logistic", "frozen_params_and_buffers",
@@ -369,9 +398,10 @@ def test_wide_convolutions_take_the_grouped_weight_gradient(monkeypatch):
     grouped = fast_norms._conv_grouped
     monkeypatch.setattr(fast_norms, "_conv_grouped", lambda *args: calls.append(1) or grouped(*args))
     for name in ("wide_conv2d_strided_dilated", "wide_conv1d"):
+        calls.clear()
         model, x = make(name)
         per_sample_sq_grad_norms(model, x, method="fast")
-    assert len(calls) == 2
+        assert calls, name
 
 
 def test_probe_with_cg_shares_one_small_jacobian_for_norms_and_grad():
