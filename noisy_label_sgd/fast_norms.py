@@ -346,8 +346,9 @@ def _per_module_fallback(owner: Owner, grads: list[torch.Tensor], n: int) -> tor
 def fast_chunk_size(model: nn.Module, batch: tuple[torch.Tensor, ...], memory_budget: int) -> int:
     """Samples per chunk so that what the fast path holds fits ``memory_budget`` bytes.
 
-    Per sample it holds every recorded layer input and output, a clone of each output and the
-    k output gradients of each: measured on a one-sample forward, times (k + 3).
+    Per sample it holds every recorded layer input and output (in the graph) and at most k
+    output gradients of each (fewer when the directions go in groups): measured on a one-sample
+    forward, times (k + 2).
     """
     owners = _owners(model)
     with torch.no_grad():
@@ -355,7 +356,7 @@ def fast_chunk_size(model: nn.Module, batch: tuple[torch.Tensor, ...], memory_bu
     k = out.numel()
     floats = sum(c.shape.numel() for o in owners for c in o.calls)
     itemsize = out.element_size()
-    return max(1, memory_budget // max(1, itemsize * floats * (k + 3)))
+    return max(1, memory_budget // max(1, itemsize * floats * (k + 2)))
 
 
 def _trace(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[list[Owner], torch.Tensor]:
