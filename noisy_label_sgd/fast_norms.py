@@ -241,7 +241,10 @@ def _attention(o: Owner, g: torch.Tensor) -> torch.Tensor:
         attended = nn.functional.scaled_dot_product_attention(heads(q), heads(k_), heads(v))
         attended = attended.transpose(1, 2).reshape(n, length, embed)
         g_attended = g @ m.out_proj.weight.detach()  # [k, n, L, E]
-        g_qkv = torch.autograd.grad(attended, qkv, g_attended, is_grads_batched=True)[0]
+        if g.shape[0] == 1:  # one direction: a plain backward, without the batching machinery
+            g_qkv = torch.autograd.grad(attended, qkv, g_attended[0])[0].unsqueeze(0)
+        else:
+            g_qkv = torch.autograd.grad(attended, qkv, g_attended, is_grads_batched=True)[0]
     total = torch.zeros(n, dtype=g.dtype, device=g.device)
     if "in_proj_weight" in o.params or "in_proj_bias" in o.params:
         total = total + _affine_map(x, g_qkv, "in_proj_weight" in o.params, "in_proj_bias" in o.params)
