@@ -418,8 +418,10 @@ def fast_sq_norms(
     fell_back = []
     for directions in _direction_groups(owners, k):
         by_owner = _grads_by_owner(owners, h, directions, create_graph)
-        for o in owners:
-            g = by_owner.pop(id(o))  # (freed once this module's part is summed)
+        # closed forms first: their gradients are freed before attention and fallbacks, which
+        # need working memory of their own
+        for o in sorted(owners, key=lambda o: not _closed_form(o)):
+            g = by_owner.pop(id(o))
             if _closed_form(o):
                 a = o.calls[0].args[0]
                 if isinstance(o.module, nn.Linear):
