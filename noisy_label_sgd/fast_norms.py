@@ -399,13 +399,95 @@ def _closed_form(o: Owner) -> bool:
             and len(o.calls[0].args) == 1 and set(o.params) == own)
 
 
+def _owner_part(o: Owner, grads: list[torch.Tensor], n: int) -> torch.Tensor:
+    """This module's part of every sample's squared norm, from its output gradients (one
+    [c, *y.shape] per call, over c output directions)."""
+    if _closed_form(o):
+        if isinstance(o.module, nn.Linear):
+            norm = _linear
+        elif isinstance(o.module, (nn.Conv1d, nn.Conv2d)):
+            norm = _conv
+        else:
+            norm = _norm_affine
+        return norm(o.module, o.calls[0].args[0], grads[0])
+    if _self_attention(o):
+        return _attention(o, grads[0])
+    return _per_module_fallback(o, grads, n)
+
+
+def _held_part(owners: list[Owner], h: torch.Tensor, directions: range, create_graph: bool) -> torch.Tensor:
+    """The modules' parts for ``directions`` from one (batched) backward that returns every
+    module's output gradients together."""
+    by_owner = _grads_by_owner(owners, h, directions, create_graph)
+    total = 0
+    # closed forms first: their gradients are freed before attention and fallbacks, which need
+    # working memory of their own
+    for o in sorted(owners, key=lambda o: not _closed_form(o)):
+        total = total + _owner_part(o, by_owner.pop(id(o)), h.shape[0])
+    return total
+
+
+def _streamed_part(owners: list[Owner], h: torch.Tensor, j: int, retain_graph: bool) -> torch.Tensor | None:
+    """The modules' parts for output direction j from one plain backward that never holds all
+    output gradients at once: a hook on each closed-form or attention module's output node takes
+    its part as the backward passes through. Modules whose inputs need no gradient (the backward
+    ends there) and per-module fallbacks get their gradients as the backward's results instead.
+
+    None when a hooked node was not reached (a module whose output reaches h only through
+    parameters used outside any module, or inputs that require grad): the caller then takes
+    :func:`_held_part` on a fresh trace.
+    """
+    n, k = h.shape
+    parts, reached, handles, ended = [], set(), [], []
+    for o in owners:
+        call = o.calls[0]
+        needs_grad = any(isinstance(t, torch.Tensor) and t.requires_grad for t in call.args)
+        if not (_closed_form(o) or _self_attention(o)) or not needs_grad:
+            ended.append(o)
+            continue
+
+        def hook(grad_outputs, o=o, call=call):
+            g = grad_outputs[call.edge.output_nr]
+            if g is not None:
+                parts.append(_owner_part(o, [g.unsqueeze(0)], n))
+            reached.add(id(o))
+
+        handles.append(call.edge.node.register_prehook(hook))
+    edges = [c.edge for o in ended for c in o.calls]
+    if not edges:
+        for handle in handles:
+            handle.remove()
+        return None
+    try:
+        with torch.enable_grad():
+            seed = h.sum() if k == 1 else h[:, j].sum()
+            grads = torch.autograd.grad(seed, edges, retain_graph=retain_graph, allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(reached) + len(ended) < len(owners):
+        return None
+    start = 0
+    for o in ended:
+        mine = grads[start:start + len(o.calls)]
+        start += len(o.calls)
+        if any(g is not None for g in mine):
+            mine = [torch.zeros(c.shape, dtype=c.dtype, device=c.device) if g is None else g
+                    for g, c in zip(mine, o.calls)]
+            parts.append(_owner_part(o, [g.unsqueeze(0) for g in mine], n))
+    return sum(parts, torch.zeros(n, dtype=h.dtype, device=h.device))
+
+
 def fast_sq_norms(
-    model: nn.Module, batch: tuple[torch.Tensor, ...], *, create_graph: bool = False
+    model: nn.Module, batch: tuple[torch.Tensor, ...], *, create_graph: bool = False, stream: bool = True
 ) -> tuple[torch.Tensor, list[str]]:
     """Per-sample ||J_i||_F^2 (model already in eval mode) and the modules that fell back.
 
-    With ``create_graph`` the result is differentiable w.r.t. the parameters (double backward
-    gives grad reg); it then refuses per-module fallbacks, whose vmapped vjps are not.
+    One output direction at a time (always for scalar outputs) the parts are taken as the
+    backward passes each module (:func:`_streamed_part`: less memory, and faster); several
+    at a time, or with ``create_graph``, from all output gradients held together. With
+    ``create_graph`` the result is differentiable w.r.t. the parameters (double backward gives
+    grad reg); it then refuses per-module fallbacks, whose vmapped vjps are not.
 
     Raises:
         FastPathUnsupported: the model needs the whole-model torch.func path.
@@ -415,28 +497,17 @@ def fast_sq_norms(
     if create_graph and not all(_closed_form(o) for o in owners):  # (attention is exact but detached)
         raise FastPathUnsupported("a module needs a per-module fallback, which has no double backward")
     total = torch.zeros(n, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
-    fell_back = []
     for directions in _direction_groups(owners, k):
-        by_owner = _grads_by_owner(owners, h, directions, create_graph)
-        # closed forms first: their gradients are freed before attention and fallbacks, which
-        # need working memory of their own
-        for o in sorted(owners, key=lambda o: not _closed_form(o)):
-            g = by_owner.pop(id(o))
-            if _closed_form(o):
-                a = o.calls[0].args[0]
-                if isinstance(o.module, nn.Linear):
-                    norm = _linear
-                elif isinstance(o.module, (nn.Conv1d, nn.Conv2d)):
-                    norm = _conv
-                else:
-                    norm = _norm_affine
-                total = total + norm(o.module, a, g[0])
-            elif _self_attention(o):
-                total = total + _attention(o, g[0])
-            else:
-                if o.name not in fell_back:
-                    fell_back.append(o.name)
-                total = total + _per_module_fallback(o, g, n)
+        part = None
+        with torch.set_grad_enabled(create_graph):  # the parts' own graph only for double backward
+            if stream and len(directions) == 1 and not create_graph:
+                part = _streamed_part(owners, h, directions.start, retain_graph=directions.stop < k)
+                if part is None:  # (its graph may be gone)
+                    return fast_sq_norms(model, batch, stream=False)
+            if part is None:
+                part = _held_part(owners, h, directions, create_graph)
+        total = total + part
+    fell_back = [o.name for o in owners if not (_closed_form(o) or _self_attention(o))]
     return total, fell_back
 
 

@@ -95,6 +95,57 @@ def test_fast_path_in_groups_of_output_directions_matches_the_loop(name, size, m
         assert_rel_close(torch.cat([grad[n].reshape(-1) for n in names]), brute_reg_grad(model, x))
 
 
+class BareScale(nn.Module):
+    """A parameter used outside any child module, before them: every child's input needs a
+    gradient, and the parent (a per-module fallback) ends at the model output, so a streamed
+    backward would stop above the children."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 5))
+        self.inner = nn.Linear(5, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.inner(x * self.scale)))
+
+
+STREAMED = ["inplace_relu_residual", "cnn_groupnorm", "transformer_encoder_layer", "conv1d_sequence_linear",
+            "wide_conv1d", "mlp_multi_output", "layernorm_mlp"]
+
+
+@pytest.mark.parametrize("name", STREAMED)
+def test_one_direction_at_a_time_streams_through_the_backward(name, monkeypatch):
+    # parts taken by hooks as the backward passes each module: the held path must not run
+    from noisy_label_sgd import fast_norms
+
+    def held(*args):
+        raise AssertionError("took the held path")
+
+    monkeypatch.setattr(fast_norms, "_held_part", held)
+    monkeypatch.setattr(fast_norms, "_direction_groups", lambda owners, k: [range(j, j + 1) for j in range(k)])
+    model, x = make(name)
+    J = brute_jacobian(model, x)
+    assert_rel_close(per_sample_sq_grad_norms(model, x, method="fast"), J.pow(2).reshape(x.shape[0], -1).sum(1))
+
+
+@pytest.mark.parametrize("case", ["inputs_require_grad", "bare_parameter"])
+def test_a_backward_that_cannot_stream_takes_the_held_path(case, monkeypatch):
+    from noisy_label_sgd import fast_norms
+
+    held = []
+    original = fast_norms._held_part
+    monkeypatch.setattr(fast_norms, "_held_part", lambda *args: held.append(1) or original(*args))
+    if case == "inputs_require_grad":  # no module input ends the backward
+        model, x = make("mlp_multi_output")
+        x.requires_grad_()
+    else:
+        model, x = seeded(19, BareScale), randn(6, 5)
+    J = brute_jacobian(model, x.detach())
+    assert_rel_close(per_sample_sq_grad_norms(model, x, method="fast"), J.pow(2).reshape(x.shape[0], -1).sum(1))
+    assert held
+
+
 def test_output_direction_groups_hold_at_most_half_the_parameters():
     from noisy_label_sgd import fast_norms
 
