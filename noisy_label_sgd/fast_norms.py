@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = ["FastPathUnsupported", "fast_sq_norms", "fast_gram", "fast_chunk_size", "closed_form_layers"]
 
@@ -412,7 +413,8 @@ def _owner_part(o: Owner, grads: list[torch.Tensor], n: int) -> torch.Tensor:
         return norm(o.module, o.calls[0].args[0], grads[0])
     if _self_attention(o):
         return _attention(o, grads[0])
-    return _per_module_fallback(o, grads, n)
+    with sdpa_kernel(SDPBackend.MATH):  # vmapped: the fused attention kernels have no batching rule
+        return _per_module_fallback(o, grads, n)
 
 
 def _held_part(owners: list[Owner], h: torch.Tensor, directions: range, create_graph: bool) -> torch.Tensor:

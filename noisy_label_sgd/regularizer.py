@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Iterator, Sequence
 
 import torch
@@ -155,6 +155,12 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
+def fused_attention() -> AbstractContextManager:
+    """Every scaled-dot-product attention kernel allowed again inside :func:`evaluation_mode`."""
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                        SDPBackend.MATH])
+
+
 def chunk_slices(n: int, chunk_size: int) -> Iterator[slice]:
     for start in range(0, n, chunk_size):
         yield slice(start, min(start + chunk_size, n))
@@ -216,7 +222,12 @@ def sq_norms_with_method(
             return small[1], "jacobian"
     if method in ("auto", "fast"):
         try:
-            norms, fell_back = _fast_chunks(model, batch, chunk_size, False, memory_budget)
+            # Norms alone need no double backward: scalar outputs may take the fused attention
+            # kernels training uses (their backward has no batching rule, which several output
+            # directions at once would need)
+            fused = fused_attention() if fm.output_size(batch) == 1 else nullcontext()
+            with fused:
+                norms, fell_back = _fast_chunks(model, batch, chunk_size, False, memory_budget)
             used = "fast" + (f" (per-module fallback: {', '.join(fell_back)})" if fell_back else "")
             return norms.detach(), used
         except FastPathUnsupported as why:

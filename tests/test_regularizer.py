@@ -146,6 +146,19 @@ def test_a_backward_that_cannot_stream_takes_the_held_path(case, monkeypatch):
     assert held
 
 
+@pytest.mark.parametrize("name", ["transformer_encoder_layer", "attention_sequence_first", "attention_masked_fallback"])
+def test_float32_attention_norms_take_the_fused_kernels_without_warnings(name):
+    # float32 is where the fused kernels run (norms only); per-module fallbacks stay on math
+    import warnings
+
+    model, x = make(name)
+    expected = brute_jacobian(model, x).pow(2).reshape(x.shape[0], -1).sum(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        actual = per_sample_sq_grad_norms(model.float(), x.float())
+    assert_rel_close(actual.double(), expected, rtol=1e-5)
+
+
 def test_output_direction_groups_hold_at_most_half_the_parameters():
     from noisy_label_sgd import fast_norms
 
