@@ -347,8 +347,9 @@ def _per_module_fallback(owner: Owner, grads: list[torch.Tensor], n: int) -> tor
     return sum(v.reshape(*v.shape[:2], -1).pow(2).sum(-1) for v in summed.values()).sum(0)
 
 
-def fast_chunk_size(model: nn.Module, batch: tuple[torch.Tensor, ...], memory_budget: int) -> int:
-    """Samples per chunk so that what the fast path holds fits ``memory_budget`` bytes.
+def fast_chunk_size(model: nn.Module, batch: tuple[torch.Tensor, ...], memory_budget: int) -> tuple[int, int]:
+    """Samples per chunk so that what the fast path holds fits ``memory_budget`` bytes, and the
+    outputs per sample k.
 
     Per sample it holds every recorded layer input and output (in the graph) and at most k
     output gradients of each (fewer when the directions go in groups): measured on a one-sample
@@ -360,7 +361,7 @@ def fast_chunk_size(model: nn.Module, batch: tuple[torch.Tensor, ...], memory_bu
     k = out.numel()
     floats = sum(c.shape.numel() for o in owners for c in o.calls)
     itemsize = out.element_size()
-    return max(1, memory_budget // max(1, itemsize * floats * (k + 2)))
+    return max(1, memory_budget // max(1, itemsize * floats * (k + 2))), k
 
 
 def _trace(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[list[Owner], torch.Tensor]:

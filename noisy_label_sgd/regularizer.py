@@ -201,14 +201,19 @@ def check_method(method: str) -> None:
         raise ValueError(f"Invalid method: {method!r} (choose one of {METHODS})")
 
 
-def _fast_chunks(model, batch, chunk_size, create_graph, memory_budget):
+def _fast_chunks(model, batch, chunk_size, memory_budget):
     """fast_sq_norms over chunks of samples (by default as many as fit memory_budget)."""
     n = batch[0].shape[0]
+    fitting, k = fast_chunk_size(model, batch, memory_budget)
     parts, fell_back = [], set()
-    for s in chunk_slices(n, chunk_size or fast_chunk_size(model, batch, memory_budget)):
-        norms, modules = fast_sq_norms(model, tuple(t[s] for t in batch), create_graph=create_graph)
-        parts.append(norms)
-        fell_back.update(modules)
+    # Norms alone need no double backward: scalar outputs may take the fused attention kernels
+    # training uses (their backward has no batching rule, which several output directions at
+    # once would need)
+    with fused_attention() if k == 1 else nullcontext():
+        for s in chunk_slices(n, chunk_size or fitting):
+            norms, modules = fast_sq_norms(model, tuple(t[s] for t in batch))
+            parts.append(norms)
+            fell_back.update(modules)
     return torch.cat(parts), sorted(fell_back)
 
 
@@ -222,12 +227,7 @@ def sq_norms_with_method(
             return small[1], "jacobian"
     if method in ("auto", "fast"):
         try:
-            # Norms alone need no double backward: scalar outputs may take the fused attention
-            # kernels training uses (their backward has no batching rule, which several output
-            # directions at once would need)
-            fused = fused_attention() if fm.output_size(batch) == 1 else nullcontext()
-            with fused:
-                norms, fell_back = _fast_chunks(model, batch, chunk_size, False, memory_budget)
+            norms, fell_back = _fast_chunks(model, batch, chunk_size, memory_budget)
             used = "fast" + (f" (per-module fallback: {', '.join(fell_back)})" if fell_back else "")
             return norms.detach(), used
         except FastPathUnsupported as why:
@@ -352,7 +352,7 @@ def _fast_norms_and_grad(
     total = {name: torch.zeros_like(p) for name, p in fm.params.items()}
     parts = []
     # the double backward keeps about twice the first backward's tensors
-    chunk = chunk_size or max(1, fast_chunk_size(model, batch, memory_budget) // 2)
+    chunk = chunk_size or max(1, fast_chunk_size(model, batch, memory_budget)[0] // 2)
     for s in chunk_slices(n, chunk):
         norms, _ = fast_sq_norms(model, tuple(t[s] for t in batch), create_graph=True)
         grads = torch.autograd.grad(norms.sum(), list(named.values()), allow_unused=True)
