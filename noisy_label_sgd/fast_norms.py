@@ -1,9 +1,11 @@
 r"""Norm-only per-sample :math:`\|J_i\|_F^2` from layer inputs and output gradients.
 
 No per-sample gradient of a whole model is ever formed. Forward hooks keep each parametrised
-module's input and output; one backward of the summed outputs (k = 1) or one batched backward
-over the k output directions (``is_grads_batched``) gives :math:`g_{ij} = \partial h_{ij}/\partial y`
-at every module output :math:`y`; then, per module, in closed form:
+module's input and the gradient edge of its output; a backward of the outputs, one direction j
+at a time (the summed outputs for k = 1) or batched over a group of directions
+(``is_grads_batched``), gives :math:`g_{ij} = \partial h_{ij}/\partial y` at every module output
+:math:`y`; one direction at a time, each module's part is taken by a hook on its output's node as
+the backward passes it. Per module, in closed form:
 
 * ``nn.Linear``, :math:`y_t = W a_t + b` over positions t (none for 2-D inputs):
   :math:`\|\nabla_W h_{ij}\|^2 = \sum_{t,s} (a_{it}\cdot a_{is})(g_{ijt}\cdot g_{ijs})` (for one
