@@ -43,6 +43,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 __all__ = ["FastPathUnsupported", "fast_sq_norms", "fast_gram", "fast_chunk_size", "closed_form_layers"]
 
 CLOSED_FORM = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LayerNorm, nn.GroupNorm)
+MHA_PARAMS = {"in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"}
 
 
 class FastPathUnsupported(RuntimeError):
@@ -74,6 +75,10 @@ class Owner:
     module: nn.Module
     params: dict[str, nn.Parameter]
     calls: list[Call] = field(default_factory=list)
+    # nn.MultiheadAttention run as plain self-attention: per call, its two projections
+    packed: list[tuple[Call, Call]] = field(default_factory=list)
+    # a projection of such a module: an affine map of calls[0].args[0]
+    affine: bool = False
 
 
 def _owners(model: nn.Module) -> list[Owner]:
@@ -89,13 +94,11 @@ def _owners(model: nn.Module) -> list[Owner]:
     return owners
 
 
-def closed_form_layers(model: nn.Module, differentiable: bool) -> bool:
-    """Whether every module owning trainable parameters is of a type with a closed form (with
-    ``differentiable``: one the double backward goes through, so not attention); a look at
-    the types only, before any trace."""
-    kinds = CLOSED_FORM if differentiable else (*CLOSED_FORM, nn.MultiheadAttention)
+def closed_form_layers(model: nn.Module) -> bool:
+    """Whether every module owning trainable parameters is of a type with a closed form; a
+    look at the types only, before any trace."""
     try:
-        return all(isinstance(o.module, kinds) for o in _owners(model))
+        return all(isinstance(o.module, (*CLOSED_FORM, nn.MultiheadAttention)) for o in _owners(model))
     except FastPathUnsupported:
         return False
 
@@ -119,14 +122,69 @@ def _record(owners: list[Owner], model: nn.Module, batch: tuple[torch.Tensor, ..
         return hook
 
     handles = [o.module.register_forward_hook(make_hook(o), with_kwargs=True) for o in owners]
+    attention = [o for o in owners if isinstance(o.module, nn.MultiheadAttention) and "forward" not in vars(o.module)]
+    for o in attention:
+        o.module.forward = _packed_forward(o)
     try:
         out = model(*batch)
     finally:
         for h in handles:
             h.remove()
+        for o in attention:
+            del o.module.forward
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"the model must return a tensor of predictions, got {type(out).__name__}")
     return out
+
+
+def _call_of(inputs: torch.Tensor, output: torch.Tensor) -> Call:
+    return Call((inputs,), {}, torch.autograd.graph.get_gradient_edge(output), output.shape, output.dtype,
+                output.device)
+
+
+def _packed_forward(owner: Owner):
+    """nn.MultiheadAttention's forward, with plain self-attention (query is key is value,
+    packed projections, no masks, no attention weights returned: what TransformerEncoderLayer
+    does) written out as in_proj, the attention product and out_proj, so that the backward
+    reaches both projections' outputs and the projections are affine maps with closed forms.
+    Anything else goes to the module's own forward."""
+    m = owner.module
+    own_forward = type(m).forward.__get__(m)
+
+    def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        plain = (query is key is value and query.dim() == 3 and key_padding_mask is None and attn_mask is None
+                 and not need_weights and not is_causal and m._qkv_same_embed_dim and m.bias_k is None
+                 and not m.add_zero_attn and (m.dropout == 0 or not m.training) and torch.is_grad_enabled())
+        if not plain:
+            return own_forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                               attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
+        x = query if m.batch_first else query.transpose(0, 1)
+        n, length, embed = x.shape
+        heads = lambda t: t.reshape(n, length, m.num_heads, -1).transpose(1, 2)
+        qkv = nn.functional.linear(x, m.in_proj_weight, m.in_proj_bias)
+        q, k, v = qkv.chunk(3, -1)
+        attended = nn.functional.scaled_dot_product_attention(heads(q), heads(k), heads(v))
+        attended = attended.transpose(1, 2).reshape(n, length, embed)
+        out = nn.functional.linear(attended, m.out_proj.weight, m.out_proj.bias)
+        owner.packed.append((_call_of(x, qkv), _call_of(attended, out)))
+        return (out if m.batch_first else out.transpose(0, 1)), None
+
+    return forward
+
+
+def _split_packed(owners: list[Owner]) -> list[Owner]:
+    """An attention module run once as plain self-attention becomes its two projections."""
+    split = []
+    for o in owners:
+        if not (len(o.calls) == 1 and len(o.packed) == 1 and set(o.params) <= MHA_PARAMS):
+            split.append(o)
+            continue
+        for prefix, call in zip(("in_proj", "out_proj"), o.packed[0]):
+            params = {n: p for n, p in o.params.items() if n.startswith(prefix)}
+            if params:
+                split.append(Owner(f"{o.name}.{prefix}", o.module, params, [call], affine=True))
+    return split
 
 
 def _merge_uncalled(owners: list[Owner]) -> list[Owner]:
@@ -209,51 +267,6 @@ def _affine_map(a: torch.Tensor, g: torch.Tensor, weight: bool, bias: bool) -> t
     if bias:
         total = total + g.sum(2).pow(2).sum(-1)
     return total.sum(0)
-
-
-MHA_PARAMS = {"in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"}
-
-
-def _self_attention(o: Owner) -> bool:
-    """nn.MultiheadAttention used as plain self-attention (what TransformerEncoderLayer does):
-    query is key is value, packed projections, no masks, no extra key/value biases."""
-    m, calls = o.module, o.calls
-    if not isinstance(m, nn.MultiheadAttention) or len(calls) != 1 or not set(o.params) <= MHA_PARAMS:
-        return False
-    args, kwargs = calls[0].args, calls[0].kwargs
-    masks = [kwargs.get("key_padding_mask"), kwargs.get("attn_mask"), *args[3:4], *args[5:6]]
-    return (len(args) >= 3 and args[0] is args[1] is args[2] and m._qkv_same_embed_dim
-            and m.bias_k is None and not m.add_zero_attn and all(t is None for t in masks)
-            and not kwargs.get("is_causal", False) and not (len(args) > 7 and args[7]))
-
-
-def _attention(o: Owner, g: torch.Tensor) -> torch.Tensor:
-    """Self-attention as two affine maps around the attention product: out_proj on the heads'
-    concatenated outputs, in_proj on the input; the gradients at the packed q, k, v come from
-    one batched backward through the attention product alone."""
-    m = o.module
-    x = o.calls[0].args[0].detach()
-    if not m.batch_first:
-        x, g = x.transpose(0, 1), g.transpose(1, 2)
-    n, length, embed = x.shape
-    heads = lambda t: t.reshape(n, length, m.num_heads, -1).transpose(1, 2)
-    with torch.enable_grad():
-        qkv = nn.functional.linear(x, m.in_proj_weight.detach(), None if m.in_proj_bias is None
-                                   else m.in_proj_bias.detach()).requires_grad_()
-        q, k_, v = qkv.chunk(3, -1)
-        attended = nn.functional.scaled_dot_product_attention(heads(q), heads(k_), heads(v))
-        attended = attended.transpose(1, 2).reshape(n, length, embed)
-        g_attended = g @ m.out_proj.weight.detach()  # [k, n, L, E]
-        if g.shape[0] == 1:  # one direction: a plain backward, without the batching machinery
-            g_qkv = torch.autograd.grad(attended, qkv, g_attended[0])[0].unsqueeze(0)
-        else:
-            g_qkv = torch.autograd.grad(attended, qkv, g_attended, is_grads_batched=True)[0]
-    total = torch.zeros(n, dtype=g.dtype, device=g.device)
-    if "in_proj_weight" in o.params or "in_proj_bias" in o.params:
-        total = total + _affine_map(x, g_qkv, "in_proj_weight" in o.params, "in_proj_bias" in o.params)
-    if "out_proj.weight" in o.params or "out_proj.bias" in o.params:
-        total = total + _affine_map(attended.detach(), g, "out_proj.weight" in o.params, "out_proj.bias" in o.params)
-    return total
 
 
 def _conv(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -377,7 +390,7 @@ def _trace(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[list[Owne
             raise ValueError(f"the model output has shape {tuple(out.shape)}; expected a leading "
                              f"sample dimension of size {n}")
         h = out.reshape(n, -1)
-    return _merge_uncalled(owners), h
+    return _split_packed(_merge_uncalled(owners)), h
 
 
 def _grads_by_owner(owners: list[Owner], h: torch.Tensor, directions: range,
@@ -393,6 +406,8 @@ def _grads_by_owner(owners: list[Owner], h: torch.Tensor, directions: range,
 
 
 def _closed_form(o: Owner) -> bool:
+    if o.affine:
+        return True
     own = {n for n, p in o.module._parameters.items() if p is not None and p.requires_grad}
     m = o.module
     if isinstance(m, (nn.Conv1d, nn.Conv2d)) and (
@@ -406,6 +421,9 @@ def _closed_form(o: Owner) -> bool:
 def _owner_part(o: Owner, grads: list[torch.Tensor], n: int) -> torch.Tensor:
     """This module's part of every sample's squared norm, from its output gradients (one
     [c, *y.shape] per call, over c output directions)."""
+    if o.affine:
+        weight, bias = (any(name.endswith(end) for name in o.params) for end in ("weight", "bias"))
+        return _affine_map(o.calls[0].args[0], grads[0], weight, bias)
     if _closed_form(o):
         if isinstance(o.module, nn.Linear):
             norm = _linear
@@ -414,8 +432,6 @@ def _owner_part(o: Owner, grads: list[torch.Tensor], n: int) -> torch.Tensor:
         else:
             norm = _norm_affine
         return norm(o.module, o.calls[0].args[0], grads[0])
-    if _self_attention(o):
-        return _attention(o, grads[0])
     with sdpa_kernel(SDPBackend.MATH):  # vmapped: the fused attention kernels have no batching rule
         return _per_module_fallback(o, grads, n)
 
@@ -447,7 +463,7 @@ def _streamed_part(owners: list[Owner], h: torch.Tensor, j: int, retain_graph: b
     for o in owners:
         call = o.calls[0]
         needs_grad = any(isinstance(t, torch.Tensor) and t.requires_grad for t in call.args)
-        if not (_closed_form(o) or _self_attention(o)) or not needs_grad:
+        if not _closed_form(o) or not needs_grad:
             ended.append(o)
             continue
 
@@ -499,7 +515,7 @@ def fast_sq_norms(
     """
     owners, h = _trace(model, batch)
     n, k = h.shape
-    if create_graph and not all(_closed_form(o) for o in owners):  # (attention is exact but detached)
+    if create_graph and not all(_closed_form(o) for o in owners):
         raise FastPathUnsupported("a module needs a per-module fallback, which has no double backward")
     total = torch.zeros(n, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
     for directions in _direction_groups(owners, k):
@@ -512,7 +528,7 @@ def fast_sq_norms(
             if part is None:
                 part = _held_part(owners, h, directions, create_graph)
         total = total + part
-    fell_back = [o.name for o in owners if not (_closed_form(o) or _self_attention(o))]
+    fell_back = [o.name for o in owners if not _closed_form(o)]
     return total, fell_back
 
 
@@ -530,7 +546,7 @@ def fast_gram(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor
     by_owner = _grads_by_owner(owners, h, range(k), create_graph=False)
     K = None
     for o in owners:
-        if not _closed_form(o) or isinstance(o.module, (nn.Conv1d, nn.Conv2d)):
+        if not _closed_form(o) or o.affine or isinstance(o.module, (nn.Conv1d, nn.Conv2d)):
             raise FastPathUnsupported(f"no closed-form Gram for module {o.name!r}")
         a, g = o.calls[0].args[0], by_owner[id(o)][0]
         if isinstance(o.module, nn.Linear):

@@ -221,7 +221,7 @@ def sq_norms_with_method(
     model: nn.Module, fm: FunctionalModel, batch, method: str, chunk_size, memory_budget
 ) -> tuple[torch.Tensor, str]:
     """Per-sample norms (model in evaluation mode) and a word on the path that computed them."""
-    if method == "auto" and not closed_form_layers(model, differentiable=False):
+    if method == "auto" and not closed_form_layers(model):
         small = small_jacobian_norms_and_grad(fm, batch, with_grad=False)
         if small is not None:
             return small[1], "jacobian"
@@ -364,7 +364,7 @@ def _fast_norms_and_grad(
 
 
 def reg_grad_with_method(model, fm, batch, method, chunk_size, memory_budget) -> ParamDict:
-    if method == "auto" and not closed_form_layers(model, differentiable=True):
+    if method == "auto" and not closed_form_layers(model):
         small = small_jacobian_norms_and_grad(fm, batch)
         if small is not None:
             return small[2]
@@ -385,7 +385,7 @@ def norms_and_grad_with_method(
     With ``method="fast"`` only the norms must come from the fast path: a model whose norms
     need a per-module fallback gets its gradient from the vmap path.
     """
-    closed_forms = closed_form_layers(model, differentiable=True)
+    closed_forms = closed_form_layers(model)
     if method == "auto" and not closed_forms:
         small = small_jacobian_norms_and_grad(fm, batch)
         if small is not None:

@@ -159,6 +159,19 @@ def test_float32_attention_norms_take_the_fused_kernels_without_warnings(name):
     assert_rel_close(actual.double(), expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["transformer_encoder_layer", "attention_sequence_first"])
+def test_plain_self_attention_is_traced_as_two_projections_and_the_module_restored(name):
+    from noisy_label_sgd import fast_norms
+
+    model, x = make(name)
+    model.eval()
+    owners, h = fast_norms._trace(model, (x,))
+    attention = next(m for m in model.modules() if isinstance(m, nn.MultiheadAttention))
+    assert [o.name.rsplit(".", 1)[-1] for o in owners if o.affine] == ["in_proj", "out_proj"]
+    assert "forward" not in vars(attention)  # its own forward again
+    assert_rel_close(h.detach().reshape(-1), model(x).detach().reshape(-1), rtol=1e-12)
+
+
 def test_output_direction_groups_hold_at_most_half_the_parameters():
     from noisy_label_sgd import fast_norms
 
@@ -171,10 +184,9 @@ def test_output_direction_groups_hold_at_most_half_the_parameters():
         assert max(len(g) for g in groups) * 10 * n <= params / 2 or size == 1
 
 
-# models with a torch.func fallback or attention somewhere: "fast" has no double backward there
+# models with a torch.func fallback somewhere: "fast" has no double backward there
 NO_FAST_GRAD = {"reused_weight", "attention_masked_fallback", "grouped_conv_fallback", "matrix_sensing", "relu_1d",
-                "sigmoid_single_point_tanh", "sigmoid_single_point_logistic", "frozen_params_and_buffers",
-                "transformer_encoder_layer", "attention_sequence_first"}
+                "sigmoid_single_point_tanh", "sigmoid_single_point_logistic", "frozen_params_and_buffers"}
 
 
 @pytest.mark.parametrize("method", ["auto", "fast", "vmap"])
@@ -193,7 +205,8 @@ def test_reg_grad_matches_double_backward_of_the_loop(name, method):
 
 
 @pytest.mark.parametrize("method", ["auto", "fast", "vmap"])
-@pytest.mark.parametrize("name", ["layernorm_mlp", "mlp_multi_output", "wide_conv2d_strided_dilated"])
+@pytest.mark.parametrize("name", ["layernorm_mlp", "mlp_multi_output", "wide_conv2d_strided_dilated",
+                                  "transformer_encoder_layer", "attention_sequence_first"])
 def test_reg_grad_matches_central_finite_differences(name, method):
     # LayerNorm: reverse-over-reverse under vmap was wrong there; "fast" double-backs through it
     model, x = make(name)
