@@ -30,17 +30,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def interleaved_median_seconds(fns: list[Callable[[], object]], device: torch.device, repeats: int) -> list[float]:
+    """Median time of each function, calling them in turn ``repeats`` times (no warm-up): their
+    ratios then share the machine's moments, which on a shared, noisy machine a separate
+    measurement of each does not."""
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, record in zip(fns, times):
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            record.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def cpu_peak_allocated_bytes(fn: Callable[[], object]) -> int:

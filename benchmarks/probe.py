@@ -3,10 +3,11 @@
     python benchmarks/probe.py [--cases mlp,mlp10,cnn,transformer,relu1d] [--repeats 5] [--device cpu]
 
 Every (case, method) runs in its own subprocess so that its peak memory is its own, measured
-over the first call (from a fresh model: no gradients held yet) and the timed ones: on CUDA
-torch.cuda.max_memory_allocated above the memory before; on CPU the CPU allocator's peak during
-the first call above what it held before (profiler memory events; not for the slow naive loops),
-and, cruder, the growth of peak RSS.
+over the first call, from a fresh model (no gradients held yet): on CUDA
+torch.cuda.max_memory_allocated above the memory before; on CPU the CPU allocator's peak above
+what it held before (profiler memory events; not for the slow naive loops), and, cruder, the
+growth of peak RSS. Then the method is timed call by call in turn with a training step of a twin
+model: "vs train step" is the ratio of the two medians from the same process and moments.
 Methods:
   train_step    forward + backward + SGD step on the batch (the baseline);
   naive_reg     reg by a per-sample, per-output loop of torch.autograd.grad;
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cpu_peak_allocated_bytes, environment, median_seconds, print_table, write_json  # noqa: E402
+from common import cpu_peak_allocated_bytes, environment, interleaved_median_seconds, print_table, sync, write_json  # noqa: E402
 from noisy_label_sgd import per_sample_sq_grad_norms, regularizer_grad, tangent_projection  # noqa: E402
 
 METHODS = ["train_step", "naive_reg", "vmap_reg", "reg", "reg_grad", "projection", "opacus_reg", "backpack_reg"]
@@ -167,7 +168,8 @@ def backpack_reg(model, x):
     return run
 
 
-def worker(case: str, method: str, repeats: int, device: torch.device, autocast: str) -> dict:
+def method_run(case: str, method: str, device: torch.device, autocast: str):
+    """A fresh model of the case and a call of the method on it."""
     _, build, shape = CASES[case]
     if method == "opacus_reg" or method == "backpack_reg":
         __import__("opacus" if method == "opacus_reg" else "backpack")  # optional extras
@@ -201,12 +203,6 @@ def worker(case: str, method: str, repeats: int, device: torch.device, autocast:
         g = torch.Generator().manual_seed(2)
         v = {n: torch.randn(p.shape, generator=g).to(device) for n, p in model.named_parameters()}
         run = lambda: tangent_projection(model, x, v)
-    slow = method == "naive_reg" or (method == "vmap_reg" and case == "mlp10")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     if autocast == "bf16":  # mixed precision as users train with it; fp32 parameters
         plain_run = run
 
@@ -214,15 +210,35 @@ def worker(case: str, method: str, repeats: int, device: torch.device, autocast:
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 return plain_run()
 
+    return run
+
+
+def worker(case: str, method: str, repeats: int, device: torch.device, autocast: str) -> dict:
+    run = method_run(case, method, device, autocast)
+    slow = method == "naive_reg" or (method == "vmap_reg" and case == "mlp10")
+    # peak memory over the first call, from a fresh model
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     allocated = None
-    if device.type == "cpu" and not slow:  # the first call doubles as the warm-up
+    if device.type == "cpu" and not slow:
         allocated = cpu_peak_allocated_bytes(run) / 2**20
-    seconds = median_seconds(run, device, repeats=1 if slow else repeats, warmup=0 if slow or allocated else 1)
+    else:
+        run()
+        sync(device)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    result = {"seconds": seconds, "peak_mb": peak / 2**20 if device.type == "cuda" else allocated,
+    # time, interleaved call by call with a training step of a twin model: the baseline of the
+    # ratio is measured in the same process, in the same moments
+    step = run if method == "train_step" else method_run(case, "train_step", device, autocast)
+    step()
+    seconds, step_seconds = interleaved_median_seconds([run, step], device, repeats=1 if slow else repeats)
+    result = {"seconds": seconds, "step_seconds": step_seconds,
+              "peak_mb": peak / 2**20 if device.type == "cuda" else allocated,
               "rss_growth_mb": None if device.type == "cuda" else peak / 2**20}
     if method.endswith("reg"):
         value = run()
@@ -261,13 +277,12 @@ def main():
 
     rows = []
     for case, by_method in results.items():
-        step = by_method.get("train_step", {}).get("seconds")
         naive = by_method.get("naive_reg", {}).get("reg")
         for method, r in by_method.items():
             if "error" in r:
                 rows.append([CASES[case][0], method, "error", "", "", "", r["error"][:60]])
                 continue
-            ratio = f"{r['seconds'] / step:.2f}x" if step else "-"
+            ratio = f"{r['seconds'] / r['step_seconds']:.2f}x"
             agree = ""
             if method.endswith("reg") and method != "naive_reg" and naive:
                 agree = f"rel diff {abs(r['reg'] - naive) / abs(naive):.1e}"
