@@ -12,6 +12,7 @@ events and checkpoints. Resuming on the same world size continues the same noise
 
 import argparse
 import os
+import sys
 from datetime import timedelta
 
 import torch
@@ -89,3 +90,8 @@ if rank == 0:
     print(f"logs: tensorboard --logdir {args.out}; checkpoint: {checkpoint}")
 dist.barrier()  # no rank leaves while another is still in a collective
 dist.destroy_process_group()
+# Everything is saved and printed: leave at once. An ordinary interpreter exit sometimes aborts
+# a rank ("terminate called without an active exception") while gloo's and DDP's threads are
+# torn down, which would turn a finished run into a failed one.
+sys.stdout.flush()
+os._exit(0)
