@@ -172,6 +172,20 @@ def test_plain_self_attention_is_traced_as_two_projections_and_the_module_restor
     assert_rel_close(h.detach().reshape(-1), model(x).detach().reshape(-1), rtol=1e-12)
 
 
+@pytest.mark.parametrize("frozen", ["in_proj", "out_proj"])
+def test_attention_with_a_frozen_projection_matches_the_loop(frozen):
+    # out_proj frozen: in_proj alone in closed form; in_proj frozen: the attention module owns no
+    # trainable parameter, its out_proj is used without being called, so "auto" takes vmap
+    model, x = make("attention_sequence_first")
+    for name, p in model.attn.named_parameters():
+        p.requires_grad_(not name.startswith(frozen))
+    J = brute_jacobian(model, x)
+    assert_rel_close(per_sample_sq_grad_norms(model, x), J.pow(2).reshape(x.shape[0], -1).sum(1))
+    grad = regularizer_grad(model, x)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert_rel_close(torch.cat([grad[n].reshape(-1) for n in names]), brute_reg_grad(model, x))
+
+
 def test_output_direction_groups_hold_at_most_half_the_parameters():
     from noisy_label_sgd import fast_norms
 
