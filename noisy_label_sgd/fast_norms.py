@@ -450,8 +450,8 @@ def _held_part(owners: list[Owner], h: torch.Tensor, directions: range, create_g
 
 def _streamed_part(owners: list[Owner], h: torch.Tensor, j: int, retain_graph: bool) -> torch.Tensor | None:
     """The modules' parts for output direction j from one plain backward that never holds all
-    output gradients at once: a hook on each closed-form or attention module's output node takes
-    its part as the backward passes through. Modules whose inputs need no gradient (the backward
+    output gradients at once: a hook on each closed-form module's output node (attention's
+    projections included) takes its part as the backward passes through. Modules whose inputs need no gradient (the backward
     ends there) and per-module fallbacks get their gradients as the backward's results instead.
 
     None when a hooked node was not reached (a module whose output reaches h only through
