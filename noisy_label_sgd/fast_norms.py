@@ -14,8 +14,9 @@ the backward passes it. Per module, in closed form:
   to the unfolded input patches; with many positions and at least 16 input channels, the
   per-sample weight gradients instead as the weight gradient of one convolution grouped by
   sample (the batch folded into channels);
-* ``nn.MultiheadAttention`` as plain self-attention (packed projections, no masks): in_proj and
-  out_proj as affine maps, the gradients at q, k, v by a backward through the attention product;
+* ``nn.MultiheadAttention`` as plain self-attention (packed projections, no masks): traced with
+  its forward written out (:func:`_packed_forward`), so in_proj and out_proj are two affine maps
+  whose output gradients the model's own backward reaches;
 * ``nn.LayerNorm`` / ``nn.GroupNorm`` affine parameters: :math:`\nabla_\gamma = \sum g\,\hat{x}`,
   :math:`\nabla_\beta = \sum g` over the positions that share a parameter.
 
@@ -234,7 +235,7 @@ def _output_grads(h: torch.Tensor, calls: list[Call], directions: range, create_
 
 
 def _direction_groups(owners: list[Owner], k: int) -> list[range]:
-    """The k output directions in groups, one batched backward each, so that the probe needs
+    """The k output directions in groups, one batched backward each, so that the norms need
     about a training step's memory: a step holds the parameters' gradients, a group its output
     gradients at every recorded output plus temporaries of their size (their squares), so a
     group's gradients take at most half the parameters' size (at least one direction)."""
@@ -441,7 +442,7 @@ def _held_part(owners: list[Owner], h: torch.Tensor, directions: range, create_g
     module's output gradients together."""
     by_owner = _grads_by_owner(owners, h, directions, create_graph)
     total = 0
-    # closed forms first: their gradients are freed before attention and fallbacks, which need
+    # closed forms first: their gradients are freed before the per-module fallbacks, which need
     # working memory of their own
     for o in sorted(owners, key=lambda o: not _closed_form(o)):
         total = total + _owner_part(o, by_owner.pop(id(o)), h.shape[0])
@@ -451,8 +452,9 @@ def _held_part(owners: list[Owner], h: torch.Tensor, directions: range, create_g
 def _streamed_part(owners: list[Owner], h: torch.Tensor, j: int, retain_graph: bool) -> torch.Tensor | None:
     """The modules' parts for output direction j from one plain backward that never holds all
     output gradients at once: a hook on each closed-form module's output node (attention's
-    projections included) takes its part as the backward passes through. Modules whose inputs need no gradient (the backward
-    ends there) and per-module fallbacks get their gradients as the backward's results instead.
+    projections included) takes its part as the backward passes through. Modules whose inputs
+    need no gradient (the backward ends there) and per-module fallbacks get their gradients as
+    the backward's results instead.
 
     None when a hooked node was not reached (a module whose output reaches h only through
     parameters used outside any module, or inputs that require grad): the caller then takes
