@@ -46,6 +46,13 @@ CASES = {
         lambda: randn(3, 16, 10, 10)),
     "wide_conv1d": (lambda: seeded(17, lambda: nn.Sequential(
         nn.Conv1d(16, 2, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 12, 1))), lambda: randn(4, 16, 12)),
+    # few input channels: per-sample weight gradients from the input patches (strided view)
+    "narrow_conv2d_strided_dilated": (lambda: seeded(18, lambda: nn.Sequential(
+        nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2)), nn.Tanh(),
+        nn.Conv2d(4, 3, 2), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 5, 2))), lambda: randn(4, 3, 9, 8)),
+    "narrow_conv1d_dilated": (lambda: seeded(19, lambda: nn.Sequential(
+        nn.Conv1d(2, 3, 3, stride=2, padding=2, dilation=2), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 6, 1))),
+        lambda: randn(5, 2, 11)),
     "matrix_sensing": (lambda: MatrixSensing(4, init=randn(4, 4, seed=5)).double(), lambda: randn(7, 4, 4)),
     "relu_1d": (lambda: TwoLayerReLU1D(6, torch.Generator().manual_seed(6)).double(), lambda: randn(8)),
     "sigmoid_single_point_tanh": (
@@ -220,6 +227,7 @@ def test_reg_grad_matches_double_backward_of_the_loop(name, method):
 
 @pytest.mark.parametrize("method", ["auto", "fast", "vmap"])
 @pytest.mark.parametrize("name", ["layernorm_mlp", "mlp_multi_output", "wide_conv2d_strided_dilated",
+                                  "narrow_conv2d_strided_dilated",
                                   "transformer_encoder_layer", "attention_sequence_first"])
 def test_reg_grad_matches_central_finite_differences(name, method):
     # LayerNorm: reverse-over-reverse under vmap was wrong there; "fast" double-backs through it
@@ -493,6 +501,25 @@ def test_wide_convolutions_take_the_grouped_weight_gradient(monkeypatch):
         model, x = make(name)
         per_sample_sq_grad_norms(model, x, method="fast")
         assert calls, name
+
+
+@pytest.mark.parametrize("name", ["cnn_groupnorm", "narrow_conv2d_strided_dilated", "narrow_conv1d_dilated"])
+def test_conv_patches_one_sample_at_a_time_match_the_loop(name, monkeypatch):
+    # the patches go a few samples at a time: here one; norms copy a strided view of the padded
+    # input, the differentiable grad reg unfolds
+    from noisy_label_sgd import fast_norms
+
+    monkeypatch.setattr(fast_norms, "PATCH_CHUNK_BYTES", 1)
+    unfolds = []
+    unfold = torch.nn.functional.unfold
+    monkeypatch.setattr(torch.nn.functional, "unfold", lambda *a, **k: unfolds.append(1) or unfold(*a, **k))
+    model, x = make(name)
+    n = x.shape[0]
+    assert_rel_close(per_sample_sq_grad_norms(model, x, method="fast"), brute_jacobian(model, x).pow(2).reshape(n, -1).sum(1))
+    assert not unfolds
+    grad = regularizer_grad(model, x, method="fast")
+    assert bool(unfolds) == (name != "narrow_conv1d_dilated")  # its only conv sees the model input
+    assert_rel_close(torch.cat([g.reshape(-1) for g in grad.values()]), brute_reg_grad(model, x))
 
 
 def test_probe_with_cg_shares_one_small_jacobian_for_norms_and_grad():
