@@ -19,10 +19,13 @@ from .regularizer import (
     check_method,
     evaluation_mode,
     norms_and_grad_with_method,
+    choose_solver,
     project,
     project_with_jacobian,
+    reg_grad_and_jacobian,
     small_jacobian_norms_and_grad,
 )
+from .fast_norms import closed_form_layers
 
 __all__ = ["RegularizerProbe", "ProbeReport"]
 
@@ -42,7 +45,8 @@ class ProbeReport:
         outputs_per_sample: k, the number of output entries per sample.
         method: the path that computed the norms: "jacobian" (a small J formed whole, which
             also gives grad reg and the projection), "fast", "fast (per-module fallback: ...)"
-            or "vmap".
+            or "vmap" (torch.func per sample; where J fits the dense solver, the J that grad
+            reg's forward-over-reverse forms gives the norms and the projection too).
         seconds: wall time of the measurement.
     """
 
@@ -140,19 +144,27 @@ class RegularizerProbe:
                 used = "jacobian"
             else:
                 out, k = None, fm.output_size(self.inputs)
-                per_sample, reg_grad, used = norms_and_grad_with_method(
-                    self.model, fm, self.inputs, self.method, self.chunk_size, self.memory_budget
-                )
-                if distributed:  # local means -> the mean over the union of the shards
-                    n_total = int(all_reduce_sum(torch.tensor(float(n_local))).item())
-                    per_sample = all_gather_cat(per_sample)
-                    reg_grad = fm.unflatten(all_reduce_sum(fm.flatten(reg_grad) * n_local) / n_total)
-                manifold = project(
-                    self.model, fm, self.inputs, reg_grad, solver=self.solver, method=self.method,
-                    chunk_size=self.chunk_size, memory_budget=self.memory_budget,
-                    all_reduce=all_reduce_sum if distributed else None,
-                )
-                grad_flat, manifold_flat = fm.flatten(reg_grad), fm.flatten(manifold)
+                if self._whole_jacobian(fm, k, distributed):
+                    # grad reg's forward-over-reverse forms J: it serves the norms and projection
+                    reg_grad, J = reg_grad_and_jacobian(fm, self.inputs, self.chunk_size, self.memory_budget)
+                    per_sample = J.pow(2).sum(1).view(n_local, k).sum(1)
+                    grad_flat = fm.flatten(reg_grad)
+                    manifold_flat = project_with_jacobian(J, grad_flat)
+                    used = "vmap"
+                else:
+                    per_sample, reg_grad, used = norms_and_grad_with_method(
+                        self.model, fm, self.inputs, self.method, self.chunk_size, self.memory_budget
+                    )
+                    if distributed:  # local means -> the mean over the union of the shards
+                        n_total = int(all_reduce_sum(torch.tensor(float(n_local))).item())
+                        per_sample = all_gather_cat(per_sample)
+                        reg_grad = fm.unflatten(all_reduce_sum(fm.flatten(reg_grad) * n_local) / n_total)
+                    manifold = project(
+                        self.model, fm, self.inputs, reg_grad, solver=self.solver, method=self.method,
+                        chunk_size=self.chunk_size, memory_budget=self.memory_budget,
+                        all_reduce=all_reduce_sum if distributed else None,
+                    )
+                    grad_flat, manifold_flat = fm.flatten(reg_grad), fm.flatten(manifold)
             loss = None if self.targets is None else self._clean_loss(fm, out)
         return ProbeReport(
             reg=float(per_sample.mean()),
@@ -165,6 +177,14 @@ class RegularizerProbe:
             method=used,
             seconds=time.perf_counter() - start,
         )
+
+    def _whole_jacobian(self, fm: FunctionalModel, k: int, distributed: bool) -> bool:
+        """Whether grad reg takes the torch.func path and J [n k, p] fits the dense solver."""
+        if distributed or self.solver == "cg" or self.method == "fast":
+            return False
+        if self.method == "auto" and closed_form_layers(self.model):
+            return False
+        return choose_solver(fm, self.num_samples * k, self.memory_budget) == "dense"
 
     def _clean_loss(self, fm: FunctionalModel, out: torch.Tensor | None) -> float:
         """Mean squared error over every target entry of the (union of the) probe set(s), from

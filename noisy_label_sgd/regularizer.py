@@ -313,21 +313,25 @@ def implicit_regularizer(
 # -- grad reg --------------------------------------------------------------------------------
 
 
-def _reg_grad_sum(fm: FunctionalModel, batch: tuple[torch.Tensor, ...], k: int) -> ParamDict:
-    """sum_i sum_j H_ij grad h_ij over the samples of ``batch`` (forward-over-reverse)."""
+def _reg_grad_sum(fm: FunctionalModel, batch: tuple[torch.Tensor, ...], k: int) -> tuple[ParamDict, torch.Tensor]:
+    """sum_i sum_j H_ij grad h_ij over the samples of ``batch`` (forward-over-reverse), and
+    the rows of J it passes through on the way ([b k, p])."""
     directions = torch.eye(k, dtype=fm.dtype, device=fm.device)
 
-    def hessian_times_gradient(direction: torch.Tensor, *sample: torch.Tensor) -> ParamDict:
+    def hessian_times_gradient(direction: torch.Tensor, *sample: torch.Tensor) -> tuple[ParamDict, ParamDict]:
         output_j = lambda params: (fm.sample_output(params, *sample) * direction).sum()
         gradient = grad(output_j)(fm.params)
-        return jvp(grad(output_j), (fm.params,), (gradient,))[1]
+        return jvp(grad(output_j), (fm.params,), (gradient,))[1], gradient
 
-    def per_sample(*sample: torch.Tensor) -> ParamDict:
+    def per_sample(*sample: torch.Tensor) -> tuple[ParamDict, ParamDict]:
         per_output = vmap(hessian_times_gradient, in_dims=(0,) + (None,) * len(sample))
-        return {n: v.sum(0) for n, v in per_output(directions, *sample).items()}
+        products, gradients = per_output(directions, *sample)
+        return {n: v.sum(0) for n, v in products.items()}, gradients
 
-    summed = vmap(per_sample)(*batch)
-    return {n: v.sum(0) for n, v in summed.items()}
+    summed, jac = vmap(per_sample)(*batch)
+    b = batch[0].shape[0]
+    rows = torch.cat([jac[name].reshape(b * k, -1) for name in fm.params], dim=1)
+    return {n: v.sum(0) for n, v in summed.items()}, rows
 
 
 def regularizer_grad(
@@ -468,15 +472,28 @@ def small_jacobian_norms_and_grad(
 
 
 def _reg_grad(fm: FunctionalModel, batch, chunk_size, memory_budget) -> ParamDict:
+    return reg_grad_and_jacobian(fm, batch, chunk_size, memory_budget, keep_jacobian=False)[0]
+
+
+def reg_grad_and_jacobian(
+    fm: FunctionalModel, batch, chunk_size, memory_budget, keep_jacobian: bool = True
+) -> tuple[ParamDict, torch.Tensor | None]:
+    """grad reg, and J [n k, p] (``keep_jacobian``: the caller checked that it fits), which the
+    forward-over-reverse forms anyway."""
     n = batch[0].shape[0]
     k = fm.output_size(batch)
     # per sample and output: the gradient, its jvp and the jvp's primal: ~3 Jacobian copies
     chunk = auto_chunk_size(fm, k, chunk_size, memory_budget, copies=3)
     total = {name: torch.zeros_like(p) for name, p in fm.params.items()}
+    rows = []
     for s in chunk_slices(n, chunk):
-        for name, v in _reg_grad_sum(fm, tuple(t[s] for t in batch), k).items():
+        products, J_chunk = _reg_grad_sum(fm, tuple(t[s] for t in batch), k)
+        for name, v in products.items():
             total[name] += v
-    return {name: v.mul_(2.0 / n) for name, v in total.items()}
+        if keep_jacobian:
+            rows.append(J_chunk)
+    J = torch.cat(rows) if keep_jacobian else None
+    return {name: v.mul_(2.0 / n) for name, v in total.items()}, J
 
 
 # -- tangent projection ----------------------------------------------------------------------

@@ -8,6 +8,7 @@ from torch import nn
 
 from helpers import FrozenAndBuffers, brute_jacobian, brute_reg_grad, mlp
 from noisy_label_sgd import ProbeReport, RegularizerProbe
+from noisy_label_sgd.paper_models import MatrixSensing
 
 
 def data(n=7, seed=0):
@@ -15,15 +16,11 @@ def data(n=7, seed=0):
     return torch.randn(n, 6, generator=g, dtype=torch.float64), torch.randn(n, 3, generator=g, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("solver", ["dense", "cg", "auto"])
-def test_report_matches_brute_force(solver):
-    model = mlp()
-    x, y = data()
-    report = RegularizerProbe(model, x, y, solver=solver)()
-    assert isinstance(report, ProbeReport)
+def assert_matches_brute_force(report, model, x, y):
+    n = x.shape[0]
     J = brute_jacobian(model, x)
-    assert math.isclose(report.reg, float(J.pow(2).sum() / x.shape[0]), rel_tol=1e-10)
-    torch.testing.assert_close(report.per_sample, J.pow(2).reshape(7, -1).sum(1), rtol=1e-10, atol=0)
+    assert math.isclose(report.reg, float(J.pow(2).sum() / n), rel_tol=1e-10)
+    torch.testing.assert_close(report.per_sample, J.pow(2).reshape(n, -1).sum(1), rtol=1e-10, atol=0)
     grad = brute_reg_grad(model, x)
     assert math.isclose(report.reg_grad_norm, float(grad.norm()), rel_tol=1e-9)
     _, s, Vh = torch.linalg.svd(J, full_matrices=False)
@@ -35,6 +32,39 @@ def test_report_matches_brute_force(solver):
     with torch.no_grad():
         assert math.isclose(report.loss, float(nn.functional.mse_loss(model.eval()(x), y)), rel_tol=1e-12)
     assert report.seconds > 0 and 0 <= report.manifold_fraction <= 1
+
+
+@pytest.mark.parametrize("solver", ["dense", "cg", "auto"])
+def test_report_matches_brute_force(solver):
+    model = mlp()
+    x, y = data()
+    report = RegularizerProbe(model, x, y, solver=solver)()
+    assert isinstance(report, ProbeReport)
+    assert_matches_brute_force(report, model, x, y)
+
+
+@pytest.mark.parametrize("method", ["auto", "vmap"])
+@pytest.mark.parametrize("case", ["matrix_sensing", "mlp"])
+def test_one_jacobian_from_grad_reg_serves_norms_and_projection(case, method, monkeypatch):
+    # J too large for the small-Jacobian path (over 64 rows), small enough for the dense solver:
+    # the J formed by grad reg's forward-over-reverse gives the norms and the projection
+    from noisy_label_sgd import probe, regularizer
+
+    g = torch.Generator().manual_seed(1)
+    if case == "matrix_sensing":
+        # 70 measurements of a 12 x 12 symmetric X: grad reg = M U has a tangent part
+        model = MatrixSensing(12, init=torch.randn(12, 12, generator=g)).double()
+        x, y = torch.randn(70, 12, 12, generator=g, dtype=torch.float64), torch.randn(70, generator=g, dtype=torch.float64)
+    elif method == "auto":
+        return  # closed-form layers: auto takes the fast path
+    else:
+        model = mlp()
+        x, y = data(n=30)
+    monkeypatch.setattr(regularizer, "jacobian_matrix", None)  # no second J
+    monkeypatch.setattr(probe, "norms_and_grad_with_method", None)  # no separate norms
+    report = RegularizerProbe(model, x, y, method=method)()
+    assert report.method == "vmap" and report.manifold_fraction > 0.01
+    assert_matches_brute_force(report, model, x, y)
 
 
 def test_probe_changes_no_parameter_mode_gradient_or_random_state():
