@@ -166,11 +166,15 @@ class RegularizerProbe:
                     )
                     grad_flat, manifold_flat = fm.flatten(reg_grad), fm.flatten(manifold)
             loss = None if self.targets is None else self._clean_loss(fm, out)
+        # one conversion to Python numbers (one device sync on a GPU)
+        reg, grad_norm, manifold_norm, normal_norm = torch.stack([
+            per_sample.mean(), grad_flat.norm(), manifold_flat.norm(), (grad_flat - manifold_flat).norm()
+        ]).tolist()
         return ProbeReport(
-            reg=float(per_sample.mean()),
-            reg_grad_norm=float(grad_flat.norm()),
-            manifold_grad_norm=float(manifold_flat.norm()),
-            normal_grad_norm=float((grad_flat - manifold_flat).norm()),
+            reg=reg,
+            reg_grad_norm=grad_norm,
+            manifold_grad_norm=manifold_norm,
+            normal_grad_norm=normal_norm,
             loss=loss,
             per_sample=per_sample,
             outputs_per_sample=k,
@@ -199,8 +203,10 @@ class RegularizerProbe:
                     f"model outputs {out.shape[1]}"
                 )
             target = self.targets.reshape(out.shape).to(out.dtype)
+            if not is_distributed():
+                return float(nn.functional.mse_loss(out, target))
             sums = torch.stack([(out - target).pow(2).sum(), torch.tensor(float(out.numel()), dtype=out.dtype)])
-            total = all_reduce_sum(sums) if is_distributed() else sums
+            total = all_reduce_sum(sums)
             return float(total[0] / total[1])
 
     def __repr__(self) -> str:
