@@ -66,6 +66,8 @@ class Call:
     shape: torch.Size
     dtype: torch.dtype
     device: torch.device
+    # what every output direction reuses: the input's per-sample squared norms (2-D inputs)
+    memo: dict = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -245,13 +247,14 @@ def _direction_groups(owners: list[Owner], k: int) -> list[range]:
     return [range(start, min(start + size, k)) for start in range(0, k, size)]
 
 
-def _linear(module: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def _linear(module: nn.Linear, a: torch.Tensor, g: torch.Tensor, memo: dict) -> torch.Tensor:
     bias = module.bias is not None and module.bias.requires_grad
-    return _affine_map(a, g, module.weight.requires_grad, bias)
+    return _affine_map(a, g, module.weight.requires_grad, bias, memo)
 
 
-def _affine_map(a: torch.Tensor, g: torch.Tensor, weight: bool, bias: bool) -> torch.Tensor:
-    """sum_j ||grad of (W a + b) at output gradient g_j||^2 per sample, over positions."""
+def _affine_map(a: torch.Tensor, g: torch.Tensor, weight: bool, bias: bool, memo: dict) -> torch.Tensor:
+    """sum_j ||grad of (W a + b) at output gradient g_j||^2 per sample, over positions
+    (``memo``: the call's store of what other output directions reuse)."""
     k, n = g.shape[:2]
     a = a.reshape(n, -1, a.shape[-1])  # [n, T, in]
     g = g.reshape(k, n, -1, g.shape[-1])  # [k, n, T, out]
@@ -259,7 +262,9 @@ def _affine_map(a: torch.Tensor, g: torch.Tensor, weight: bool, bias: bool) -> t
     total = torch.zeros(k, n, dtype=g.dtype, device=g.device)
     if weight:
         if positions == 1:
-            total = total + g.pow(2).sum((-1, -2)) * a.pow(2).sum((-1, -2))
+            if "input_sq_norms" not in memo:
+                memo["input_sq_norms"] = a.pow(2).sum((-1, -2))
+            total = total + g.pow(2).sum((-1, -2)) * memo["input_sq_norms"]
         elif positions * positions <= a.shape[-1] * g.shape[-1]:
             gram_a = a @ a.transpose(1, 2)  # [n, T, T]
             total = total + (gram_a * (g @ g.transpose(2, 3))).sum((-1, -2))
@@ -462,14 +467,11 @@ def _owner_part(o: Owner, grads: list[torch.Tensor], n: int) -> torch.Tensor:
     [c, *y.shape] per call, over c output directions)."""
     if o.affine:
         weight, bias = (any(name.endswith(end) for name in o.params) for end in ("weight", "bias"))
-        return _affine_map(o.calls[0].args[0], grads[0], weight, bias)
+        return _affine_map(o.calls[0].args[0], grads[0], weight, bias, o.calls[0].memo)
     if _closed_form(o):
         if isinstance(o.module, nn.Linear):
-            norm = _linear
-        elif isinstance(o.module, (nn.Conv1d, nn.Conv2d)):
-            norm = _conv
-        else:
-            norm = _norm_affine
+            return _linear(o.module, o.calls[0].args[0], grads[0], o.calls[0].memo)
+        norm = _conv if isinstance(o.module, (nn.Conv1d, nn.Conv2d)) else _norm_affine
         return norm(o.module, o.calls[0].args[0], grads[0])
     with sdpa_kernel(SDPBackend.MATH):  # vmapped: the fused attention kernels have no batching rule
         return _per_module_fallback(o, grads, n)
