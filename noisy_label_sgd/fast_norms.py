@@ -259,13 +259,14 @@ def _affine_map(a: torch.Tensor, g: torch.Tensor, weight: bool, bias: bool, memo
     a = a.reshape(n, -1, a.shape[-1])  # [n, T, in]
     g = g.reshape(k, n, -1, g.shape[-1])  # [k, n, T, out]
     positions = a.shape[1]
+    if positions == 1:  # ||g||^2 (||a||^2 + 1)
+        if weight and "input_sq_norms" not in memo:
+            memo["input_sq_norms"] = a.pow(2).sum((-1, -2))
+        factor = (memo["input_sq_norms"] if weight else 0) + (1 if bias else 0)
+        return (g.pow(2).sum((-1, -2)) * factor).sum(0)
     total = torch.zeros(k, n, dtype=g.dtype, device=g.device)
     if weight:
-        if positions == 1:
-            if "input_sq_norms" not in memo:
-                memo["input_sq_norms"] = a.pow(2).sum((-1, -2))
-            total = total + g.pow(2).sum((-1, -2)) * memo["input_sq_norms"]
-        elif positions * positions <= a.shape[-1] * g.shape[-1]:
+        if positions * positions <= a.shape[-1] * g.shape[-1]:
             gram_a = a @ a.transpose(1, 2)  # [n, T, T]
             total = total + (gram_a * (g @ g.transpose(2, 3))).sum((-1, -2))
         else:  # long sequences: the per-sample weight gradient is smaller than the Gram matrices
