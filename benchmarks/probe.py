@@ -254,6 +254,7 @@ def main():
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--name", help="results file name (default probe_<device>, _bf16 under autocast)")
     p.add_argument("--worker", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
     args = p.parse_args()
     device = torch.device(args.device)
@@ -293,7 +294,7 @@ def main():
     print(f"# {env}")
     print_table(["case", "method", "ms", "vs train step", "peak MB", "RSS growth MB", "check vs naive"], rows)
     suffix = "" if args.autocast == "none" else f"_{args.autocast}"
-    print("wrote", write_json(f"probe_{device.type}{suffix}", {"environment": env, "autocast": args.autocast,
+    print("wrote", write_json(args.name or f"probe_{device.type}{suffix}", {"environment": env, "autocast": args.autocast,
                                                                 "results": results}))
 
 

@@ -315,8 +315,8 @@ def _conv_patches(module, a, g, kernel, stride, padding, dilation) -> torch.Tens
         # unfold, whose backward is one fold; a strided view's scatters into zeroed patches
         patches = lambda i: nn.functional.unfold(inputs[i], kernel, dilation, padding, stride)
     else:
-        x = nn.functional.pad(a, (padding[1], padding[1], padding[0], padding[0]))
-        st = x.stride()
+        x = nn.functional.pad(a, (padding[1], padding[1], padding[0], padding[0])) if any(padding) else a
+        st = x.stride()  # any strides: the view reads the input where it lies
         view = x.as_strided((n, x.shape[1], *kernel, out_h, out_w), (
             st[0], st[1], dilation[0] * st[2], dilation[1] * st[3], stride[0] * st[2], stride[1] * st[3]))
         patches = lambda i: view[i * chunk : (i + 1) * chunk].reshape(-1, rows, positions)  # the copy

@@ -50,6 +50,10 @@ CASES = {
     "narrow_conv2d_strided_dilated": (lambda: seeded(18, lambda: nn.Sequential(
         nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2)), nn.Tanh(),
         nn.Conv2d(4, 3, 2), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 5, 2))), lambda: randn(4, 3, 9, 8)),
+    # unpadded, on a channels-last input: the patches read the input where it lies
+    "narrow_conv2d_channels_last": (lambda: seeded(20, lambda: nn.Sequential(
+        nn.Conv2d(3, 2, 3, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 4, 1))),
+        lambda: randn(4, 3, 7, 9).to(memory_format=torch.channels_last)),
     "narrow_conv1d_dilated": (lambda: seeded(19, lambda: nn.Sequential(
         nn.Conv1d(2, 3, 3, stride=2, padding=2, dilation=2), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 6, 1))),
         lambda: randn(5, 2, 11)),
