@@ -258,6 +258,10 @@ def main():
     p.add_argument("--worker", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
     args = p.parse_args()
     device = torch.device(args.device)
+    # fp32 as in the GPU table: no TF32 in matmuls or cuDNN convolutions (bf16 autocast
+    # is the separate --autocast run)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     if args.worker:
         print(json.dumps(worker(*args.worker, args.repeats, device, args.autocast)))
         return
