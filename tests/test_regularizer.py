@@ -526,6 +526,23 @@ def test_conv_patches_one_sample_at_a_time_match_the_loop(name, monkeypatch):
     assert_rel_close(torch.cat([g.reshape(-1) for g in grad.values()]), brute_reg_grad(model, x))
 
 
+def test_the_fast_path_sizes_its_chunks_once_per_model_and_input_signature(monkeypatch):
+    from noisy_label_sgd import fast_norms
+
+    model, x = make("mlp_multi_output")
+    traced = []
+    record = fast_norms._record
+    monkeypatch.setattr(fast_norms, "_record", lambda owners, m, batch: traced.append(batch[0].shape[0])
+                        or record(owners, m, batch))
+    for _ in range(2):
+        per_sample_sq_grad_norms(model, x, method="fast")
+    assert traced.count(1) == 1 and traced.count(x.shape[0]) == 2  # one sizing forward, two traces
+    next(model.parameters()).requires_grad_(False)  # another signature: sized again
+    norms = per_sample_sq_grad_norms(model, x, method="fast")
+    assert traced.count(1) == 2
+    assert_rel_close(norms, brute_jacobian(model, x).pow(2).reshape(x.shape[0], -1).sum(1))
+
+
 def test_probe_with_cg_shares_one_small_jacobian_for_norms_and_grad():
     # solver="cg" leaves the probe's own small-J branch for norms_and_grad_with_method
     from noisy_label_sgd import RegularizerProbe
