@@ -6,8 +6,11 @@ Every (case, method) runs in its own subprocess so that its peak memory is its o
 over the first call, from a fresh model (no gradients held yet): on CUDA
 torch.cuda.max_memory_allocated above the memory before; on CPU the CPU allocator's peak above
 what it held before (profiler memory events; not for the slow naive loops), and, cruder, the
-growth of peak RSS. Then the method is timed call by call in turn with a training step of a twin
-model: "vs train step" is the ratio of the two medians from the same process and moments.
+growth of peak RSS. Then one more subprocess per case times every method that ran, call by call
+in turn with a training step: "vs train step" is the ratio of medians taken in the same process
+and moments, so a row's methods compare with each other as well as with the step (on a shared
+machine the speed of a process varies by tens of percent). The slow ones (the naive loop, vmap
+of the 10-output MLP) are timed once each in their own process, in turn with a step.
 Methods:
   train_step    forward + backward + SGD step on the batch (the baseline);
   naive_reg     reg by a per-sample, per-output loop of torch.autograd.grad;
@@ -213,9 +216,15 @@ def method_run(case: str, method: str, device: torch.device, autocast: str):
     return run
 
 
-def worker(case: str, method: str, repeats: int, device: torch.device, autocast: str) -> dict:
+def is_slow(case: str, method: str) -> bool:
+    return method == "naive_reg" or (method == "vmap_reg" and case == "mlp10")
+
+
+def worker(case: str, method: str, device: torch.device, autocast: str) -> dict:
+    """Peak memory of the method's first call from a fresh model, its reg value, and for a slow
+    method its time (one call, then one training step)."""
     run = method_run(case, method, device, autocast)
-    slow = method == "naive_reg" or (method == "vmap_reg" and case == "mlp10")
+    slow = is_slow(case, method)
     # peak memory over the first call, from a fresh model
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -232,18 +241,26 @@ def worker(case: str, method: str, repeats: int, device: torch.device, autocast:
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    # time, interleaved call by call with a training step of a twin model: the baseline of the
-    # ratio is measured in the same process, in the same moments
-    step = run if method == "train_step" else method_run(case, "train_step", device, autocast)
-    step()
-    seconds, step_seconds = interleaved_median_seconds([run, step], device, repeats=1 if slow else repeats)
-    result = {"seconds": seconds, "step_seconds": step_seconds,
-              "peak_mb": peak / 2**20 if device.type == "cuda" else allocated,
+    result = {"peak_mb": peak / 2**20 if device.type == "cuda" else allocated,
               "rss_growth_mb": None if device.type == "cuda" else peak / 2**20}
+    if slow:
+        step = method_run(case, "train_step", device, autocast)
+        step()
+        result["seconds"], result["step_seconds"] = interleaved_median_seconds([run, step], device, repeats=1)
     if method.endswith("reg"):
         value = run()
         result["reg"] = float(value.mean()) if isinstance(value, torch.Tensor) else value
     return result
+
+
+def timing_worker(case: str, methods: list[str], repeats: int, device: torch.device, autocast: str) -> dict:
+    """Median seconds of each method and of a training step, called in turn ``repeats`` times
+    after one warm-up call each."""
+    runs = [method_run(case, m, device, autocast) for m in ["train_step", *methods]]
+    for run in runs:
+        run()
+    seconds = interleaved_median_seconds(runs, device, repeats)
+    return dict(zip(["train_step", *methods], seconds))
 
 
 def main():
@@ -256,6 +273,7 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--name", help="results file name (default probe_<device>, _bf16 under autocast)")
     p.add_argument("--worker", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
+    p.add_argument("--timing-worker", metavar="CASE", help=argparse.SUPPRESS)
     args = p.parse_args()
     device = torch.device(args.device)
     # fp32 as in the issue's GPU table: no TF32 in matmuls or cuDNN convolutions (bf16 autocast
@@ -263,22 +281,40 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.repeats, device, args.autocast)))
+        print(json.dumps(worker(*args.worker, device, args.autocast)))
+        return
+    if args.timing_worker:
+        methods = [m for m in args.methods.split(",") if m != "train_step"]
+        print(json.dumps(timing_worker(args.timing_worker, methods, args.repeats, device, args.autocast)))
         return
 
     from tqdm import tqdm
 
-    jobs = [(c, m) for c in args.cases.split(",") for m in args.methods.split(",")]
+    cases, methods = args.cases.split(","), args.methods.split(",")
     results = {}
-    for case, method in tqdm(jobs, desc="probe benchmark", unit="run"):
-        cmd = [sys.executable, __file__, "--worker", case, method, "--repeats", str(args.repeats),
-               "--device", args.device, "--autocast", args.autocast]
+
+    def subprocess_json(*worker_args: str) -> dict:
+        cmd = [sys.executable, __file__, *worker_args, "--repeats", str(args.repeats), "--device", args.device,
+               "--autocast", args.autocast]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
-            lines = (out.stderr.strip() or "failed").splitlines()
-            results.setdefault(case, {})[method] = {"error": lines[-1]}
-            continue
-        results.setdefault(case, {})[method] = json.loads(out.stdout.strip().splitlines()[-1])
+            return {"error": (out.stderr.strip() or "failed").splitlines()[-1]}
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    with tqdm(total=len(cases) * (len(methods) + 1), desc="probe benchmark", unit="run") as bar:
+        for case in cases:
+            by_method = results.setdefault(case, {})
+            for method in methods:
+                by_method[method] = subprocess_json("--worker", case, method)
+                bar.update()
+            timed = [m for m in methods if "error" not in by_method[m] and not is_slow(case, m)]
+            seconds = subprocess_json("--timing-worker", case, "--methods", ",".join(timed)) if timed else {}
+            bar.update()
+            for method in timed:
+                if "error" in seconds:
+                    by_method[method] = {"error": f"timing: {seconds['error']}"}
+                else:
+                    by_method[method].update(seconds=seconds[method], step_seconds=seconds["train_step"])
 
     rows = []
     for case, by_method in results.items():
