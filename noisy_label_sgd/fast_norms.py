@@ -111,9 +111,8 @@ def _record(owners: list[Owner], model: nn.Module, batch: tuple[torch.Tensor, ..
     def make_hook(owner: Owner):
         def hook(module, args, kwargs, output):
             # a tuple whose other entries are None (nn.MultiheadAttention, need_weights=False)
-            extra = ()
             if isinstance(output, tuple) and output and all(t is None for t in output[1:]):
-                output, extra = output[0], output[1:]
+                output = output[0]
             if not isinstance(output, torch.Tensor):
                 raise FastPathUnsupported(f"module {owner.name!r} returns {type(output).__name__}")
             edge = None  # (a forward under no_grad only measures sizes)

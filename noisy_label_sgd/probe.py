@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .distributed import all_gather_cat, all_reduce_sum, is_distributed, unwrap_ddp
+from .fast_norms import closed_form_layers
 from .regularizer import (
     DEFAULT_MEMORY_BUDGET,
     SOLVERS,
@@ -17,15 +18,14 @@ from .regularizer import (
     as_input_tuple,
     auto_chunk_size,
     check_method,
+    choose_solver,
     evaluation_mode,
     norms_and_grad_with_method,
-    choose_solver,
     project,
     project_with_jacobian,
     reg_grad_and_jacobian,
     small_jacobian_norms_and_grad,
 )
-from .fast_norms import closed_form_layers
 
 __all__ = ["RegularizerProbe", "ProbeReport"]
 

@@ -313,9 +313,9 @@ def implicit_regularizer(
 # -- grad reg --------------------------------------------------------------------------------
 
 
-def _reg_grad_sum(fm: FunctionalModel, batch: tuple[torch.Tensor, ...], k: int) -> tuple[ParamDict, torch.Tensor]:
+def _reg_grad_sum(fm: FunctionalModel, batch: tuple[torch.Tensor, ...], k: int) -> tuple[ParamDict, ParamDict]:
     """sum_i sum_j H_ij grad h_ij over the samples of ``batch`` (forward-over-reverse), and
-    the rows of J it passes through on the way ([b k, p])."""
+    the per-sample Jacobians it passes through on the way (name -> [b, k, *param.shape])."""
     directions = torch.eye(k, dtype=fm.dtype, device=fm.device)
 
     def hessian_times_gradient(direction: torch.Tensor, *sample: torch.Tensor) -> tuple[ParamDict, ParamDict]:
@@ -329,9 +329,7 @@ def _reg_grad_sum(fm: FunctionalModel, batch: tuple[torch.Tensor, ...], k: int) 
         return {n: v.sum(0) for n, v in products.items()}, gradients
 
     summed, jac = vmap(per_sample)(*batch)
-    b = batch[0].shape[0]
-    rows = torch.cat([jac[name].reshape(b * k, -1) for name in fm.params], dim=1)
-    return {n: v.sum(0) for n, v in summed.items()}, rows
+    return {n: v.sum(0) for n, v in summed.items()}, jac
 
 
 def regularizer_grad(
@@ -487,11 +485,12 @@ def reg_grad_and_jacobian(
     total = {name: torch.zeros_like(p) for name, p in fm.params.items()}
     rows = []
     for s in chunk_slices(n, chunk):
-        products, J_chunk = _reg_grad_sum(fm, tuple(t[s] for t in batch), k)
+        products, jac = _reg_grad_sum(fm, tuple(t[s] for t in batch), k)
         for name, v in products.items():
             total[name] += v
         if keep_jacobian:
-            rows.append(J_chunk)
+            b = s.stop - s.start
+            rows.append(torch.cat([jac[name].reshape(b * k, -1) for name in fm.params], dim=1))
     J = torch.cat(rows) if keep_jacobian else None
     return {name: v.mul_(2.0 / n) for name, v in total.items()}, J
 
