@@ -309,21 +309,20 @@ def _conv_patches(module, a, g, kernel, stride, padding, dilation) -> torch.Tens
     if not module.weight.requires_grad:
         return total
     chunk = max(1, PATCH_CHUNK_BYTES // (rows * positions * a.element_size()))
-    # split, not sliced: differentiated once more (grad reg), the pieces' backward is one cat
-    inputs, grads = a.split(chunk), g.split(chunk, dim=1)
     if torch.is_grad_enabled() and a.requires_grad:
         # unfold, whose backward is one fold; a strided view's scatters into zeroed patches
-        patches = lambda i: nn.functional.unfold(inputs[i], kernel, dilation, padding, stride)
+        pieces = a.split(chunk)  # split, not sliced: differentiated, the pieces' backward is one cat
+        patches = lambda piece: nn.functional.unfold(piece, kernel, dilation, padding, stride)
     else:
         x = nn.functional.pad(a, (padding[1], padding[1], padding[0], padding[0])) if any(padding) else a
         st = x.stride()  # any strides: the view reads the input where it lies
-        view = x.as_strided((n, x.shape[1], *kernel, out_h, out_w), (
-            st[0], st[1], dilation[0] * st[2], dilation[1] * st[3], stride[0] * st[2], stride[1] * st[3]))
-        patches = lambda i: view[i * chunk : (i + 1) * chunk].reshape(-1, rows, positions)  # the copy
+        pieces = x.as_strided((n, x.shape[1], *kernel, out_h, out_w), (
+            st[0], st[1], dilation[0] * st[2], dilation[1] * st[3], stride[0] * st[2], stride[1] * st[3])).split(chunk)
+        patches = lambda piece: piece.reshape(-1, rows, positions)  # the copy
     gram = positions * positions <= rows * out
     parts = []
-    for i, g_chunk in enumerate(grads):
-        p = patches(i)  # [c, in * kernel, L]
+    for piece, g_chunk in zip(pieces, g.split(chunk, dim=1)):
+        p = patches(piece)  # [c, in * kernel, L]
         if gram:
             gram_p = p.transpose(1, 2) @ p  # [c, L, L]
             parts.append(sum((gram_p * (g_j.transpose(1, 2) @ g_j)).sum((1, 2)) for g_j in g_chunk))

@@ -141,6 +141,11 @@ class FunctionalModel:
         with torch.no_grad():
             return self.batch_output(self.params, tuple(t[:1] for t in batch)).shape[1]
 
+    def jacobian_rows(self, jac: ParamDict) -> torch.Tensor:
+        """Per-sample Jacobians (name -> [b, k, *param.shape]) as rows of J: [b k, p]."""
+        blocks = (jac[name] for name in self.params)
+        return torch.cat([j.reshape(j.shape[0] * j.shape[1], -1) for j in blocks], dim=1)
+
     def flatten(self, tensors: ParamDict) -> torch.Tensor:
         return torch.cat([tensors[name].reshape(-1) for name in self.params])
 
@@ -489,8 +494,7 @@ def reg_grad_and_jacobian(
         for name, v in products.items():
             total[name] += v
         if keep_jacobian:
-            b = s.stop - s.start
-            rows.append(torch.cat([jac[name].reshape(b * k, -1) for name in fm.params], dim=1))
+            rows.append(fm.jacobian_rows(jac))
     J = torch.cat(rows) if keep_jacobian else None
     return {name: v.mul_(2.0 / n) for name, v in total.items()}, J
 
@@ -518,9 +522,7 @@ def jacobian_matrix(fm: FunctionalModel, batch, chunk: int) -> torch.Tensor:
     """J as an [n k, p] matrix, rows sample-major, columns in named_parameters() order."""
     rows = []
     for s in chunk_slices(batch[0].shape[0], chunk):
-        jac = per_sample_jacobians(fm, tuple(t[s] for t in batch))
-        b, k = next(iter(jac.values())).shape[:2]
-        rows.append(torch.cat([jac[name].reshape(b * k, -1) for name in fm.params], dim=1))
+        rows.append(fm.jacobian_rows(per_sample_jacobians(fm, tuple(t[s] for t in batch))))
     return torch.cat(rows)
 
 
