@@ -9,23 +9,10 @@ import torch
 from torch import nn
 
 from .distributed import all_gather_cat, all_reduce_sum, is_distributed, unwrap_ddp
-from .fast_norms import closed_form_layers
-from .regularizer import (
-    DEFAULT_MEMORY_BUDGET,
-    SOLVERS,
-    FunctionalModel,
-    Inputs,
-    as_input_tuple,
-    auto_chunk_size,
-    check_method,
-    choose_solver,
-    evaluation_mode,
-    norms_and_grad_with_method,
-    project,
-    project_with_jacobian,
-    reg_grad_and_jacobian,
-    small_jacobian_norms_and_grad,
-)
+from .engines import Engine, select_engine
+from .engines.functional import DEFAULT_MEMORY_BUDGET, FunctionalModel, Inputs, as_input_tuple, check_chunk_size
+from .engines.select import check_method
+from .engines.tangent import check_solver, project
 
 __all__ = ["RegularizerProbe", "ProbeReport"]
 
@@ -113,59 +100,47 @@ class RegularizerProbe:
                 raise ValueError(
                     f"inputs have {n} samples but targets have {targets.shape[0]}"
                 )
-        if solver not in SOLVERS:
-            raise ValueError(f"Invalid solver: {solver!r} (choose one of {SOLVERS})")
-        auto_chunk_size(FunctionalModel(model), 1, chunk_size, memory_budget)  # validates early
+        check_solver(solver)
+        check_chunk_size(chunk_size)
+        FunctionalModel(model)  # the model's own errors, at construction
         self.model = model
         self.targets = targets
         self.method = method
         self.chunk_size = chunk_size
         self.solver = solver
         self.memory_budget = memory_budget
+        self._engine: Engine | None = None
 
     @property
     def num_samples(self) -> int:
         return self.inputs[0].shape[0]
 
+    @property
+    def engine(self) -> Engine:
+        """The engine that measures the model, chosen at the first call and kept
+        (:func:`~noisy_label_sgd.engines.select_engine`)."""
+        if self._engine is None:
+            self._engine = select_engine(
+                self.model, self.inputs, self.method, chunk_size=self.chunk_size, memory_budget=self.memory_budget,
+                dense_projection=self.solver != "cg" and not is_distributed())
+        return self._engine
+
     def __call__(self) -> ProbeReport:
         start = time.perf_counter()
         distributed = is_distributed()
-        n_local = self.num_samples
-        with evaluation_mode(self.model):
-            fm = FunctionalModel(self.model)
-            small = None
-            if self.method == "auto" and self.solver != "cg" and not distributed:
-                small = small_jacobian_norms_and_grad(fm, self.inputs)
-            if small is not None:  # one J serves the norms, grad reg and the projection
-                J, per_sample, reg_grad, out = small
-                k = out.shape[1]
-                grad_flat = fm.flatten(reg_grad)
-                manifold_flat = project_with_jacobian(J, grad_flat)
-                used = "jacobian"
-            else:
-                out, k = None, fm.output_size(self.inputs)
-                if self._whole_jacobian(fm, k, distributed):
-                    # grad reg's forward-over-reverse forms J: it serves the norms and projection
-                    reg_grad, J = reg_grad_and_jacobian(fm, self.inputs, self.chunk_size, self.memory_budget)
-                    per_sample = J.pow(2).sum(1).view(n_local, k).sum(1)
-                    grad_flat = fm.flatten(reg_grad)
-                    manifold_flat = project_with_jacobian(J, grad_flat)
-                    used = "vmap"
-                else:
-                    per_sample, reg_grad, used = norms_and_grad_with_method(
-                        self.model, fm, self.inputs, self.method, self.chunk_size, self.memory_budget
-                    )
-                    if distributed:  # local means -> the mean over the union of the shards
-                        n_total = int(all_reduce_sum(torch.tensor(float(n_local))).item())
-                        per_sample = all_gather_cat(per_sample)
-                        reg_grad = fm.unflatten(all_reduce_sum(fm.flatten(reg_grad) * n_local) / n_total)
-                    manifold = project(
-                        self.model, fm, self.inputs, reg_grad, solver=self.solver, method=self.method,
-                        chunk_size=self.chunk_size, memory_budget=self.memory_budget,
-                        all_reduce=all_reduce_sum if distributed else None,
-                    )
-                    grad_flat, manifold_flat = fm.flatten(reg_grad), fm.flatten(manifold)
-            loss = None if self.targets is None else self._clean_loss(fm, out)
+        engine = self.engine
+        with engine.measuring():
+            fm = engine.fm
+            per_sample, reg_grad = engine.norms_and_grad()
+            grad_flat = fm.flatten(reg_grad)
+            if distributed:  # local means -> the mean over the union of the shards
+                n_local = self.num_samples
+                n_total = int(all_reduce_sum(torch.tensor(float(n_local))).item())
+                per_sample = all_gather_cat(per_sample)
+                grad_flat = all_reduce_sum(grad_flat * n_local) / n_total
+            manifold_flat = project(engine, grad_flat, solver=self.solver,
+                                    all_reduce=all_reduce_sum if distributed else None)
+            loss = None if self.targets is None else self._clean_loss(fm, engine.outputs)
         # one conversion to Python numbers (one device sync on a GPU)
         reg, grad_norm, manifold_norm, normal_norm = torch.stack([
             per_sample.mean(), grad_flat.norm(), manifold_flat.norm(), (grad_flat - manifold_flat).norm()
@@ -177,18 +152,10 @@ class RegularizerProbe:
             normal_grad_norm=normal_norm,
             loss=loss,
             per_sample=per_sample,
-            outputs_per_sample=k,
-            method=used,
+            outputs_per_sample=engine.k,
+            method=engine.method,
             seconds=time.perf_counter() - start,
         )
-
-    def _whole_jacobian(self, fm: FunctionalModel, k: int, distributed: bool) -> bool:
-        """Whether grad reg takes the torch.func path and J [n k, p] fits the dense solver."""
-        if distributed or self.solver == "cg" or self.method == "fast":
-            return False
-        if self.method == "auto" and closed_form_layers(self.model):
-            return False
-        return choose_solver(fm, self.num_samples * k, self.memory_budget) == "dense"
 
     def _clean_loss(self, fm: FunctionalModel, out: torch.Tensor | None) -> float:
         """Mean squared error over every target entry of the (union of the) probe set(s), from

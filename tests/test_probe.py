@@ -48,7 +48,7 @@ def test_report_matches_brute_force(solver):
 def test_one_jacobian_from_grad_reg_serves_norms_and_projection(case, method, monkeypatch):
     # J too large for the small-Jacobian path (over 64 rows), small enough for the dense solver:
     # the J formed by grad reg's forward-over-reverse gives the norms and the projection
-    from noisy_label_sgd import probe, regularizer
+    from noisy_label_sgd.engines import engine, vmap
 
     g = torch.Generator().manual_seed(1)
     if case == "matrix_sensing":
@@ -60,8 +60,8 @@ def test_one_jacobian_from_grad_reg_serves_norms_and_projection(case, method, mo
     else:
         model = mlp()
         x, y = data(n=30)
-    monkeypatch.setattr(regularizer, "jacobian_matrix", None)  # no second J
-    monkeypatch.setattr(probe, "norms_and_grad_with_method", None)  # no separate norms
+    monkeypatch.setattr(engine, "per_sample_jacobians", None)  # no second J
+    monkeypatch.setattr(vmap.VmapEngine, "sq_norms", None)  # no separate norms
     report = RegularizerProbe(model, x, y, method=method)()
     assert report.method == "vmap" and report.manifold_fraction > 0.01
     assert_matches_brute_force(report, model, x, y)

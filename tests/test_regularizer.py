@@ -93,9 +93,9 @@ def test_per_sample_norms_and_reg_match_the_brute_force_loop(name, method):
 @pytest.mark.parametrize("name", IDS)
 def test_fast_path_in_groups_of_output_directions_matches_the_loop(name, size, monkeypatch):
     # the test models are small enough for one group; split the k directions as a large model would
-    from noisy_label_sgd import fast_norms
+    from noisy_label_sgd.engines import fast
 
-    monkeypatch.setattr(fast_norms, "_direction_groups",
+    monkeypatch.setattr(fast, "direction_groups",
                         lambda owners, k: [range(s, min(s + size, k)) for s in range(0, k, size)])
     model, x = make(name)
     J = brute_jacobian(model, x)
@@ -128,13 +128,13 @@ STREAMED = ["inplace_relu_residual", "cnn_groupnorm", "transformer_encoder_layer
 @pytest.mark.parametrize("name", STREAMED)
 def test_one_direction_at_a_time_streams_through_the_backward(name, monkeypatch):
     # parts taken by hooks as the backward passes each module: the held path must not run
-    from noisy_label_sgd import fast_norms
+    from noisy_label_sgd.engines import fast
 
     def held(*args):
         raise AssertionError("took the held path")
 
-    monkeypatch.setattr(fast_norms, "_held_part", held)
-    monkeypatch.setattr(fast_norms, "_direction_groups", lambda owners, k: [range(j, j + 1) for j in range(k)])
+    monkeypatch.setattr(fast, "held_part", held)
+    monkeypatch.setattr(fast, "direction_groups", lambda owners, k: [range(j, j + 1) for j in range(k)])
     model, x = make(name)
     J = brute_jacobian(model, x)
     assert_rel_close(per_sample_sq_grad_norms(model, x, method="fast"), J.pow(2).reshape(x.shape[0], -1).sum(1))
@@ -142,11 +142,11 @@ def test_one_direction_at_a_time_streams_through_the_backward(name, monkeypatch)
 
 @pytest.mark.parametrize("case", ["inputs_require_grad", "bare_parameter"])
 def test_a_backward_that_cannot_stream_takes_the_held_path(case, monkeypatch):
-    from noisy_label_sgd import fast_norms
+    from noisy_label_sgd.engines import fast
 
     held = []
-    original = fast_norms._held_part
-    monkeypatch.setattr(fast_norms, "_held_part", lambda *args: held.append(1) or original(*args))
+    original = fast.held_part
+    monkeypatch.setattr(fast, "held_part", lambda *args: held.append(1) or original(*args))
     if case == "inputs_require_grad":  # no module input ends the backward
         model, x = make("mlp_multi_output")
         x.requires_grad_()
@@ -172,11 +172,11 @@ def test_float32_attention_norms_take_the_fused_kernels_without_warnings(name):
 
 @pytest.mark.parametrize("name", ["transformer_encoder_layer", "attention_sequence_first"])
 def test_plain_self_attention_is_traced_as_two_projections_and_the_module_restored(name):
-    from noisy_label_sgd import fast_norms
+    from noisy_label_sgd.engines.trace import trace
 
     model, x = make(name)
     model.eval()
-    owners, h = fast_norms._trace(model, (x,))
+    owners, h = trace(model, (x,))
     attention = next(m for m in model.modules() if isinstance(m, nn.MultiheadAttention))
     assert [o.name.rsplit(".", 1)[-1] for o in owners if o.affine] == ["in_proj", "out_proj"]
     assert "forward" not in vars(attention)  # its own forward again
@@ -198,13 +198,13 @@ def test_attention_with_a_frozen_projection_matches_the_loop(frozen):
 
 
 def test_output_direction_groups_hold_at_most_half_the_parameters():
-    from noisy_label_sgd import fast_norms
+    from noisy_label_sgd.engines.trace import direction_groups, trace
 
     model = seeded(18, lambda: nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)))
     params = sum(p.numel() for p in model.parameters())  # 82
     for n, size in ((3, 1), (1, 4)):  # per direction 6 n + 4 n floats of output gradients
-        owners, h = fast_norms._trace(model, (randn(n, 8),))
-        groups = fast_norms._direction_groups(owners, h.shape[1])
+        owners, h = trace(model, (randn(n, 8),))
+        groups = direction_groups(owners, h.shape[1])
         assert [list(g) for g in groups] == [list(range(s, min(s + size, 4))) for s in range(0, 4, size)]
         assert max(len(g) for g in groups) * 10 * n <= params / 2 or size == 1
 
@@ -486,20 +486,22 @@ def test_invalid_method():
 
 @pytest.mark.parametrize("name", ["mlp_multi_output", "layernorm_mlp"])
 def test_closed_form_gram_matrix(name):
-    from noisy_label_sgd.fast_norms import fast_gram
+    from noisy_label_sgd.engines import select_engine
 
     model, x = make(name)
     J = brute_jacobian(model, x)
-    assert_rel_close(fast_gram(model.eval(), (x,)), J @ J.T)
+    engine = select_engine(model, x, "fast")
+    with engine.measuring():
+        assert_rel_close(engine.gram(), J @ J.T)
 
 
 def test_wide_convolutions_take_the_grouped_weight_gradient(monkeypatch):
     # the two wide cases above check that path's numbers; this checks they reach it
-    from noisy_label_sgd import fast_norms
+    from noisy_label_sgd.engines import closed_forms
 
     calls = []
-    grouped = fast_norms._conv_grouped
-    monkeypatch.setattr(fast_norms, "_conv_grouped", lambda *args: calls.append(1) or grouped(*args))
+    grouped = closed_forms.conv_grouped
+    monkeypatch.setattr(closed_forms, "conv_grouped", lambda *args: calls.append(1) or grouped(*args))
     for name in ("wide_conv2d_strided_dilated", "wide_conv1d"):
         calls.clear()
         model, x = make(name)
@@ -511,9 +513,9 @@ def test_wide_convolutions_take_the_grouped_weight_gradient(monkeypatch):
 def test_conv_patches_one_sample_at_a_time_match_the_loop(name, monkeypatch):
     # the patches go a few samples at a time: here one; norms copy a strided view of the padded
     # input, the differentiable grad reg unfolds
-    from noisy_label_sgd import fast_norms
+    from noisy_label_sgd.engines import closed_forms
 
-    monkeypatch.setattr(fast_norms, "PATCH_CHUNK_BYTES", 1)
+    monkeypatch.setattr(closed_forms, "PATCH_CHUNK_BYTES", 1)
     unfolds = []
     unfold = torch.nn.functional.unfold
     monkeypatch.setattr(torch.nn.functional, "unfold", lambda *a, **k: unfolds.append(1) or unfold(*a, **k))
@@ -527,12 +529,12 @@ def test_conv_patches_one_sample_at_a_time_match_the_loop(name, monkeypatch):
 
 
 def test_the_fast_path_sizes_its_chunks_once_per_model_and_input_signature(monkeypatch):
-    from noisy_label_sgd import fast_norms
+    from noisy_label_sgd.engines import trace
 
     model, x = make("mlp_multi_output")
     traced = []
-    record = fast_norms._record
-    monkeypatch.setattr(fast_norms, "_record", lambda owners, m, batch: traced.append(batch[0].shape[0])
+    record = trace.record
+    monkeypatch.setattr(trace, "record", lambda owners, m, batch: traced.append(batch[0].shape[0])
                         or record(owners, m, batch))
     for _ in range(2):
         per_sample_sq_grad_norms(model, x, method="fast")

@@ -1,0 +1,274 @@
+r"""Per-layer closed forms of the per-sample squared gradient norms, and of the Gram matrix.
+
+The fast engine (:mod:`~noisy_label_sgd.engines.fast`) hands each module that owns trainable
+parameters its recorded input ``a`` and the output gradients ``g`` = [c, *output.shape] for c
+output directions; a closed form turns them into that module's part of every sample's
+:math:`\|J_i\|_F^2`, summed over the c directions, without a per-sample gradient of the model:
+
+* ``nn.Linear``, :math:`y_t = W a_t + b` over positions t (none for 2-D inputs):
+  :math:`\|\nabla_W h_{ij}\|^2 = \sum_{t,s} (a_{it}\cdot a_{is})(g_{ijt}\cdot g_{ijs})` (for one
+  position :math:`\|g_{ij}\|^2\|a_i\|^2`), :math:`\|\nabla_b h_{ij}\|^2 = \|\sum_t g_{ijt}\|^2`;
+  the projections of ``nn.MultiheadAttention`` (traced as affine maps) take the same formula;
+* ``nn.Conv1d`` / ``nn.Conv2d`` (groups 1, zero padding): a Linear over output positions applied
+  to the input patches (a few samples at a time); with many positions and at least 16 input
+  channels, the per-sample weight gradients instead as the weight gradient of one convolution
+  grouped by sample (the batch folded into channels);
+* ``nn.LayerNorm`` / ``nn.GroupNorm`` affine parameters: :math:`\nabla_\gamma = \sum g\,\hat{x}`,
+  :math:`\nabla_\beta = \sum g` over the positions that share a parameter.
+
+To add a layer: write ``sq_norms(module, a, g, trainable, memo) -> [n]`` (``trainable``: the
+names of the module's own trainable parameters; ``memo``: a dict shared by the output
+directions of one call) and register it in this file, with a Gram closed form if there is one::
+
+    @register_closed_form(MyLayer, gram=my_layer_gram, applies=lambda m: m.mode == "plain")
+    def my_layer_sq_norms(module, a, g, trainable, memo): ...
+
+Nothing else changes: the fast engine finds every registered type (subclasses included), and the
+model tests compare every closed form with a per-sample autograd loop. A module of another type
+falls back, for that module only, to torch.func per-sample gradients of its own parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .trace import FastPathUnsupported, Owner, owners_of
+
+
+@dataclass(frozen=True)
+class ClosedForm:
+    sq_norms: Callable[..., torch.Tensor]  # (module, a, g, trainable, memo) -> [n]
+    gram: Callable[..., torch.Tensor] | None  # (module, a, g, trainable) -> [n k, n k]
+    applies: Callable[[nn.Module], bool]  # whether this instance is in the formula's scope
+
+
+CLOSED_FORMS: dict[type[nn.Module], ClosedForm] = {}
+
+
+def register_closed_form(*types: type[nn.Module], gram=None, applies=None):
+    """Register ``sq_norms`` (the decorated function) as the closed form of ``types``."""
+
+    def register(sq_norms):
+        for t in types:
+            CLOSED_FORMS[t] = ClosedForm(sq_norms, gram, applies or (lambda module: True))
+        return sq_norms
+
+    return register
+
+
+def closed_form_of(module: nn.Module) -> ClosedForm | None:
+    """The registered closed form of the module's type or its nearest registered base class."""
+    for cls in type(module).__mro__:
+        if cls in CLOSED_FORMS:
+            form = CLOSED_FORMS[cls]
+            return form if form.applies(module) else None
+    return None
+
+
+def closed_form_layers(model: nn.Module) -> bool:
+    """Whether every module owning trainable parameters is of a registered type (or
+    ``nn.MultiheadAttention``, traced as two affine maps); a look at the types only."""
+    try:
+        owners = owners_of(model)
+    except FastPathUnsupported:
+        return False
+    return all(isinstance(o.module, nn.MultiheadAttention) or any(c in CLOSED_FORMS for c in type(o.module).__mro__)
+               for o in owners)
+
+
+def has_closed_form(o: Owner) -> bool:
+    """Whether this traced owner takes a closed form: a registered type in the formula's scope,
+    called once on one positional input, every own trainable parameter its own."""
+    if o.affine:
+        return True
+    own = {n for n, p in o.module._parameters.items() if p is not None and p.requires_grad}
+    return (closed_form_of(o.module) is not None and len(o.calls) == 1 and not o.calls[0].kwargs
+            and len(o.calls[0].args) == 1 and set(o.params) == own)
+
+
+def owner_sq_norms(o: Owner, g: torch.Tensor) -> torch.Tensor:
+    """A closed-form owner's part of every sample's squared norm, from its output gradients g."""
+    call = o.calls[0]
+    if o.affine:
+        weight, bias = (any(name.endswith(end) for name in o.params) for end in ("weight", "bias"))
+        return affine_map_sq_norms(call.args[0], g, weight, bias, call.memo)
+    return closed_form_of(o.module).sq_norms(o.module, call.args[0], g, frozenset(o.params), call.memo)
+
+
+def owner_gram(o: Owner, g: torch.Tensor) -> torch.Tensor:
+    """A closed-form owner's part of K = J J^T ([n k, n k], rows sample-major)."""
+    form = None if o.affine else closed_form_of(o.module)
+    if form is None or form.gram is None:
+        raise FastPathUnsupported(f"no closed-form Gram for module {o.name!r}")
+    return form.gram(o.module, o.calls[0].args[0], g, frozenset(o.params))
+
+
+# -- Linear and affine maps ------------------------------------------------------------------
+
+
+def linear_gram(module: nn.Linear, a: torch.Tensor, g: torch.Tensor, trainable) -> torch.Tensor:
+    """(a_i . a_i')(g_ij . g_i'j') for the weight, g_ij . g_i'j' for the bias (2-D inputs)."""
+    if a.dim() != 2:
+        raise FastPathUnsupported("no closed-form Gram for a Linear on sequence inputs")
+    k, n = g.shape[:2]
+    G = g.permute(1, 0, *range(2, g.dim())).reshape(n * k, -1)  # rows (i, j)
+    GG = G @ G.T
+    part = torch.zeros_like(GG)
+    if "weight" in trainable:
+        part = part + (a @ a.T).repeat_interleave(k, 0).repeat_interleave(k, 1) * GG
+    if "bias" in trainable:
+        part = part + GG
+    return part
+
+
+@register_closed_form(nn.Linear, gram=linear_gram)
+def linear_sq_norms(module: nn.Linear, a: torch.Tensor, g: torch.Tensor, trainable, memo: dict) -> torch.Tensor:
+    return affine_map_sq_norms(a, g, "weight" in trainable, "bias" in trainable, memo)
+
+
+def affine_map_sq_norms(a: torch.Tensor, g: torch.Tensor, weight: bool, bias: bool, memo: dict) -> torch.Tensor:
+    """sum_j ||grad of (W a + b) at output gradient g_j||^2 per sample, over positions
+    (``memo``: the call's store of what other output directions reuse)."""
+    k, n = g.shape[:2]
+    a = a.reshape(n, -1, a.shape[-1])  # [n, T, in]
+    g = g.reshape(k, n, -1, g.shape[-1])  # [k, n, T, out]
+    positions = a.shape[1]
+    if positions == 1:  # ||g||^2 (||a||^2 + 1)
+        if weight and "input_sq_norms" not in memo:
+            memo["input_sq_norms"] = a.pow(2).sum((-1, -2))
+        factor = (memo["input_sq_norms"] if weight else 0) + (1 if bias else 0)
+        return (g.pow(2).sum((-1, -2)) * factor).sum(0)
+    total = torch.zeros(k, n, dtype=g.dtype, device=g.device)
+    if weight:
+        if positions * positions <= a.shape[-1] * g.shape[-1]:
+            gram_a = a @ a.transpose(1, 2)  # [n, T, T]
+            total = total + (gram_a * (g @ g.transpose(2, 3))).sum((-1, -2))
+        else:  # long sequences: the per-sample weight gradient is smaller than the Gram matrices
+            total = total + torch.einsum("knto,nti->knoi", g, a).pow(2).sum((-1, -2))
+    if bias:
+        total = total + g.sum(2).pow(2).sum(-1)
+    return total.sum(0)
+
+
+
+# -- convolutions ---------------------------------------------------------------------------
+
+
+def _plain_convolution(module: nn.Module) -> bool:
+    return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+
+
+@register_closed_form(nn.Conv1d, nn.Conv2d, applies=_plain_convolution)
+def conv_sq_norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor, trainable, memo: dict) -> torch.Tensor:
+    """A convolution is a Linear over output positions on the input patches."""
+    if isinstance(module, nn.Conv1d):  # as a 2-D convolution of height 1
+        a, g = a.unsqueeze(2), g.unsqueeze(3)
+        kernel, stride, padding, dilation = ((1, module.kernel_size[0]), (1, module.stride[0]),
+                                             (0, module.padding[0]), (1, module.dilation[0]))
+    else:
+        kernel, stride, padding, dilation = module.kernel_size, module.stride, module.padding, module.dilation
+    count = g.shape[3] * g.shape[4]  # output positions
+    width = module.in_channels * kernel[0] * kernel[1] * module.out_channels
+    if count * count > width and module.in_channels >= GROUPED_MIN_IN_CHANNELS:
+        return conv_grouped(module, a, g, kernel, stride, padding, dilation, trainable)
+    return conv_patches(module, a, g, kernel, stride, padding, dilation, trainable)
+
+
+# The patches of this many bytes at a time: copied out of the input and multiplied while in
+# cache. As a strided view of the padded input, copied a few samples at a time, they cost about
+# a third of nn.functional.unfold on CPU (3 -> 32 and 64 -> 64 channels, 32x32 and 16x16).
+PATCH_CHUNK_BYTES = 4 << 20
+
+
+def conv_patches(module, a, g, kernel, stride, padding, dilation, trainable) -> torch.Tensor:
+    """Per sample and output direction j, the weight gradient g_j P^T from the input patches P
+    [in * kernel, positions] (or, for few positions, the Gram matrices of P and g_j)."""
+    k, n, out, out_h, out_w = g.shape
+    g = g.reshape(k, n, out, -1)  # [k, n, out, L]
+    positions, rows = out_h * out_w, a.shape[1] * kernel[0] * kernel[1]
+    total = torch.zeros(n, dtype=g.dtype, device=g.device)
+    if "bias" in trainable:
+        total = total + g.sum(-1).pow(2).sum((0, -1))
+    if "weight" not in trainable:
+        return total
+    chunk = max(1, PATCH_CHUNK_BYTES // (rows * positions * a.element_size()))
+    if torch.is_grad_enabled() and a.requires_grad:
+        # unfold, whose backward is one fold; a strided view's scatters into zeroed patches
+        pieces = a.split(chunk)  # split, not sliced: differentiated, the pieces' backward is one cat
+        patches = lambda piece: nn.functional.unfold(piece, kernel, dilation, padding, stride)
+    else:
+        x = nn.functional.pad(a, (padding[1], padding[1], padding[0], padding[0])) if any(padding) else a
+        st = x.stride()  # any strides: the view reads the input where it lies
+        pieces = x.as_strided((n, x.shape[1], *kernel, out_h, out_w), (
+            st[0], st[1], dilation[0] * st[2], dilation[1] * st[3], stride[0] * st[2], stride[1] * st[3])).split(chunk)
+        patches = lambda piece: piece.reshape(-1, rows, positions)  # the copy
+    gram = positions * positions <= rows * out
+    parts = []
+    for piece, g_chunk in zip(pieces, g.split(chunk, dim=1)):
+        p = patches(piece)  # [c, in * kernel, L]
+        if gram:
+            gram_p = p.transpose(1, 2) @ p  # [c, L, L]
+            parts.append(sum((gram_p * (g_j.transpose(1, 2) @ g_j)).sum((1, 2)) for g_j in g_chunk))
+        else:
+            parts.append(sum(torch.bmm(g_j, p.transpose(1, 2)).pow(2).sum((1, 2)) for g_j in g_chunk))
+    return total + torch.cat(parts)
+
+
+# Per-sample weight gradients as one weight gradient of a convolution grouped by sample: on CPU
+# (oneDNN) faster than the patches for 32 -> 64 channels (about 10 against 13 ms, batch 128 at
+# 32x32), much slower for 3 input channels (11 against 4 ms).
+GROUPED_MIN_IN_CHANNELS = 16
+
+
+def conv_grouped(module, a, g, kernel, stride, padding, dilation, trainable) -> torch.Tensor:
+    """The samples as groups of one convolution: its weight gradient is [n * out, in, *kernel],
+    the per-sample gradients stacked, for each output direction."""
+    k, n, out_channels = g.shape[:3]
+    x = a.reshape(1, n * a.shape[1], *a.shape[2:])
+    total = torch.zeros(n, dtype=g.dtype, device=g.device)
+    for g_j in g:  # one weight gradient per output direction
+        if "weight" in trainable:
+            weight = torch.nn.grad.conv2d_weight(
+                x, (n * out_channels, module.in_channels, *kernel), g_j.reshape(1, n * out_channels, *g.shape[3:]),
+                stride=stride, padding=padding, dilation=dilation, groups=n)
+            total = total + weight.reshape(n, -1).pow(2).sum(1)
+        if "bias" in trainable:
+            total = total + g_j.sum((-1, -2)).pow(2).sum(-1)
+    return total
+
+
+
+# -- LayerNorm and GroupNorm affine parameters ----------------------------------------------
+
+
+def norm_affine_grads(module: nn.Module, a: torch.Tensor, g: torch.Tensor, trainable) -> torch.Tensor:
+    """Per-sample gradients of the affine parameters, [k, n, d] (small: d = channels)."""
+    k, n = g.shape[:2]
+    if isinstance(module, nn.LayerNorm):
+        x_hat = nn.functional.layer_norm(a, module.normalized_shape, eps=module.eps)
+        shared = tuple(range(2, g.dim() - len(module.normalized_shape)))  # positions per sample
+    else:
+        x_hat = nn.functional.group_norm(a, module.num_groups, eps=module.eps)
+        shared = tuple(range(3, g.dim()))  # spatial positions; parameters are per channel
+    over_shared = (lambda t: t.sum(shared)) if shared else (lambda t: t)  # sum(()) would sum all
+    parts = []
+    if "weight" in trainable:
+        parts.append(over_shared(g * x_hat).reshape(k, n, -1))
+    if "bias" in trainable:
+        parts.append(over_shared(g).reshape(k, n, -1))
+    return torch.cat(parts, -1)
+
+
+def norm_affine_gram(module: nn.Module, a: torch.Tensor, g: torch.Tensor, trainable) -> torch.Tensor:
+    vectors = norm_affine_grads(module, a, g, trainable)  # [k, n, d]
+    V = vectors.permute(1, 0, 2).reshape(-1, vectors.shape[-1])
+    return V @ V.T
+
+
+@register_closed_form(nn.LayerNorm, nn.GroupNorm, gram=norm_affine_gram)
+def norm_affine_sq_norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor, trainable, memo: dict) -> torch.Tensor:
+    return norm_affine_grads(module, a, g, trainable).pow(2).sum((0, -1))

@@ -1,0 +1,158 @@
+r"""The interface every measurement engine answers, for one model and one probe set.
+
+An engine is chosen once per (model, probe inputs) by :func:`~noisy_label_sgd.engines.select.select_engine`
+and then asked, inside ``with engine.measuring():`` (the model in evaluation mode, the
+parameters read as they are now), any of:
+
+* :meth:`Engine.sq_norms`: per-sample :math:`\|J_i\|_F^2`, shape [n];
+* :meth:`Engine.grad`: :math:`\nabla\mathrm{reg}` as a dict over the trainable parameters;
+* :meth:`Engine.norms_and_grad`: both, sharing one pass where the engine can;
+* :meth:`Engine.J_times` / :meth:`Engine.J_transpose_times`: :math:`Jv` and :math:`J^\top u`
+  (matrix-free, or with a J the measurement already formed);
+* :meth:`Engine.gram`: :math:`K = JJ^\top` where the engine forms it cheaply (closed forms, or a
+  J at hand), else None; :meth:`Engine.jacobian` forms J [n k, p] by torch.func and keeps it.
+
+What an engine learns about the model and the probe set (the outputs per sample k, the fast
+path's sizing, whether it had to fall back) it keeps for the next measurement; what depends on
+the parameters (a formed J, the outputs) lives only for one ``measuring()`` block.
+The tangent-space solvers (:mod:`~noisy_label_sgd.engines.tangent`) use only this interface.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.func import jacrev, vmap
+
+from .functional import Batch, FunctionalModel, ParamDict, chunks_of, evaluation_mode
+
+# Above this many rows of J an eigendecomposition of K = J J^T costs too much: J is not formed
+# for the dense solver, and the projection runs conjugate gradients instead.
+JACOBIAN_MAX_ROWS = 8192
+
+
+class Measurement:
+    """What one ``measuring()`` block holds: the parameters as read at its start, and what the
+    engine formed from them (J, the outputs) for the later questions of the same block."""
+
+    def __init__(self, fm: FunctionalModel) -> None:
+        self.fm = fm
+        self.jacobian: torch.Tensor | None = None
+        self.outputs: torch.Tensor | None = None
+
+
+class Engine:
+    """Base class: the torch.func answers every engine can fall back on (J formed per sample,
+    jvp/vjp products); subclasses answer norms and grad reg their own way.
+
+    Args:
+        model: the module measured (its current parameters at every measurement).
+        batch: the probe inputs, a tuple of tensors with a shared first dimension n.
+        chunk_size: samples per chunk (None: as many as fit ``memory_budget``).
+        memory_budget: bytes of per-sample Jacobians or layer gradients held at once.
+        within: an engine whose measurement this one shares (a helper it delegates to).
+        k: the outputs per sample, where the selection already ran the model for them.
+    """
+
+    method = "?"  # the word in ProbeReport.method
+
+    def __init__(self, model: nn.Module, batch: Batch, chunk_size: int | None, memory_budget: int,
+                 *, within: Engine | None = None, k: int | None = None) -> None:
+        self.model, self.batch = model, batch
+        self.chunk_size, self.memory_budget = chunk_size, memory_budget
+        self._within = within
+        self._measurement: Measurement | None = None
+        self._k = k
+
+    # -- the measurement -----------------------------------------------------------------------
+
+    @contextmanager
+    def measuring(self) -> Iterator[Engine]:
+        """Evaluation mode, the parameters read now; what was formed is dropped at the end."""
+        with evaluation_mode(self.model):
+            self._measurement = Measurement(FunctionalModel(self.model))
+            try:
+                yield self
+            finally:
+                self._measurement = None
+
+    @property
+    def measurement(self) -> Measurement:
+        if self._within is not None:
+            return self._within.measurement
+        if self._measurement is None:
+            raise RuntimeError("ask an engine inside `with engine.measuring():`")
+        return self._measurement
+
+    @property
+    def fm(self) -> FunctionalModel:
+        return self.measurement.fm
+
+    @property
+    def num_samples(self) -> int:
+        return self.batch[0].shape[0]
+
+    @property
+    def k(self) -> int:
+        """Output entries per sample (learned once: the parameters do not change it)."""
+        if self._k is None:
+            self._k = self.fm.output_size(self.batch)
+        return self._k
+
+    @property
+    def rows(self) -> int:
+        return self.num_samples * self.k
+
+    def jacobian_fits(self) -> bool:
+        """Whether J fits the memory budget and is small enough for a dense solve."""
+        return self.rows <= JACOBIAN_MAX_ROWS and self.fm.jacobian_fits(self.rows, self.memory_budget)
+
+    def chunks(self, copies: int = 1) -> list[Batch]:
+        """The probe set in chunks whose ``copies`` per-sample Jacobians fit the budget."""
+        return chunks_of(self.batch, self.fm.chunk_size(self.k, self.chunk_size, self.memory_budget, copies))
+
+    # -- the questions -------------------------------------------------------------------------
+
+    def sq_norms(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def grad(self) -> ParamDict:
+        raise NotImplementedError
+
+    def norms_and_grad(self) -> tuple[torch.Tensor, ParamDict]:
+        return self.sq_norms(), self.grad()
+
+    def jacobian(self) -> torch.Tensor:
+        """J [n k, p] (rows sample-major, columns in named_parameters() order), formed from
+        torch.func per-sample Jacobians and kept for the rest of the measurement."""
+        m = self.measurement
+        if m.jacobian is None:
+            m.jacobian = torch.cat([self.fm.jacobian_rows(per_sample_jacobians(self.fm, c)) for c in self.chunks()])
+        return m.jacobian
+
+    def gram(self) -> torch.Tensor | None:
+        """K = J J^T from a J this measurement already formed, else None."""
+        J = self.measurement.jacobian
+        return None if J is None else J @ J.T
+
+    def J_times(self, v: torch.Tensor) -> torch.Tensor:
+        J = self.measurement.jacobian
+        return J @ v if J is not None else self.fm.J_times(self.chunks(), v)
+
+    def J_transpose_times(self, u: torch.Tensor) -> torch.Tensor:
+        J = self.measurement.jacobian
+        return J.T @ u if J is not None else self.fm.J_transpose_times(self.chunks(), u)
+
+    @property
+    def outputs(self) -> torch.Tensor | None:
+        """The model outputs [n, k], where this measurement computed them anyway."""
+        return self.measurement.outputs
+
+
+def per_sample_jacobians(fm: FunctionalModel, batch: Batch) -> ParamDict:
+    """J_i for every sample of ``batch``: name -> [b, k, *param.shape]."""
+    in_dims = (None,) + (0,) * len(batch)
+    return vmap(jacrev(fm.sample_output), in_dims=in_dims)(fm.params, *batch)

@@ -1,0 +1,285 @@
+r"""The "fast" engine: per-sample norms from layer inputs and output gradients, in closed form.
+
+No per-sample gradient of a whole model is ever formed. A recording forward
+(:mod:`~noisy_label_sgd.engines.trace`) keeps each parametrised module's input and the gradient
+edge of its output; a backward of the outputs, one direction j at a time (the summed outputs for
+k = 1) or batched over a group of directions (``is_grads_batched``), gives
+:math:`g_{ij} = \partial h_{ij}/\partial y` at every module output :math:`y`, and each module's
+part of :math:`\|J_i\|_F^2` comes from its closed form (:mod:`~noisy_label_sgd.engines.closed_forms`).
+One direction at a time, each module's part is taken by a hook on its output's node as the
+backward passes it (:func:`streamed_part`); otherwise from all output gradients held together
+(:func:`held_part`).
+
+Chosen for ``method="fast"``, and by ``"auto"`` for a model whose every parametrised module has
+a registered closed form (or is ``nn.MultiheadAttention``). A module without one, and a module
+called more than once (a reused weight: its per-sample gradient is the sum over the calls), falls
+back, for that module only, to torch.func per-sample gradients of its own parameters (a vmapped
+vjp of the module at its recorded input); the method is then named
+"fast (per-module fallback: ...)". Where the model needs the whole-model path
+(:class:`~noisy_label_sgd.engines.trace.FastPathUnsupported`), ``"auto"`` turns to the vmap
+engine from then on and ``"fast"`` raises.
+
+grad reg differentiates the closed-form norms once more (double backward) when no module falls
+back; otherwise it comes from the vmap engine. The Gram matrix K has closed forms for Linear
+layers on 2-D inputs and LayerNorm/GroupNorm; for other models :meth:`FastEngine.gram` is None.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch.func import functional_call, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .closed_forms import has_closed_form, owner_gram, owner_sq_norms
+from .engine import Engine
+from .functional import Batch, ParamDict, chunk_slices, fused_attention
+from .trace import (FastPathUnsupported, Owner, direction_groups, fast_chunk_size, grads_by_owner, trace)
+from .vmap import VmapEngine
+
+
+class FastEngine(Engine):
+    def __init__(self, *args, strict: bool, closed_forms: bool, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.strict = strict  # method "fast": refuse what it cannot do, instead of falling back
+        self.closed_forms = closed_forms  # every owner's type has a closed form (a look at types)
+        self.torch_func = VmapEngine(*args, **kwargs, within=self)  # grad reg where closed forms end
+        self.unsupported: str | None = None  # why the model needs the whole-model path, once known
+        self.fell_back: list[str] = []  # the modules of the last norms that took a per-module fallback
+
+    @property
+    def method(self) -> str:
+        if self.unsupported is not None:
+            return self.torch_func.method
+        return "fast" + (f" (per-module fallback: {', '.join(self.fell_back)})" if self.fell_back else "")
+
+    @property
+    def k(self) -> int:
+        if self._k is None:
+            try:  # the fast path's sizing forward, which it needs anyway
+                self._k = fast_chunk_size(self.model, self.batch, self.memory_budget)[1]
+            except FastPathUnsupported:
+                return super().k
+        return self._k
+
+    def _whole_model(self, why: FastPathUnsupported, what: str) -> None:
+        if self.strict:
+            raise ValueError(f"method='fast' cannot {what} this model: {why}") from None
+        self.unsupported = str(why)
+
+    def sq_norms(self) -> torch.Tensor:
+        if self.unsupported is None:
+            try:
+                return self._chunked_norms()
+            except FastPathUnsupported as why:
+                self._whole_model(why, "handle")
+        return self.torch_func.sq_norms()
+
+    def grad(self) -> ParamDict:
+        if self.unsupported is None and (self.closed_forms or self.strict):
+            try:
+                return self._double_backward()[1]
+            except FastPathUnsupported as why:
+                if self.strict:
+                    raise ValueError(f"method='fast' cannot differentiate this model's norms: {why}") from None
+        return self.torch_func.grad()
+
+    def norms_and_grad(self) -> tuple[torch.Tensor, ParamDict]:
+        """One pass where no module falls back; else the norms here, grad reg by torch.func."""
+        if self.unsupported is not None:
+            return self.torch_func.norms_and_grad()
+        if self.closed_forms:
+            try:
+                norms, grad_reg = self._double_backward()
+                self.fell_back = []
+                return norms, grad_reg
+            except FastPathUnsupported:
+                pass
+        return self.sq_norms(), self.torch_func.grad()
+
+    def gram(self) -> torch.Tensor | None:
+        kept = super().gram()
+        if kept is not None or self.unsupported is not None or not self.closed_forms:
+            return kept
+        try:
+            owners, h = trace(self.model, self.batch)
+            by_owner = grads_by_owner(owners, h, range(h.shape[1]), create_graph=False)
+            K = None
+            for o in owners:
+                if not has_closed_form(o):
+                    raise FastPathUnsupported(f"no closed-form Gram for module {o.name!r}")
+                part = owner_gram(o, by_owner[id(o)][0])
+                K = part if K is None else K + part
+            return K.detach()
+        except FastPathUnsupported:
+            return None
+
+    # -- the closed forms --------------------------------------------------------------------
+
+    def _chunked_norms(self) -> torch.Tensor:
+        """fast_sq_norms over chunks of samples (by default as many as fit memory_budget)."""
+        fitting, k = fast_chunk_size(self.model, self.batch, self.memory_budget)
+        parts, fell_back = [], set()
+        # Norms alone need no double backward: scalar outputs may take the fused attention kernels
+        # training uses (their backward has no batching rule, which several output directions at
+        # once would need)
+        with fused_attention() if k == 1 else nullcontext():
+            for s in chunk_slices(self.num_samples, self.chunk_size or fitting):
+                norms, modules = fast_sq_norms(self.model, tuple(t[s] for t in self.batch))
+                parts.append(norms)
+                fell_back.update(modules)
+        self.fell_back = sorted(fell_back)
+        return torch.cat(parts).detach()
+
+    def _double_backward(self) -> tuple[torch.Tensor, ParamDict]:
+        """Per-sample norms and grad reg from one pass: double backward through the closed forms."""
+        fm = self.fm
+        named = {name: p for name, p in self.model.named_parameters() if name in fm.params}
+        total = {name: torch.zeros_like(p) for name, p in fm.params.items()}
+        parts = []
+        # the double backward keeps about twice the first backward's tensors
+        chunk = self.chunk_size or max(1, fast_chunk_size(self.model, self.batch, self.memory_budget)[0] // 2)
+        for s in chunk_slices(self.num_samples, chunk):
+            norms, _ = fast_sq_norms(self.model, tuple(t[s] for t in self.batch), create_graph=True)
+            grads = torch.autograd.grad(norms.sum(), list(named.values()), allow_unused=True)
+            for name, g in zip(named, grads):
+                if g is not None:
+                    total[name] += g.detach()
+            parts.append(norms.detach())
+        return torch.cat(parts), {name: v.mul_(1.0 / self.num_samples) for name, v in total.items()}
+
+
+def fast_sq_norms(model, batch: Batch, *, create_graph: bool = False, stream: bool = True
+                  ) -> tuple[torch.Tensor, list[str]]:
+    """Per-sample ||J_i||_F^2 of one chunk (model already in eval mode) and the modules that
+    fell back.
+
+    One output direction at a time (always for scalar outputs) the parts are taken as the
+    backward passes each module (:func:`streamed_part`: less memory, and faster); several
+    at a time, or with ``create_graph``, from all output gradients held together. With
+    ``create_graph`` the result is differentiable w.r.t. the parameters (double backward gives
+    grad reg); it then refuses per-module fallbacks, whose vmapped vjps are not.
+
+    Raises:
+        FastPathUnsupported: the model needs the whole-model torch.func path.
+    """
+    owners, h = trace(model, batch)
+    n, k = h.shape
+    if create_graph and not all(has_closed_form(o) for o in owners):
+        raise FastPathUnsupported("a module needs a per-module fallback, which has no double backward")
+    total = torch.zeros(n, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
+    for directions in direction_groups(owners, k):
+        part = None
+        with torch.set_grad_enabled(create_graph):  # the parts' own graph only for double backward
+            if stream and len(directions) == 1 and not create_graph:
+                part = streamed_part(owners, h, directions.start, retain_graph=directions.stop < k)
+                if part is None:  # (its graph may be gone)
+                    return fast_sq_norms(model, batch, stream=False)
+            if part is None:
+                part = held_part(owners, h, directions, create_graph)
+        total = total + part
+    return total, [o.name for o in owners if not has_closed_form(o)]
+
+
+def _owner_part(o: Owner, grads: list[torch.Tensor], n: int) -> torch.Tensor:
+    """This module's part of every sample's squared norm, from its output gradients (one
+    [c, *y.shape] per call, over c output directions)."""
+    if has_closed_form(o):
+        return owner_sq_norms(o, grads[0])
+    with sdpa_kernel(SDPBackend.MATH):  # vmapped: the fused attention kernels have no batching rule
+        return per_module_fallback(o, grads, n)
+
+
+def held_part(owners: list[Owner], h: torch.Tensor, directions: range, create_graph: bool) -> torch.Tensor:
+    """The modules' parts for ``directions`` from one (batched) backward that returns every
+    module's output gradients together."""
+    by_owner = grads_by_owner(owners, h, directions, create_graph)
+    total = 0
+    # closed forms first: their gradients are freed before the per-module fallbacks, which need
+    # working memory of their own
+    for o in sorted(owners, key=lambda o: not has_closed_form(o)):
+        total = total + _owner_part(o, by_owner.pop(id(o)), h.shape[0])
+    return total
+
+
+def streamed_part(owners: list[Owner], h: torch.Tensor, j: int, retain_graph: bool) -> torch.Tensor | None:
+    """The modules' parts for output direction j from one plain backward that never holds all
+    output gradients at once: a hook on each closed-form module's output node (attention's
+    projections included) takes its part as the backward passes through. Modules whose inputs
+    need no gradient (the backward ends there) and per-module fallbacks get their gradients as
+    the backward's results instead.
+
+    None when a hooked node was not reached (a module whose output reaches h only through
+    parameters used outside any module, or inputs that require grad): the caller then takes
+    :func:`held_part` on a fresh trace.
+    """
+    n, k = h.shape
+    parts, reached, handles, ended = [], set(), [], []
+    for o in owners:
+        call = o.calls[0]
+        needs_grad = any(isinstance(t, torch.Tensor) and t.requires_grad for t in call.args)
+        if not has_closed_form(o) or not needs_grad:
+            ended.append(o)
+            continue
+
+        def hook(grad_outputs, o=o, call=call):
+            g = grad_outputs[call.edge.output_nr]
+            if g is not None:
+                parts.append(owner_sq_norms(o, g.unsqueeze(0)))
+            reached.add(id(o))
+
+        handles.append(call.edge.node.register_prehook(hook))
+    edges = [c.edge for o in ended for c in o.calls]
+    if not edges:
+        for handle in handles:
+            handle.remove()
+        return None
+    try:
+        with torch.enable_grad():
+            seed = h.sum() if k == 1 else h[:, j].sum()
+            grads = torch.autograd.grad(seed, edges, retain_graph=retain_graph, allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(reached) + len(ended) < len(owners):
+        return None
+    start = 0
+    for o in ended:
+        mine = grads[start:start + len(o.calls)]
+        start += len(o.calls)
+        if any(g is not None for g in mine):
+            mine = [torch.zeros(c.shape, dtype=c.dtype, device=c.device) if g is None else g
+                    for g, c in zip(mine, o.calls)]
+            parts.append(_owner_part(o, [g.unsqueeze(0) for g in mine], n))
+    return sum(parts, torch.zeros(n, dtype=h.dtype, device=h.device))
+
+
+def per_module_fallback(owner: Owner, grads: list[torch.Tensor], n: int) -> torch.Tensor:
+    """Per-sample gradients of this module's own parameters, summed over its calls.
+
+    Samples must run along dim 0 of the module's output and tensor arguments.
+    """
+    if isinstance(owner.module, torch.nn.MultiheadAttention) and not owner.module.batch_first or any(
+        c.shape[0] != n for c in owner.calls
+    ):
+        raise FastPathUnsupported(f"module {owner.name!r} does not put samples first")
+    params = {name: p.detach() for name, p in owner.params.items()}
+    summed: dict[str, torch.Tensor] | None = None
+    for call, g in zip(owner.calls, grads):
+        batched = [isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n for t in call.args]
+
+        def sample_output(p, *args):
+            full = tuple(t.unsqueeze(0) if b else t for t, b in zip(args, batched))
+            out = functional_call(owner.module, p, full, call.kwargs)
+            return (out[0] if isinstance(out, tuple) else out)[0]
+
+        def sample_grads(cotangent, *args):
+            return vjp(lambda p: sample_output(p, *args), params)[1](cotangent)[0]
+
+        in_dims = (0,) + tuple(0 if b else None for b in batched)
+        per_direction = vmap(vmap(sample_grads, in_dims=in_dims), in_dims=(0,) + (None,) * len(batched))
+        grads_call = per_direction(g.detach(), *[t.detach() if isinstance(t, torch.Tensor) else t for t in call.args])
+        summed = grads_call if summed is None else {k: summed[k] + v for k, v in grads_call.items()}
+    assert summed is not None
+    return sum(v.reshape(*v.shape[:2], -1).pow(2).sum(-1) for v in summed.values()).sum(0)

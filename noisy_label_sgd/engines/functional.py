@@ -1,0 +1,187 @@
+"""The model as a pure function of its trainable parameters, and the probe set it is measured on.
+
+Every engine evaluates the model in :func:`evaluation_mode` (dropout off, BatchNorm on running
+statistics, so samples are independent; no random state touched) and reads the parameters
+through a :class:`FunctionalModel`: trainable parameters (``requires_grad=True``) in
+``named_parameters()`` order are the variables, frozen parameters and buffers are constants.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, contextmanager
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, jvp, vjp
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+Inputs = torch.Tensor | Sequence[torch.Tensor]
+ParamDict = dict[str, torch.Tensor]
+Batch = tuple[torch.Tensor, ...]
+
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes held at once (per-sample Jacobians, layer gradients)
+
+
+def as_input_tuple(inputs: Inputs) -> Batch:
+    """Inputs as a tuple of tensors sharing a non-empty first (sample) dimension."""
+    batch = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    if not batch or not all(isinstance(t, torch.Tensor) for t in batch):
+        raise TypeError("inputs must be a tensor or a sequence of tensors (the model's arguments)")
+    if any(t.dim() == 0 for t in batch):
+        raise ValueError("inputs need a leading sample dimension, got a 0-dim tensor")
+    n = batch[0].shape[0]
+    if any(t.shape[0] != n for t in batch):
+        raise ValueError(f"inputs disagree in their sample dimension: {[t.shape[0] for t in batch]}")
+    if n == 0:
+        raise ValueError("the probe set is empty (0 samples)")
+    return batch
+
+
+def check_chunk_size(chunk_size: int | None) -> int | None:
+    if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
+        raise ValueError(f"Invalid chunk_size: {chunk_size} (must be a positive int)")
+    return None if chunk_size is None else int(chunk_size)
+
+
+class FunctionalModel:
+    """A module as a pure function of its trainable parameters (frozen ones and buffers fixed)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.params: ParamDict = {
+            name: p.detach() for name, p in model.named_parameters() if p.requires_grad
+        }
+        if not self.params:
+            raise ValueError(
+                "the model has no trainable parameters (requires_grad=True): reg is defined "
+                "over trainable parameters only"
+            )
+        self.constants: ParamDict = {
+            name: p.detach() for name, p in model.named_parameters() if not p.requires_grad
+        }
+        self.constants.update((name, b.detach()) for name, b in model.named_buffers())
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.track_running_stats:
+                raise ValueError(
+                    f"{type(module).__name__} without running statistics normalises with batch "
+                    "statistics even in eval mode, so samples are not independent and "
+                    "per-sample gradients are undefined; use track_running_stats=True or GroupNorm"
+                )
+        self.num_params = sum(p.numel() for p in self.params.values())
+        first = next(iter(self.params.values()))
+        self.dtype, self.device = first.dtype, first.device
+
+    def batch_output(self, params: ParamDict, batch: Batch) -> torch.Tensor:
+        """Model outputs of a batch, flattened per sample: shape [b, k]."""
+        return per_sample_outputs(functional_call(self.model, (params, self.constants), batch), batch)
+
+    def live_output(self, batch: Batch) -> torch.Tensor:
+        """batch_output at the module's own parameters, differentiable in them (with
+        :meth:`live_params`): the same numbers, without functional_call's swap in and out."""
+        return per_sample_outputs(self.model(*batch), batch)
+
+    def live_params(self) -> list[torch.Tensor]:
+        """The module's trainable parameters themselves, in the order of ``params``."""
+        live = dict(self.model.named_parameters())
+        return [live[name] for name in self.params]
+
+    def sample_output(self, params: ParamDict, *sample: torch.Tensor) -> torch.Tensor:
+        """Output of one sample, shape [k] (vmapped over samples by the callers)."""
+        return self.batch_output(params, tuple(s.unsqueeze(0) for s in sample))[0]
+
+    def output_size(self, batch: Batch) -> int:
+        with torch.no_grad():
+            return self.batch_output(self.params, tuple(t[:1] for t in batch)).shape[1]
+
+    def jacobian_rows(self, jac: ParamDict) -> torch.Tensor:
+        """Per-sample Jacobians (name -> [b, k, *param.shape]) as rows of J: [b k, p]."""
+        blocks = (jac[name] for name in self.params)
+        return torch.cat([j.reshape(j.shape[0] * j.shape[1], -1) for j in blocks], dim=1)
+
+    def flatten(self, tensors: ParamDict) -> torch.Tensor:
+        return torch.cat([tensors[name].reshape(-1) for name in self.params])
+
+    def unflatten(self, flat: torch.Tensor) -> ParamDict:
+        out, start = {}, 0
+        for name, p in self.params.items():
+            out[name] = flat[start : start + p.numel()].view_as(p)
+            start += p.numel()
+        return out
+
+    def jacobian_fits(self, rows: int, memory_budget: int) -> bool:
+        """Whether J [rows, p] takes at most ``memory_budget`` bytes."""
+        return rows * self.num_params * torch.empty((), dtype=self.dtype).element_size() <= memory_budget
+
+    def chunk_size(self, k: int, chunk_size: int | None, memory_budget: int, copies: int = 1) -> int:
+        """Samples per chunk so that ``copies`` per-sample Jacobians of [k, p] fit the budget."""
+        if chunk_size is not None:
+            return chunk_size
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return max(1, memory_budget // max(1, copies * k * self.num_params * itemsize))
+
+    def J_times(self, chunks: list[Batch], w: torch.Tensor) -> torch.Tensor:
+        """J w: a jvp of the batched outputs per chunk (forward mode, J never formed)."""
+        tangent = self.unflatten(w)
+        return torch.cat(
+            [jvp(lambda p: self.batch_output(p, c), (self.params,), (tangent,))[1].reshape(-1) for c in chunks]
+        )
+
+    def J_transpose_times(self, chunks: list[Batch], u: torch.Tensor) -> torch.Tensor:
+        """J^T u: a vjp of the batched outputs per chunk."""
+        total = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
+        start = 0
+        for c in chunks:
+            out, pullback = vjp(lambda p: self.batch_output(p, c), self.params)
+            total += self.flatten(pullback(u[start : start + out.numel()].view_as(out))[0])
+            start += out.numel()
+        return total
+
+
+def per_sample_outputs(out, batch: Batch) -> torch.Tensor:
+    """A model's output as [b, k], with the errors a wrong output deserves."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(
+            f"the model must return a tensor of predictions, got {type(out).__name__}; wrap "
+            "it in a module that returns the prediction tensor"
+        )
+    b = batch[0].shape[0]
+    if out.dim() == 0 or out.shape[0] != b:
+        raise ValueError(
+            f"the model output has shape {tuple(out.shape)}; expected a leading sample "
+            f"dimension of size {b}"
+        )
+    return out.reshape(b, -1)
+
+
+@contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode, the math attention kernel (it has double backward), no RNG side effects."""
+    modes = [(module, module.training) for module in model.modules()]
+    cuda_devices = sorted(
+        {t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"}
+    )
+    model.eval()
+    try:
+        with sdpa_kernel(SDPBackend.MATH), torch.random.fork_rng(devices=cuda_devices):
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def fused_attention() -> AbstractContextManager:
+    """Every scaled-dot-product attention kernel allowed again inside :func:`evaluation_mode`."""
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                        SDPBackend.MATH])
+
+
+def chunk_slices(n: int, chunk_size: int) -> Iterator[slice]:
+    for start in range(0, n, chunk_size):
+        yield slice(start, min(start + chunk_size, n))
+
+
+def chunks_of(batch: Batch, chunk_size: int) -> list[Batch]:
+    return [tuple(t[s] for t in batch) for s in chunk_slices(batch[0].shape[0], chunk_size)]

@@ -1,0 +1,74 @@
+"""Which engine measures a model: chosen once per (model, probe inputs), by :func:`select_engine`.
+
+``method="vmap"`` and ``method="fast"`` name their engine. ``method="auto"`` chooses, looking at
+the module types first and running the model only when it must:
+
+0. a caller that will ask everything of one measurement, the projection by the dense solver
+   included (``dense_projection``: the probe, unless its solver is "cg" or it runs distributed),
+   gets the jacobian engine for a small J (at most 64 rows n k and 2^18 entries), whatever the
+   layers: one J then answers the norms, grad reg and the projection.
+1. every module owning trainable parameters has a closed form (or is
+   ``nn.MultiheadAttention``): the fast engine. Its norms cost about a training step, its grad
+   reg a double backward, with no per-sample Jacobian ever formed; where the model turns out to
+   need the whole-model path after all (a module returning a non-tuple structure, parameters used
+   without calling their module), it hands every question to the vmap engine from then on.
+2. otherwise (custom modules: the paper's models, matrix sensing), with the outputs per sample
+   k from a one-sample forward: a small J gets the jacobian engine, J formed whole by one batched
+   backward; for tiny problems the per-sample paths' fixed costs are many times their
+   arithmetic. (A model of closed-form layers asked one question is cheaper on the fast engine.)
+3. J that fits the memory budget and the dense solver gets the vmap engine: its grad reg
+   (forward-over-reverse) forms J anyway, and that J then gives the norms and the projection.
+4. anything larger gets the fast engine with per-module fallbacks for the norms; grad reg then
+   comes from torch.func.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .closed_forms import closed_form_layers
+from .engine import Engine
+from .fast import FastEngine
+from .functional import (DEFAULT_MEMORY_BUDGET, FunctionalModel, Inputs, as_input_tuple, check_chunk_size,
+                         evaluation_mode)
+from .jacobian import JacobianEngine, is_small_jacobian
+from .vmap import VmapEngine
+
+METHODS = ("auto", "fast", "vmap")
+
+
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"Invalid method: {method!r} (choose one of {METHODS})")
+
+
+def select_engine(model: nn.Module, inputs: Inputs, method: str = "auto", *, chunk_size: int | None = None,
+                  memory_budget: int = DEFAULT_MEMORY_BUDGET, dense_projection: bool = False) -> Engine:
+    """The engine that measures ``model`` on the probe set ``inputs`` (see the module docstring).
+
+    Raises:
+        ValueError: an unknown method, a bad chunk_size, an empty or inconsistent probe set, a
+            model without trainable parameters or with a BatchNorm without running statistics.
+        TypeError: inputs that are not tensors, a model that is not an nn.Module.
+    """
+    check_method(method)
+    batch = as_input_tuple(inputs)
+    args = (model, batch, check_chunk_size(chunk_size), memory_budget)
+    FunctionalModel(model)  # the model's own errors, before any engine runs it
+    if method == "vmap":
+        return VmapEngine(*args)
+    closed_forms = closed_form_layers(model)
+    if method == "fast":
+        return FastEngine(*args, strict=True, closed_forms=closed_forms)
+    may_be_small = (dense_projection or not closed_forms) and is_small_jacobian(len(batch[0]), 1)
+    if closed_forms and not may_be_small:
+        return FastEngine(*args, strict=False, closed_forms=True)
+    engine = VmapEngine(*args)
+    with engine.measuring():  # a one-sample forward for k
+        small = is_small_jacobian(engine.rows, engine.fm.num_params)
+        fits = engine.jacobian_fits()
+    if small:
+        return JacobianEngine(*args, k=engine.k)
+    if closed_forms:
+        return FastEngine(*args, strict=False, closed_forms=True, k=engine.k)
+    return engine if fits else FastEngine(*args, strict=False, closed_forms=False, k=engine.k)
