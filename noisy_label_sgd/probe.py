@@ -140,7 +140,7 @@ class RegularizerProbe:
                 grad_flat = all_reduce_sum(grad_flat * n_local) / n_total
             manifold_flat = project(engine, grad_flat, solver=self.solver,
                                     all_reduce=all_reduce_sum if distributed else None)
-            loss = None if self.targets is None else self._clean_loss(fm, engine.outputs)
+            loss = None if self.targets is None else self._clean_loss(fm, engine.measurement.outputs)
         # one conversion to Python numbers (one device sync on a GPU)
         reg, grad_norm, manifold_norm, normal_norm = torch.stack([
             per_sample.mean(), grad_flat.norm(), manifold_flat.norm(), (grad_flat - manifold_flat).norm()

@@ -198,12 +198,12 @@ def test_attention_with_a_frozen_projection_matches_the_loop(frozen):
 
 
 def test_output_direction_groups_hold_at_most_half_the_parameters():
-    from noisy_label_sgd.engines.trace import direction_groups, trace
+    from noisy_label_sgd.engines.fast import direction_groups, traced
 
     model = seeded(18, lambda: nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)))
     params = sum(p.numel() for p in model.parameters())  # 82
     for n, size in ((3, 1), (1, 4)):  # per direction 6 n + 4 n floats of output gradients
-        owners, h = trace(model, (randn(n, 8),))
+        owners, h = traced(model, (randn(n, 8),))
         groups = direction_groups(owners, h.shape[1])
         assert [list(g) for g in groups] == [list(range(s, min(s + size, 4))) for s in range(0, 4, size)]
         assert max(len(g) for g in groups) * 10 * n <= params / 2 or size == 1

@@ -31,6 +31,7 @@ falls back, for that module only, to torch.func per-sample gradients of its own 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -80,31 +81,24 @@ def closed_form_layers(model: nn.Module) -> bool:
                for o in owners)
 
 
-def has_closed_form(o: Owner) -> bool:
-    """Whether this traced owner takes a closed form: a registered type in the formula's scope,
-    called once on one positional input, every own trainable parameter its own."""
-    if o.affine:
-        return True
-    own = {n for n, p in o.module._parameters.items() if p is not None and p.requires_grad}
-    return (closed_form_of(o.module) is not None and len(o.calls) == 1 and not o.calls[0].kwargs
-            and len(o.calls[0].args) == 1 and set(o.params) == own)
-
-
-def owner_sq_norms(o: Owner, g: torch.Tensor) -> torch.Tensor:
-    """A closed-form owner's part of every sample's squared norm, from its output gradients g."""
-    call = o.calls[0]
-    if o.affine:
-        weight, bias = (any(name.endswith(end) for name in o.params) for end in ("weight", "bias"))
-        return affine_map_sq_norms(call.args[0], g, weight, bias, call.memo)
-    return closed_form_of(o.module).sq_norms(o.module, call.args[0], g, frozenset(o.params), call.memo)
-
-
-def owner_gram(o: Owner, g: torch.Tensor) -> torch.Tensor:
-    """A closed-form owner's part of K = J J^T ([n k, n k], rows sample-major)."""
-    form = None if o.affine else closed_form_of(o.module)
-    if form is None or form.gram is None:
-        raise FastPathUnsupported(f"no closed-form Gram for module {o.name!r}")
-    return form.gram(o.module, o.calls[0].args[0], g, frozenset(o.params))
+def bind(owners: list[Owner]) -> None:
+    """Set each traced owner's ``closed_form`` and ``gram`` (None where it has none): a
+    registered type in the formula's scope, called once on one positional input, every own
+    trainable parameter its own; attention's projections as affine maps."""
+    for o in owners:
+        call = o.calls[0]
+        if o.affine:
+            weight, bias = (any(name.endswith(end) for name in o.params) for end in ("weight", "bias"))
+            o.closed_form = partial(affine_map_sq_norms, call.args[0], weight=weight, bias=bias, memo=call.memo)
+            continue
+        own = {n for n, p in o.module._parameters.items() if p is not None and p.requires_grad}
+        form = closed_form_of(o.module)
+        if form is None or len(o.calls) != 1 or call.kwargs or len(call.args) != 1 or set(o.params) != own:
+            continue
+        trainable = frozenset(o.params)
+        o.closed_form = partial(form.sq_norms, o.module, call.args[0], trainable=trainable, memo=call.memo)
+        if form.gram is not None:
+            o.gram = partial(form.gram, o.module, call.args[0], trainable=trainable)
 
 
 # -- Linear and affine maps ------------------------------------------------------------------

@@ -53,54 +53,41 @@ class Engine:
         batch: the probe inputs, a tuple of tensors with a shared first dimension n.
         chunk_size: samples per chunk (None: as many as fit ``memory_budget``).
         memory_budget: bytes of per-sample Jacobians or layer gradients held at once.
-        within: an engine whose measurement this one shares (a helper it delegates to).
         k: the outputs per sample, where the selection already ran the model for them.
     """
 
     method = "?"  # the word in ProbeReport.method
 
     def __init__(self, model: nn.Module, batch: Batch, chunk_size: int | None, memory_budget: int,
-                 *, within: Engine | None = None, k: int | None = None) -> None:
+                 *, k: int | None = None) -> None:
         self.model, self.batch = model, batch
         self.chunk_size, self.memory_budget = chunk_size, memory_budget
-        self._within = within
-        self._measurement: Measurement | None = None
-        self._k = k
-
-    # -- the measurement -----------------------------------------------------------------------
+        self.num_samples = batch[0].shape[0]
+        self.k = k  # outputs per sample: learned at the first measurement (parameters don't change it)
+        self.helpers: list[Engine] = []  # engines this one delegates to, sharing its measurement
+        self.measurement: Measurement | None = None
+        self.fm: FunctionalModel | None = None  # the measurement's, for short
 
     @contextmanager
     def measuring(self) -> Iterator[Engine]:
         """Evaluation mode, the parameters read now; what was formed is dropped at the end."""
         with evaluation_mode(self.model):
-            self._measurement = Measurement(FunctionalModel(self.model))
+            measurement = Measurement(FunctionalModel(self.model))
+            for engine in (self, *self.helpers):
+                engine.measurement, engine.fm = measurement, measurement.fm
+            if self.k is None:
+                self.k = self.output_size()
+            for helper in self.helpers:
+                helper.k = self.k
             try:
                 yield self
             finally:
-                self._measurement = None
+                for engine in (self, *self.helpers):
+                    engine.measurement = engine.fm = None
 
-    @property
-    def measurement(self) -> Measurement:
-        if self._within is not None:
-            return self._within.measurement
-        if self._measurement is None:
-            raise RuntimeError("ask an engine inside `with engine.measuring():`")
-        return self._measurement
-
-    @property
-    def fm(self) -> FunctionalModel:
-        return self.measurement.fm
-
-    @property
-    def num_samples(self) -> int:
-        return self.batch[0].shape[0]
-
-    @property
-    def k(self) -> int:
-        """Output entries per sample (learned once: the parameters do not change it)."""
-        if self._k is None:
-            self._k = self.fm.output_size(self.batch)
-        return self._k
+    def output_size(self) -> int:
+        """k, from a one-sample forward without gradients."""
+        return self.fm.output_size(self.batch)
 
     @property
     def rows(self) -> int:
@@ -145,11 +132,6 @@ class Engine:
     def J_transpose_times(self, u: torch.Tensor) -> torch.Tensor:
         J = self.measurement.jacobian
         return J.T @ u if J is not None else self.fm.J_transpose_times(self.chunks(), u)
-
-    @property
-    def outputs(self) -> torch.Tensor | None:
-        """The model outputs [n, k], where this measurement computed them anyway."""
-        return self.measurement.outputs
 
 
 def per_sample_jacobians(fm: FunctionalModel, batch: Batch) -> ParamDict:

@@ -32,10 +32,10 @@ import torch
 from torch.func import functional_call, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .closed_forms import has_closed_form, owner_gram, owner_sq_norms
+from . import closed_forms
 from .engine import Engine
 from .functional import Batch, ParamDict, chunk_slices, fused_attention
-from .trace import (FastPathUnsupported, Owner, direction_groups, fast_chunk_size, grads_by_owner, trace)
+from .trace import Call, FastPathUnsupported, Owner, fast_chunk_size, trace
 from .vmap import VmapEngine
 
 
@@ -44,7 +44,8 @@ class FastEngine(Engine):
         super().__init__(*args, **kwargs)
         self.strict = strict  # method "fast": refuse what it cannot do, instead of falling back
         self.closed_forms = closed_forms  # every owner's type has a closed form (a look at types)
-        self.torch_func = VmapEngine(*args, **kwargs, within=self)  # grad reg where closed forms end
+        self.torch_func = VmapEngine(*args, **kwargs)  # grad reg where closed forms end
+        self.helpers.append(self.torch_func)
         self.unsupported: str | None = None  # why the model needs the whole-model path, once known
         self.fell_back: list[str] = []  # the modules of the last norms that took a per-module fallback
 
@@ -54,14 +55,11 @@ class FastEngine(Engine):
             return self.torch_func.method
         return "fast" + (f" (per-module fallback: {', '.join(self.fell_back)})" if self.fell_back else "")
 
-    @property
-    def k(self) -> int:
-        if self._k is None:
-            try:  # the fast path's sizing forward, which it needs anyway
-                self._k = fast_chunk_size(self.model, self.batch, self.memory_budget)[1]
-            except FastPathUnsupported:
-                return super().k
-        return self._k
+    def output_size(self) -> int:
+        try:  # the fast path's sizing forward, which it needs anyway
+            return fast_chunk_size(self.model, self.batch, self.memory_budget)[1]
+        except FastPathUnsupported:
+            return super().output_size()
 
     def _whole_model(self, why: FastPathUnsupported, what: str) -> None:
         if self.strict:
@@ -103,16 +101,15 @@ class FastEngine(Engine):
         if kept is not None or self.unsupported is not None or not self.closed_forms:
             return kept
         try:
-            owners, h = trace(self.model, self.batch)
-            by_owner = grads_by_owner(owners, h, range(h.shape[1]), create_graph=False)
-            K = None
-            for o in owners:
-                if not has_closed_form(o):
-                    raise FastPathUnsupported(f"no closed-form Gram for module {o.name!r}")
-                part = owner_gram(o, by_owner[id(o)][0])
-                K = part if K is None else K + part
-            return K.detach()
+            owners, h = traced(self.model, self.batch)
         except FastPathUnsupported:
+            return None
+        if not all(o.gram is not None for o in owners):
+            return None
+        by_owner = grads_by_owner(owners, h, range(h.shape[1]), create_graph=False)
+        try:
+            return sum(o.gram(by_owner[id(o)][0]) for o in owners).detach()
+        except FastPathUnsupported:  # (a Linear on sequence inputs)
             return None
 
     # -- the closed forms --------------------------------------------------------------------
@@ -150,6 +147,62 @@ class FastEngine(Engine):
         return torch.cat(parts), {name: v.mul_(1.0 / self.num_samples) for name, v in total.items()}
 
 
+# -- the backward: output gradients at every recorded module output -----------------------
+
+
+def output_grads(h: torch.Tensor, calls: list[Call], directions: range, create_graph: bool) -> list[torch.Tensor]:
+    """d h_ij / d y for every recorded output y and the output directions j in ``directions``,
+    stacked over them: [len(directions), *y.shape]."""
+    n, k = h.shape
+    edges = [c.edge for c in calls]
+    if k == 1:
+        grads = torch.autograd.grad(h.sum(), edges, retain_graph=create_graph, create_graph=create_graph,
+                                    allow_unused=True)
+        grads = [None if g is None else g.unsqueeze(0) for g in grads]
+    else:
+        rows = torch.eye(k, dtype=h.dtype, device=h.device)[directions.start:directions.stop, None, :]
+        rows = rows.expand(len(directions), n, k)
+        try:
+            if len(directions) == 1:
+                grads = torch.autograd.grad(h, edges, rows[0], retain_graph=True, create_graph=create_graph,
+                                            allow_unused=True)
+                grads = [None if g is None else g.unsqueeze(0) for g in grads]
+            else:
+                grads = torch.autograd.grad(h, edges, rows, is_grads_batched=True, retain_graph=True,
+                                            create_graph=create_graph, allow_unused=True)
+        except RuntimeError:  # a backward op without a batching rule: one direction at a time
+            per_direction = [torch.autograd.grad(h, edges, d, retain_graph=True,
+                                                 create_graph=create_graph, allow_unused=True)
+                             for d in rows]
+            grads = [None if column[0] is None else torch.stack(column) for column in zip(*per_direction)]
+    return [torch.zeros((len(directions), *c.shape), dtype=c.dtype, device=c.device) if g is None else g
+            for g, c in zip(grads, calls)]
+
+
+def grads_by_owner(owners: list[Owner], h: torch.Tensor, directions: range,
+                   create_graph: bool) -> dict[int, list[torch.Tensor]]:
+    """The output gradients of every recorded call, per owner (by id), for ``directions``."""
+    records = [(o, c) for o in owners for c in o.calls]
+    with torch.enable_grad():
+        grads = output_grads(h, [c for _, c in records], directions, create_graph)
+    by_owner: dict[int, list[torch.Tensor]] = {}
+    for (o, _), g in zip(records, grads):
+        by_owner.setdefault(id(o), []).append(g)
+    return by_owner
+
+
+def direction_groups(owners: list[Owner], k: int) -> list[range]:
+    """The k output directions in groups, one batched backward each, so that the norms need
+    about a training step's memory: a step holds the parameters' gradients, a group its output
+    gradients at every recorded output plus temporaries of their size (their squares), so a
+    group's gradients take at most half the parameters' size (at least one direction)."""
+    per_direction = sum(c.shape.numel() for o in owners for c in o.calls)
+    params = sum(p.numel() for o in owners for p in o.params.values())
+    size = max(1, min(k, params // max(1, 2 * per_direction)))
+    return [range(start, min(start + size, k)) for start in range(0, k, size)]
+
+
+
 def fast_sq_norms(model, batch: Batch, *, create_graph: bool = False, stream: bool = True
                   ) -> tuple[torch.Tensor, list[str]]:
     """Per-sample ||J_i||_F^2 of one chunk (model already in eval mode) and the modules that
@@ -164,9 +217,9 @@ def fast_sq_norms(model, batch: Batch, *, create_graph: bool = False, stream: bo
     Raises:
         FastPathUnsupported: the model needs the whole-model torch.func path.
     """
-    owners, h = trace(model, batch)
+    owners, h = traced(model, batch)
     n, k = h.shape
-    if create_graph and not all(has_closed_form(o) for o in owners):
+    if create_graph and not all(o.closed_form for o in owners):
         raise FastPathUnsupported("a module needs a per-module fallback, which has no double backward")
     total = torch.zeros(n, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
     for directions in direction_groups(owners, k):
@@ -179,14 +232,21 @@ def fast_sq_norms(model, batch: Batch, *, create_graph: bool = False, stream: bo
             if part is None:
                 part = held_part(owners, h, directions, create_graph)
         total = total + part
-    return total, [o.name for o in owners if not has_closed_form(o)]
+    return total, [o.name for o in owners if not o.closed_form]
+
+
+def traced(model, batch: Batch) -> tuple[list[Owner], torch.Tensor]:
+    """The recording forward, each owner bound to its closed form where it has one."""
+    owners, h = trace(model, batch)
+    closed_forms.bind(owners)
+    return owners, h
 
 
 def _owner_part(o: Owner, grads: list[torch.Tensor], n: int) -> torch.Tensor:
     """This module's part of every sample's squared norm, from its output gradients (one
     [c, *y.shape] per call, over c output directions)."""
-    if has_closed_form(o):
-        return owner_sq_norms(o, grads[0])
+    if o.closed_form:
+        return o.closed_form(grads[0])
     with sdpa_kernel(SDPBackend.MATH):  # vmapped: the fused attention kernels have no batching rule
         return per_module_fallback(o, grads, n)
 
@@ -198,7 +258,7 @@ def held_part(owners: list[Owner], h: torch.Tensor, directions: range, create_gr
     total = 0
     # closed forms first: their gradients are freed before the per-module fallbacks, which need
     # working memory of their own
-    for o in sorted(owners, key=lambda o: not has_closed_form(o)):
+    for o in sorted(owners, key=lambda o: not o.closed_form):
         total = total + _owner_part(o, by_owner.pop(id(o)), h.shape[0])
     return total
 
@@ -219,14 +279,14 @@ def streamed_part(owners: list[Owner], h: torch.Tensor, j: int, retain_graph: bo
     for o in owners:
         call = o.calls[0]
         needs_grad = any(isinstance(t, torch.Tensor) and t.requires_grad for t in call.args)
-        if not has_closed_form(o) or not needs_grad:
+        if not o.closed_form or not needs_grad:
             ended.append(o)
             continue
 
         def hook(grad_outputs, o=o, call=call):
             g = grad_outputs[call.edge.output_nr]
             if g is not None:
-                parts.append(owner_sq_norms(o, g.unsqueeze(0)))
+                parts.append(o.closed_form(g.unsqueeze(0)))
             reached.add(id(o))
 
         handles.append(call.edge.node.register_prehook(hook))

@@ -70,7 +70,7 @@ class JacobianEngine(Engine):
         with torch.enable_grad():
             out = fm.live_output(self.batch)
             n, k = out.shape
-            self._k = k
+            self.k = k
             try:
                 if n * k == 1:  # one row: a plain backward, without the batching machinery
                     jac = [j.unsqueeze(0) for j in torch.autograd.grad(

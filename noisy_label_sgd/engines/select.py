@@ -29,8 +29,7 @@ from torch import nn
 from .closed_forms import closed_form_layers
 from .engine import Engine
 from .fast import FastEngine
-from .functional import (DEFAULT_MEMORY_BUDGET, FunctionalModel, Inputs, as_input_tuple, check_chunk_size,
-                         evaluation_mode)
+from .functional import DEFAULT_MEMORY_BUDGET, FunctionalModel, Inputs, as_input_tuple, check_chunk_size
 from .jacobian import JacobianEngine, is_small_jacobian
 from .vmap import VmapEngine
 
@@ -64,7 +63,7 @@ def select_engine(model: nn.Module, inputs: Inputs, method: str = "auto", *, chu
     if closed_forms and not may_be_small:
         return FastEngine(*args, strict=False, closed_forms=True)
     engine = VmapEngine(*args)
-    with engine.measuring():  # a one-sample forward for k
+    with engine.measuring():  # with a one-sample forward for k
         small = is_small_jacobian(engine.rows, engine.fm.num_params)
         fits = engine.jacobian_fits()
     if small:

@@ -1,5 +1,4 @@
-"""The fast engine's recording forward: which modules own parameters, what each was called with,
-and the gradients of the model output at every recorded module output.
+"""The fast engine's recording forward: which modules own parameters, and what each was called with.
 
 Outputs are recorded by their gradient edges (:class:`Call`), which in-place ops after the
 module (``ReLU(inplace=True)``, a residual ``+=``) leave pointing at the module's own output.
@@ -16,6 +15,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -60,6 +60,10 @@ class Owner:
     packed: list[tuple[Call, Call]] = field(default_factory=list)
     # a projection of such a module: an affine map of calls[0].args[0]
     affine: bool = False
+    # set by closed_forms.bind after the trace: this owner's part of the squared norms from its
+    # output gradients, and of K = J J^T (None: no closed form)
+    closed_form: Callable[[torch.Tensor], torch.Tensor] | None = None
+    gram: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 def owners_of(model: nn.Module) -> list[Owner]:
@@ -185,58 +189,6 @@ def trace(model: nn.Module, batch: Batch) -> tuple[list[Owner], torch.Tensor]:
     with torch.enable_grad():
         h = per_sample_outputs(record(owners, model, batch), batch)
     return _split_packed(_merge_uncalled(owners)), h
-
-
-def output_grads(h: torch.Tensor, calls: list[Call], directions: range, create_graph: bool) -> list[torch.Tensor]:
-    """d h_ij / d y for every recorded output y and the output directions j in ``directions``,
-    stacked over them: [len(directions), *y.shape]."""
-    n, k = h.shape
-    edges = [c.edge for c in calls]
-    if k == 1:
-        grads = torch.autograd.grad(h.sum(), edges, retain_graph=create_graph, create_graph=create_graph,
-                                    allow_unused=True)
-        grads = [None if g is None else g.unsqueeze(0) for g in grads]
-    else:
-        rows = torch.eye(k, dtype=h.dtype, device=h.device)[directions.start:directions.stop, None, :]
-        rows = rows.expand(len(directions), n, k)
-        try:
-            if len(directions) == 1:
-                grads = torch.autograd.grad(h, edges, rows[0], retain_graph=True, create_graph=create_graph,
-                                            allow_unused=True)
-                grads = [None if g is None else g.unsqueeze(0) for g in grads]
-            else:
-                grads = torch.autograd.grad(h, edges, rows, is_grads_batched=True, retain_graph=True,
-                                            create_graph=create_graph, allow_unused=True)
-        except RuntimeError:  # a backward op without a batching rule: one direction at a time
-            per_direction = [torch.autograd.grad(h, edges, d, retain_graph=True,
-                                                 create_graph=create_graph, allow_unused=True)
-                             for d in rows]
-            grads = [None if column[0] is None else torch.stack(column) for column in zip(*per_direction)]
-    return [torch.zeros((len(directions), *c.shape), dtype=c.dtype, device=c.device) if g is None else g
-            for g, c in zip(grads, calls)]
-
-
-def grads_by_owner(owners: list[Owner], h: torch.Tensor, directions: range,
-                   create_graph: bool) -> dict[int, list[torch.Tensor]]:
-    """The output gradients of every recorded call, per owner (by id), for ``directions``."""
-    records = [(o, c) for o in owners for c in o.calls]
-    with torch.enable_grad():
-        grads = output_grads(h, [c for _, c in records], directions, create_graph)
-    by_owner: dict[int, list[torch.Tensor]] = {}
-    for (o, _), g in zip(records, grads):
-        by_owner.setdefault(id(o), []).append(g)
-    return by_owner
-
-
-def direction_groups(owners: list[Owner], k: int) -> list[range]:
-    """The k output directions in groups, one batched backward each, so that the norms need
-    about a training step's memory: a step holds the parameters' gradients, a group its output
-    gradients at every recorded output plus temporaries of their size (their squares), so a
-    group's gradients take at most half the parameters' size (at least one direction)."""
-    per_direction = sum(c.shape.numel() for o in owners for c in o.calls)
-    params = sum(p.numel() for o in owners for p in o.params.values())
-    size = max(1, min(k, params // max(1, 2 * per_direction)))
-    return [range(start, min(start + size, k)) for start in range(0, k, size)]
 
 
 # The one-sample sizing per model and per-sample input signature: a probe calls with the same
