@@ -1,7 +1,28 @@
-"""Shared fixtures: small models and data made from explicit generators."""
+"""Shared fixtures: small models and data made from explicit generators, the named tolerances,
+and the one brute-force reference (per-sample autograd loops, SVD null space, finite differences)
+every test file compares against."""
 
 import torch
 from torch import nn
+
+from noisy_label_sgd.paper_models import MatrixSensing, TwoLayerReLU1D, TwoLayerSigmoid
+
+# -- tolerances: one per kind of comparison --------------------------------------------------
+
+# float64, an exact path against the brute-force loop or SVD (every path agrees to about 1e-15;
+# the margin covers sums in another order over a few thousand terms)
+FLOAT64_RTOL = 1e-10
+# float64 conjugate gradients (stopped at relative residual 1e-10) against an exact reference;
+# the solution error is the residual times the condition number of K on range(J)
+CG_RTOL = 1e-7
+# central finite differences in float64 with step FD_STEP: truncation ~ h^2, rounding ~ eps / h
+FD_STEP = 1e-5
+FD_ATOL = 1e-8
+# float32 against float64 of the same model: norms and grad reg carry a few units of float32
+# rounding (eps32 = 1.2e-7) per layer; the projection also the condition number of K, which the
+# float32 tests keep below 1e4 (eps32 * 1e4 = 1.2e-3)
+FLOAT32_RTOL = 1e-5
+FLOAT32_PROJECTION_RTOL = 1e-3
 
 
 def mlp(seed: int = 0, sizes=(6, 16, 16, 3), dtype=torch.float64) -> nn.Module:
@@ -174,3 +195,137 @@ def brute_reg_grad(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(brute_reg(model, inputs, create_graph=True), params, allow_unused=True)
     return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
+
+
+def brute_sq_norms(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """Per-sample ||J_i||_F^2 from the loop's J."""
+    return brute_jacobian(model, inputs).pow(2).reshape(inputs.shape[0], -1).sum(1)
+
+
+def trainable_flat(model: nn.Module, tensors: dict) -> torch.Tensor:
+    """A dict over the trainable parameters, flattened in named_parameters() order."""
+    return torch.cat([tensors[n].reshape(-1) for n, p in model.named_parameters() if p.requires_grad])
+
+
+def svd_tangent_projection(J: torch.Tensor, v: torch.Tensor, rank: int | None = None) -> torch.Tensor:
+    """v minus its component in the row space of J, from an SVD.
+
+    ``rank``: how many singular vectors span the row space. By default it is read off a gap that
+    any sensible cutoff agrees on: every singular value either above 1e-6 s_max or below 1e-12
+    s_max (an ambiguous spectrum fails the test instead of guessing).
+    """
+    _, s, Vh = torch.linalg.svd(J, full_matrices=False)
+    if rank is None:
+        relative = s / s[0]
+        ambiguous = (relative < 1e-6) & (relative > 1e-12)
+        assert not bool(ambiguous.any()), f"no clear rank: singular values {s.tolist()}"
+        rank = int((relative >= 1e-6).sum())
+    V = Vh[:rank].T
+    return v - V @ (V.T @ v)
+
+
+def finite_difference_grad(fn, model: nn.Module, name: str, index: int, h: float = FD_STEP) -> float:
+    """d fn() / d (parameter ``name``, flat ``index``) by a central difference."""
+    p = dict(model.named_parameters())[name]
+    with torch.no_grad():
+        flat = p.view(-1)
+        old = flat[index].item()
+        flat[index] = old + h
+        up = float(fn())
+        flat[index] = old - h
+        down = float(fn())
+        flat[index] = old
+    return (up - down) / (2 * h)
+
+
+def assert_rel_close(actual, expected, rtol=FLOAT64_RTOL, atol=0.0):
+    """max |actual - expected| <= rtol max |expected| + atol (tensors or numbers)."""
+    actual, expected = torch.as_tensor(actual, dtype=torch.float64), torch.as_tensor(expected, dtype=torch.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    error = float((actual - expected).abs().max())
+    bound = rtol * float(expected.abs().max()) + atol
+    assert error <= bound, f"max abs error {error:.3e} > {bound:.3e}"
+
+
+def seeded(seed, build):
+    """Build a module whose default initialisation draws from a forked, seeded global RNG."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return build().double()
+
+
+def randn(*shape, seed=0, dtype=torch.float64):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def random_vector(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def partially_frozen(build, frozen):
+    """``build()`` with the parameters whose names end in one of ``frozen`` frozen."""
+    def make():
+        model = build()
+        for name, p in model.named_parameters():
+            if name.endswith(frozen):
+                p.requires_grad_(False)
+        return model
+    return make
+
+
+# -- the model battery: every numerical test runs over it ------------------------------------
+
+CASES = {
+    "mlp_multi_output": (lambda: mlp(sizes=(5, 8, 8, 3)), lambda: randn(6, 5)),
+    "cnn_groupnorm": (lambda: seeded(1, SmallCNN), lambda: randn(4, 2, 5, 5)),
+    "transformer_encoder_layer": (lambda: seeded(2, TinyTransformer), lambda: randn(3, 4, 8)),
+    "frozen_params_and_buffers": (lambda: seeded(3, FrozenAndBuffers), lambda: randn(6, 5)),
+    "reused_weight": (lambda: seeded(4, ReusedWeight), lambda: randn(5, 4)),
+    "layernorm_mlp": (lambda: seeded(9, lambda: nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Tanh(),
+                                                               nn.Linear(7, 2))), lambda: randn(6, 5)),
+    "inplace_relu_residual": (lambda: seeded(10, InplaceResidual), lambda: randn(5, 6)),
+    "conv1d_sequence_linear": (lambda: seeded(11, ConvSequence), lambda: randn(4, 3, 7)),
+    "attention_sequence_first": (lambda: seeded(14, Attention), lambda: randn(3, 5, 6)),
+    "attention_masked_fallback": (lambda: seeded(15, lambda: Attention(masked=True)), lambda: randn(3, 5, 6)),
+    "grouped_conv_fallback": (lambda: seeded(13, lambda: nn.Sequential(
+        nn.Conv2d(4, 4, 3, groups=2), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 2 * 2, 1))), lambda: randn(3, 4, 4, 4)),
+    # 16 input channels: the per-sample weight gradients as one grouped convolution's
+    "wide_conv2d_strided_dilated": (lambda: seeded(16, lambda: nn.Sequential(
+        nn.Conv2d(16, 2, 3, stride=2, padding=2, dilation=2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 5 * 5, 2))),
+        lambda: randn(3, 16, 10, 10)),
+    "wide_conv1d": (lambda: seeded(17, lambda: nn.Sequential(
+        nn.Conv1d(16, 2, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 12, 1))), lambda: randn(4, 16, 12)),
+    # few input channels: per-sample weight gradients from the input patches (strided view)
+    "narrow_conv2d_strided_dilated": (lambda: seeded(18, lambda: nn.Sequential(
+        nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2)), nn.Tanh(),
+        nn.Conv2d(4, 3, 2), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 5, 2))), lambda: randn(4, 3, 9, 8)),
+    # unpadded, on a channels-last input: the patches read the input where it lies
+    "narrow_conv2d_channels_last": (lambda: seeded(20, lambda: nn.Sequential(
+        nn.Conv2d(3, 2, 3, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 4, 1))),
+        lambda: randn(4, 3, 7, 9).to(memory_format=torch.channels_last)),
+    "narrow_conv1d_dilated": (lambda: seeded(19, lambda: nn.Sequential(
+        nn.Conv1d(2, 3, 3, stride=2, padding=2, dilation=2), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 6, 1))),
+        lambda: randn(5, 2, 11)),
+    "matrix_sensing": (lambda: MatrixSensing(4, init=randn(4, 4, seed=5)).double(), lambda: randn(7, 4, 4)),
+    "relu_1d": (lambda: TwoLayerReLU1D(6, torch.Generator().manual_seed(6)).double(), lambda: randn(8)),
+    "sigmoid_single_point_tanh": (
+        lambda: TwoLayerSigmoid(5, 3, "tanh", torch.Generator().manual_seed(7)).double(), lambda: randn(1, 3)),
+    "sigmoid_single_point_logistic": (
+        lambda: TwoLayerSigmoid(5, 3, "logistic", torch.Generator().manual_seed(8)).double(), lambda: randn(1, 3)),
+    # frozen parts: a frozen parameter must count nowhere, a trainable one beside it everywhere
+    "mlp_frozen_biases": (partially_frozen(lambda: mlp(seed=21, sizes=(5, 8, 8, 3)), ("bias",)), lambda: randn(6, 5)),
+    "mlp_frozen_weights_trainable_biases": (
+        partially_frozen(lambda: mlp(seed=22, sizes=(5, 8, 8, 2)), ("weight",)), lambda: randn(6, 5)),
+    "cnn_partially_frozen": (partially_frozen(lambda: seeded(23, SmallCNN), ("conv1.bias", "norm.weight", "head.weight")),
+                             lambda: randn(4, 2, 5, 5)),
+    "transformer_frozen_out_proj_bias_and_norm": (
+        partially_frozen(lambda: seeded(24, TinyTransformer), ("out_proj.bias", "norm1.weight", "linear2.bias")),
+        lambda: randn(3, 4, 8)),
+}
+IDS = list(CASES)
+
+
+def make(name):
+    build, inputs = CASES[name]
+    return build(), inputs()

@@ -158,16 +158,22 @@ def per_sample_outputs(out, batch: Batch) -> torch.Tensor:
 
 @contextmanager
 def evaluation_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode, the math attention kernel (it has double backward), no RNG side effects."""
+    """Eval mode, the math attention kernel (it has double backward), no RNG side effects, and
+    no fused fast path of nn.TransformerEncoderLayer / nn.MultiheadAttention: in eval mode in
+    float32, with no input requiring grad (as under torch.func), they take a fused kernel that
+    has no forward AD (a jvp through it raises) and no double backward."""
     modes = [(module, module.training) for module in model.modules()]
     cuda_devices = sorted(
         {t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"}
     )
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     model.eval()
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         with sdpa_kernel(SDPBackend.MATH), torch.random.fork_rng(devices=cuda_devices):
             yield
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for module, training in modes:
             module.training = training
 
