@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import distributed_workers as workers
-from helpers import mlp
+from helpers import CG_RTOL, assert_rel_close, mlp
 from noisy_label_sgd import RegularizerProbe
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -83,9 +83,12 @@ def test_distributed_probe_equals_the_single_process_probe_on_the_union(tmp_path
     spawn(workers.probe, tmp_path, x, y, bounds)
     single = RegularizerProbe(mlp(), x, y)()
     for report in load(tmp_path, "probe"):
-        for name in ("reg", "reg_grad_norm", "manifold_grad_norm", "normal_grad_norm", "loss"):
-            assert math.isclose(getattr(report, name), getattr(single, name), rel_tol=1e-6), name
-        torch.testing.assert_close(report.per_sample, single.per_sample, rtol=1e-10, atol=0)
+        for name in ("reg", "reg_grad_norm", "loss"):
+            assert_rel_close(getattr(report, name), getattr(single, name))
+        # distributed conjugate gradients against the single process's dense solve
+        for name in ("manifold_grad_norm", "normal_grad_norm"):
+            assert_rel_close(getattr(report, name), getattr(single, name), rtol=0, atol=CG_RTOL * single.reg_grad_norm)
+        assert_rel_close(report.per_sample, single.per_sample)
     assert os.listdir(tmp_path / "tb_rank0") and not (tmp_path / "tb_rank1").exists()
 
 

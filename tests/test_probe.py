@@ -188,3 +188,17 @@ def test_float32_report_matches_float64_of_the_same_model(name, n, solver):
     scale = FLOAT32_PROJECTION_RTOL * r64.reg_grad_norm
     assert_rel_close(r32.manifold_grad_norm, r64.manifold_grad_norm, rtol=0, atol=scale)
     assert_rel_close(r32.normal_grad_norm, r64.normal_grad_norm, rtol=0, atol=scale)
+
+
+@pytest.mark.parametrize("name,n", [("mlp_multi_output", 30), ("mlp_multi_output", 6), ("reused_weight", 30),
+                                    ("matrix_sensing", 12), ("matrix_sensing", 70)])
+def test_the_report_and_the_functions_hold_no_graph(name, n):
+    # a tensor with a graph would keep the double backward's whole working set alive
+    from noisy_label_sgd import per_sample_sq_grad_norms, regularizer_grad
+
+    model, x = make(name)
+    x = torch.cat([x] * (n // x.shape[0] + 1))[:n]
+    report = RegularizerProbe(model, x)()
+    assert report.per_sample.grad_fn is None and not report.per_sample.requires_grad, report.method
+    assert per_sample_sq_grad_norms(model, x).grad_fn is None
+    assert all(g.grad_fn is None and not g.requires_grad for g in regularizer_grad(model, x).values())

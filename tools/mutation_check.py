@@ -1,0 +1,152 @@
+"""Plant one-line bugs in the package, one at a time, and report which ones the tests miss.
+
+    .venv/bin/python tools/mutation_check.py [--only ID,ID] [--jobs 2]
+
+Each mutant is an exact text replacement in one file of a scratch copy of the repository; only
+the test files that cover that code run (pytest -x, stopping at the first failure). A mutant is
+"killed" when those tests fail and "survived" when they pass. Not part of CI: it takes minutes
+(about 4 on a 2-core machine). A replacement that no longer matches the source is reported as
+"stale": update the list when the code moves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROBE_TESTS = ("tests/test_regularizer.py", "tests/test_probe.py")
+MONITOR_TESTS = ("tests/test_tensorboard.py",)
+NOISE_TESTS = ("tests/test_noise.py", "tests/test_optim.py", "tests/test_hooks.py")
+
+
+@dataclass(frozen=True)
+class Mutant:
+    id: str
+    what: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+MUTANTS = [
+    # the four bugs that passed the suite on 2026-11-28
+    Mutant("drift-ignores-batch-size", "the drift prediction ignores the user's batch_size",
+           "noisy_label_sgd/tensorboard.py", 'return self.batch_size or getattr(self.probe, "num_samples", 1)',
+           'return getattr(self.probe, "num_samples", 1)', MONITOR_TESTS),
+    Mutant("cutoff-1e7", "the projection's eigenvalue cutoff 1e7 times larger",
+           "noisy_label_sgd/engines/tangent.py", "keep = eigenvalues > (rcond**2) * eigenvalues.max().clamp_min(0)",
+           "keep = eigenvalues > 1e7 * (rcond**2) * eigenvalues.max().clamp_min(0)", PROBE_TESTS),
+    Mutant("cutoff-removed", "no eigenvalue cutoff at all",
+           "noisy_label_sgd/engines/tangent.py", "keep = eigenvalues > (rcond**2) * eigenvalues.max().clamp_min(0)",
+           "keep = torch.ones_like(eigenvalues, dtype=torch.bool)", PROBE_TESTS),
+    Mutant("frozen-bias-counted", "a frozen Linear bias counted in the fast path's norms",
+           "noisy_label_sgd/engines/closed_forms.py",
+           'return affine_map_sq_norms(a, g, "weight" in trainable, "bias" in trainable, memo)',
+           'return affine_map_sq_norms(a, g, "weight" in trainable, module.bias is not None, memo)', PROBE_TESTS),
+    Mutant("solver-always-dense", "solver 'auto' always takes the dense solver",
+           "noisy_label_sgd/engines/tangent.py", 'if solver == "dense" or (solver == "auto" and engine.jacobian_fits()):',
+           'if solver in ("dense", "auto"):', PROBE_TESTS),
+    # factors of 2 and wrong reductions
+    Mutant("grad-reg-half", "grad reg (torch.func) without its factor 2",
+           "noisy_label_sgd/engines/vmap.py", "v.mul_(2.0 / n)", "v.mul_(1.0 / n)", PROBE_TESTS),
+    Mutant("small-j-grad-per-entry", "the small-J grad reg divided by n k instead of n",
+           "noisy_label_sgd/engines/jacobian.py", "norms.sum() / n, leaves", "norms.sum() / (n * k), leaves",
+           PROBE_TESTS),
+    Mutant("reg-sum", "reg as the sum over samples, not the mean",
+           "noisy_label_sgd/regularizer.py", "memory_budget=memory_budget\n    ).mean()",
+           "memory_budget=memory_budget\n    ).sum()", PROBE_TESTS),
+    Mutant("loss-summed", "the clean probe loss summed, not averaged",
+           "noisy_label_sgd/probe.py", "nn.functional.mse_loss(out, target))",
+           'nn.functional.mse_loss(out, target, reduction="sum"))', PROBE_TESTS),
+    Mutant("conv-bias-sum-of-squares", "a convolution bias's part as a sum of squares, not the square of a sum",
+           "noisy_label_sgd/engines/closed_forms.py", "total = total + g.sum(-1).pow(2).sum((0, -1))",
+           "total = total + g.pow(2).sum(-1).sum((0, -1))", PROBE_TESTS),
+    Mutant("norm-weight-unnormalised", "a LayerNorm/GroupNorm weight's gradient from the raw input",
+           "noisy_label_sgd/engines/closed_forms.py", "parts.append(over_shared(g * x_hat).reshape(k, n, -1))",
+           "parts.append(over_shared(g * a).reshape(k, n, -1))", PROBE_TESTS),
+    # transposes and solver arithmetic
+    Mutant("pinv-transposed", "K^+ b with the eigenvectors transposed",
+           "noisy_label_sgd/engines/tangent.py", "return Q @ (inverse * (Q.T @ b))",
+           "return Q.T @ (inverse * (Q @ b))", PROBE_TESTS),
+    Mutant("cg-step-length", "CG's step length from |d|^2 instead of d^T K d",
+           "noisy_label_sgd/engines/tangent.py", "alpha = rr / dot(d, Kd)", "alpha = rr / dot(d, d)", PROBE_TESTS),
+    Mutant("gram-rows-output-major", "the closed-form K with rows ordered (output, sample), J's (sample, output)",
+           "noisy_label_sgd/engines/closed_forms.py", "G = g.permute(1, 0, *range(2, g.dim())).reshape(n * k, -1)",
+           "G = g.reshape(n * k, -1)", PROBE_TESTS),
+    # a missing detach: the report would hold the double backward's whole graph
+    Mutant("norms-keep-graph", "the fast double backward's norms returned with their graph",
+           "noisy_label_sgd/engines/fast.py", "            parts.append(norms.detach())\n",
+           "            parts.append(norms)\n", PROBE_TESTS),
+    # the monitor's theory
+    Mutant("drift-momentum", "momentum multiplies the step instead of dividing it",
+           "noisy_label_sgd/tensorboard.py", "step_size = lr / (1.0 - float(group.get(\"momentum\", 0.0) or 0.0))",
+           "step_size = lr * (1.0 - float(group.get(\"momentum\", 0.0) or 0.0))", MONITOR_TESTS),
+    Mutant("drift-k-once", "the drift divided by k instead of k^2",
+           "noisy_label_sgd/tensorboard.py", "(self._batch_size() * k**2)", "(self._batch_size() * k)", MONITOR_TESTS),
+    # the noise stream
+    Mutant("same-noise-per-micro-batch", "every micro-batch of a step draws the same noise",
+           "noisy_label_sgd/noise.py", "        self.call += 1\n        self.last_noise = noise",
+           "        self.last_noise = noise", NOISE_TESTS),
+    Mutant("step-advances-twice", "the noise stream advances two steps per optimizer step",
+           "noisy_label_sgd/noise.py", "        self.step += 1\n", "        self.step += 2\n", NOISE_TESTS),
+    Mutant("closure-sees-new-noise", "a closure re-evaluated in one step draws new noise",
+           "noisy_label_sgd/optim.py", "            noise.call = first_call\n", "", NOISE_TESTS),
+    Mutant("uniform-width", "uniform noise on +-sqrt(2) s (variance 2/3 s^2)",
+           "noisy_label_sgd/noise.py", "half_width = math.sqrt(3.0) * std", "half_width = math.sqrt(2.0) * std",
+           NOISE_TESTS),
+    Mutant("modes-not-restored", "the probe leaves every module in eval mode",
+           "noisy_label_sgd/engines/functional.py", "            module.training = training",
+           "            module.training = False", PROBE_TESTS),
+]
+
+
+def run(mutant: Mutant, python: str) -> tuple[str, float, str]:
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{mutant.id}-") as scratch:
+        copy = os.path.join(scratch, "repo")
+        shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "__pycache__", "*.egg-info"))
+        path = os.path.join(copy, mutant.path)
+        source = open(path).read()
+        if source.count(mutant.old) != 1:
+            return "stale", 0.0, f"{mutant.old!r} occurs {source.count(mutant.old)} times in {mutant.path}"
+        open(path, "w").write(source.replace(mutant.old, mutant.new))
+        # `python -m pytest` from the copy's root imports the copy's package, not the installed one
+        result = subprocess.run([python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutant.tests],
+                                cwd=copy, capture_output=True, text=True)
+        last = (result.stdout.strip().splitlines() or ["(no output)"])[-1]
+        return ("survived" if result.returncode == 0 else "killed"), time.perf_counter() - start, last
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", help="comma-separated mutant ids")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--python", default=sys.executable)
+    args = parser.parse_args()
+    chosen = [m for m in MUTANTS if not args.only or m.id in args.only.split(",")]
+    check = subprocess.run([args.python, "-c", "import noisy_label_sgd, os; print(os.path.dirname(noisy_label_sgd.__file__))"],
+                           cwd=tempfile.gettempdir(), capture_output=True, text=True)
+    if check.returncode != 0:
+        sys.exit(f"{args.python} cannot import noisy_label_sgd (run from the project's environment): {check.stderr}")
+    with ThreadPoolExecutor(args.jobs) as pool:
+        results = list(pool.map(lambda m: run(m, args.python), chosen))
+    width = max(len(m.id) for m in chosen)
+    for m, (verdict, seconds, last) in zip(chosen, results):
+        print(f"{verdict:8s} {m.id:{width}s} {seconds:5.1f}s  {m.what}  [{last}]")
+    survived = [m.id for m, (verdict, _, _) in zip(chosen, results) if verdict != "killed"]
+    print(f"\n{len(chosen) - len(survived)} of {len(chosen)} mutants killed" +
+          (f"; not killed: {', '.join(survived)}" if survived else ""))
+    sys.exit(1 if survived else 0)
+
+
+if __name__ == "__main__":
+    main()
