@@ -7,7 +7,7 @@ from torch import nn
 from helpers import (CG_RTOL, FD_ATOL, FLOAT64_RTOL, IDS, FrozenAndBuffers, assert_rel_close, brute_jacobian,
                      brute_reg_grad, brute_sq_norms, finite_difference_grad, make, mlp, random_vector, randn, seeded,
                      svd_tangent_projection)
-from noisy_label_sgd import (implicit_regularizer, per_sample_sq_grad_norms, regularizer_grad,
+from noisy_label_sgd import (RegularizerProbe, implicit_regularizer, per_sample_sq_grad_norms, regularizer_grad,
                              tangent_projection)
 from noisy_label_sgd.paper_models import MatrixSensing
 
@@ -567,3 +567,32 @@ def test_float32_grad_reg_and_every_solver_match_float64(name):
             p64 = flat(tangent_projection(model64, x64, v64, **kwargs))
             p32 = flat(tangent_projection(model32, x32, v32, **kwargs))
             assert_rel_close(p32, p64, rtol=0, atol=FLOAT32_PROJECTION_RTOL * float(flat(v64).norm()))
+
+
+class Scale(nn.Module):
+    """y = w * x elementwise: a layer the library has no closed form for, until one is registered."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, d, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.weight * x
+
+
+def test_a_closed_form_registered_from_outside_is_used_and_differentiated(monkeypatch):
+    # adding a layer touches one place: a registered function (here from a test, as a user would)
+    from noisy_label_sgd.engines import closed_forms, register_closed_form
+
+    model, x = seeded(30, lambda: nn.Sequential(nn.Linear(5, 4), nn.Tanh(), Scale(4), nn.Linear(4, 2))), randn(40, 5)
+    assert RegularizerProbe(model, x, method="fast")().method == "fast (per-module fallback: 2)"
+    monkeypatch.setattr(closed_forms, "CLOSED_FORMS", dict(closed_forms.CLOSED_FORMS))
+
+    @register_closed_form(Scale)
+    def scale_sq_norms(module, a, g, trainable, memo):  # d h / d w = g * a, per sample
+        return (g * a).pow(2).sum(-1).sum(0)
+
+    report = RegularizerProbe(model, x)()
+    assert report.method == "fast"  # no fallback, grad reg by the double backward
+    assert_rel_close(report.per_sample, brute_sq_norms(model, x))
+    assert_rel_close(report.reg_grad_norm, float(brute_reg_grad(model, x).norm()))
