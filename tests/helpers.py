@@ -154,14 +154,16 @@ class Attention(nn.Module):
         return self.head(torch.tanh(out).mean(0)).squeeze(-1)
 
 
-def brute_jacobian(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """J [n k, p] by a per-sample, per-output loop of torch.autograd.grad (the reference)."""
+def brute_jacobian(model: nn.Module, inputs) -> torch.Tensor:
+    """J [n k, p] by a per-sample, per-output loop of torch.autograd.grad (the reference);
+    ``inputs``: a tensor, or a tuple of the model's arguments."""
     training = model.training
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
     rows = []
-    for i in range(inputs.shape[0]):
-        out = model(inputs[i : i + 1]).reshape(-1)
+    for i in range(args[0].shape[0]):
+        out = model(*(t[i : i + 1] for t in args)).reshape(-1)
         for j in range(out.numel()):
             grads = torch.autograd.grad(out[j], params, retain_graph=True, allow_unused=True)
             rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)]))
@@ -197,9 +199,10 @@ def brute_reg_grad(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
 
 
-def brute_sq_norms(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+def brute_sq_norms(model: nn.Module, inputs) -> torch.Tensor:
     """Per-sample ||J_i||_F^2 from the loop's J."""
-    return brute_jacobian(model, inputs).pow(2).reshape(inputs.shape[0], -1).sum(1)
+    n = (inputs[0] if isinstance(inputs, tuple) else inputs).shape[0]
+    return brute_jacobian(model, inputs).pow(2).reshape(n, -1).sum(1)
 
 
 def trainable_flat(model: nn.Module, tensors: dict) -> torch.Tensor:
