@@ -118,6 +118,7 @@ def resnet18_gn():
 CASES = {
     "mlp": ("MLP 784-512-512-10, scalar, batch 256", lambda: SumOutputs(mlp()), (256, 784)),
     "mlp_4096": ("MLP 784-512-512-10, scalar, batch 4096", lambda: SumOutputs(mlp()), (4096, 784)),
+    "mlp_b8": ("MLP 784-512-512-10, scalar, batch 8 (the host dominates)", lambda: SumOutputs(mlp()), (8, 784)),
     "resnet18": ("ResNet-18 (GroupNorm) 3x32x32, scalar, batch 128", lambda: SumOutputs(resnet18_gn()), (128, 3, 32, 32)),
     "transformer4": ("TransformerEncoder 4x(d=256), seq 128, scalar, batch 32",
                      lambda: PooledTransformer(256, 4), (32, 128, 256)),

@@ -1,0 +1,156 @@
+"""What a GPU pays for, counted on any device: dispatched operations, FLOPs, host syncs.
+
+    python benchmarks/cost.py [--cases mlp,mlp_b8,mlp10,cnn,resnet18,transformer4] [--device cpu]
+
+On a GPU the host is the bottleneck when a call dispatches thousands of small operations, and a
+device-to-host sync stalls the queue. Both are deterministic and can be counted on a CPU:
+
+* operations: every ATen operation the call dispatches (a counting ``TorchDispatchMode``);
+* FLOPs: ``torch.utils.flop_counter.FlopCounterMode``, with ``aten.convolution_backward``
+  counted as 2 N prod(weight shape) prod(output spatial) per gradient asked for (its own formula
+  overcounts grouped convolutions: 84.9 MFLOP for 18.9 MFLOP of work at groups=8);
+* host syncs: ``aten._local_scalar_dense`` calls (``.item()``, ``bool(t)``, ``float(t)``...).
+
+Every figure is a ratio to the same case's training step (forward, MSE backward, SGD step), the
+second call of each (the first may size and cache). The functions are imported by the tests,
+which assert the targets that hold, so CI catches a regression.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import environment, print_table, write_json  # noqa: E402
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Cost:
+    operations: int
+    flops: int
+    syncs: int
+
+
+class _Counter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.operations = 0
+        self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.operations += 1
+        if func is aten._local_scalar_dense.default:
+            self.syncs += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _conv_backward_flops(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed,
+                         output_padding, groups, output_mask, out_shape=None, **kwargs) -> int:
+    """Each of grad_input and grad_weight costs the forward's 2 N prod(w) prod(out spatial), for
+    any groups (w is [out, in / groups, *kernel]); transposed: the roles of input and output
+    spatial sizes swap."""
+    spatial = x_shape[2:] if transposed else grad_out_shape[2:]
+    forward = 2 * grad_out_shape[0] * _prod(w_shape) * _prod(spatial)
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+def _prod(shape) -> int:
+    total = 1
+    for s in shape:
+        total *= int(s)
+    return total
+
+
+def cost(fn: Callable[[], object]) -> Cost:
+    """Operations, FLOPs and host syncs of one call of ``fn``."""
+    flop_counter = FlopCounterMode(display=False, custom_mapping={aten.convolution_backward: _conv_backward_flops})
+    with flop_counter, _Counter() as counter:
+        fn()
+    return Cost(counter.operations, flop_counter.get_total_flops(), counter.syncs)
+
+
+def second_call_cost(fn: Callable[[], object]) -> Cost:
+    fn()
+    return cost(fn)
+
+
+# -- the cases: the benchmark's models, and a batch of 8 where the host dominates ----------------
+
+
+def case_runs(case: str, device: torch.device, build_and_shape=None) -> dict[str, Callable[[], object]]:
+    """The calls measured for a case: train_step, sgd_step, label_noise_step, reg, reg_grad,
+    projection, each on a fresh copy of the case's model."""
+    from probe import CASES
+
+    from noisy_label_sgd import LabelNoiseSGD, per_sample_sq_grad_norms, regularizer_grad, tangent_projection
+
+    if build_and_shape is None:
+        build, shape = CASES[case][1:]
+    else:
+        build, shape = build_and_shape
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build().to(device)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
+    y = torch.zeros_like(model(x))
+    g = torch.Generator().manual_seed(2)
+    v = {n: torch.randn(p.shape, generator=g).to(device) for n, p in model.named_parameters()}
+
+    def stepper(opt, loss_fn):
+        def run():
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+        return run
+
+    sgd = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the model stays as built
+    noisy = LabelNoiseSGD(model.parameters(), lr=0.0, noise_std=0.1)
+    return {
+        "train_step": stepper(sgd, nn.functional.mse_loss),
+        "label_noise_step": stepper(noisy, noisy.noisy_loss(nn.MSELoss())),
+        "reg": lambda: per_sample_sq_grad_norms(model, x),
+        "reg_grad": lambda: regularizer_grad(model, x),
+        "projection": lambda: tangent_projection(model, x, v),
+    }
+
+
+def case_costs(case: str, device: torch.device, methods=None, build_and_shape=None) -> dict[str, Cost]:
+    runs = case_runs(case, device, build_and_shape)
+    return {m: second_call_cost(run) for m, run in runs.items() if methods is None or m in methods}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", default="mlp,mlp_b8,mlp10,cnn,resnet18,transformer4,transformer,relu1d")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    from tqdm import tqdm
+
+    results, rows = {}, []
+    for case in tqdm(args.cases.split(","), desc="cost", unit="case"):
+        costs = case_costs(case, device)
+        results[case] = {m: asdict(c) for m, c in costs.items()}
+        step = costs["train_step"]
+        for method, c in costs.items():
+            rows.append([case, method, c.operations, f"{c.operations / step.operations:.2f}x",
+                         f"{c.flops / 1e6:.1f}", f"{c.flops / max(1, step.flops):.2f}x", c.syncs])
+    env = environment(device)
+    print(f"# {env}")
+    print_table(["case", "call", "ops", "ops vs step", "MFLOP", "FLOPs vs step", "host syncs"], rows)
+    print("wrote", write_json(f"cost_{device.type}", {"environment": env, "results": results}))
+
+
+if __name__ == "__main__":
+    main()
