@@ -22,7 +22,8 @@ import argparse
 import os
 import sys
 from dataclasses import asdict, dataclass
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -85,6 +86,21 @@ def second_call_cost(fn: Callable[[], object]) -> Cost:
     return cost(fn)
 
 
+@contextmanager
+def as_accelerator(enabled: bool = True) -> Iterator[None]:
+    """The engines' choices for an accelerator (whole layers, not cache-sized pieces), made on
+    whatever device runs: what a GPU would dispatch, counted on the CPU."""
+    from noisy_label_sgd.engines import functional
+
+    original = functional.launch_bound
+    if enabled:
+        functional.launch_bound = lambda device: True
+    try:
+        yield
+    finally:
+        functional.launch_bound = original
+
+
 # -- the cases: the benchmark's models, and a batch of 8 where the host dominates ----------------
 
 
@@ -125,31 +141,38 @@ def case_runs(case: str, device: torch.device, build_and_shape=None) -> dict[str
     }
 
 
-def case_costs(case: str, device: torch.device, methods=None, build_and_shape=None) -> dict[str, Cost]:
+def case_costs(case: str, device: torch.device, methods=None, build_and_shape=None,
+               accelerator: bool = True) -> dict[str, Cost]:
+    """Each call's cost, with the accelerator's choices by default (see :func:`as_accelerator`)."""
     runs = case_runs(case, device, build_and_shape)
-    return {m: second_call_cost(run) for m, run in runs.items() if methods is None or m in methods}
+    with as_accelerator(accelerator):
+        return {m: second_call_cost(run) for m, run in runs.items() if methods is None or m in methods}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", default="mlp,mlp_b8,mlp10,cnn,resnet18,transformer4,transformer,relu1d")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--cpu-choices", action="store_true",
+                   help="count the CPU's own choices (cache-sized pieces), not an accelerator's")
     args = p.parse_args()
     device = torch.device(args.device)
     from tqdm import tqdm
 
     results, rows = {}, []
     for case in tqdm(args.cases.split(","), desc="cost", unit="case"):
-        costs = case_costs(case, device)
+        costs = case_costs(case, device, accelerator=not args.cpu_choices)
         results[case] = {m: asdict(c) for m, c in costs.items()}
         step = costs["train_step"]
         for method, c in costs.items():
             rows.append([case, method, c.operations, f"{c.operations / step.operations:.2f}x",
                          f"{c.flops / 1e6:.1f}", f"{c.flops / max(1, step.flops):.2f}x", c.syncs])
     env = environment(device)
-    print(f"# {env}")
+    print(f"# {env}; the engines' choices for {'the CPU' if args.cpu_choices else 'an accelerator'}")
     print_table(["case", "call", "ops", "ops vs step", "MFLOP", "FLOPs vs step", "host syncs"], rows)
-    print("wrote", write_json(f"cost_{device.type}", {"environment": env, "results": results}))
+    name = f"cost_{device.type}" + ("_cpu_choices" if args.cpu_choices else "")
+    print("wrote", write_json(name, {"environment": env, "choices": "cpu" if args.cpu_choices else "accelerator",
+                                     "results": results}))
 
 
 if __name__ == "__main__":

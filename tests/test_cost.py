@@ -70,3 +70,20 @@ def test_grad_reg_dispatches_at_most_4x_and_computes_at_most_3x_a_step(case):
     (ops, flops, syncs) = ratios(case, build() if build else None)["reg_grad"]
     assert syncs == 0
     assert ops <= 4 and flops <= 3, (ops, flops)
+
+
+def test_accelerator_choices_dispatch_whole_layers_and_give_the_same_numbers():
+    # the choices a GPU gets (launch_bound), made on the CPU: one patch piece per layer
+    from cost import as_accelerator
+
+    from helpers import assert_rel_close, brute_sq_norms, make
+    from noisy_label_sgd import per_sample_sq_grad_norms
+
+    model, x = make("narrow_conv2d_strided_dilated")
+    x = torch.cat([x] * 32)  # 128 samples: several 4 MB pieces per layer on the CPU
+    cpu = cost(lambda: per_sample_sq_grad_norms(model, x))
+    with as_accelerator():
+        accelerator = cost(lambda: per_sample_sq_grad_norms(model, x))
+        norms = per_sample_sq_grad_norms(model, x)
+    assert accelerator.operations < cpu.operations and abs(accelerator.flops - cpu.flops) <= 0.01 * cpu.flops
+    assert_rel_close(norms, brute_sq_norms(model, x[:4]).repeat(32))

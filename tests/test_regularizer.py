@@ -500,7 +500,7 @@ def test_conv_patches_one_sample_at_a_time_match_the_loop(name, monkeypatch):
     # input, the differentiable grad reg unfolds
     from noisy_label_sgd.engines import closed_forms
 
-    monkeypatch.setattr(closed_forms, "PATCH_CHUNK_BYTES", 1)
+    monkeypatch.setattr(closed_forms, "patch_chunk_bytes", lambda device: 1)
     unfolds = []
     unfold = torch.nn.functional.unfold
     monkeypatch.setattr(torch.nn.functional, "unfold", lambda *a, **k: unfolds.append(1) or unfold(*a, **k))

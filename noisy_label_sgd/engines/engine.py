@@ -101,6 +101,12 @@ class Engine:
         """The probe set in chunks whose ``copies`` per-sample Jacobians fit the budget."""
         return chunks_of(self.batch, self.fm.chunk_size(self.k, self.chunk_size, self.memory_budget, copies))
 
+    def product_chunks(self) -> list[Batch]:
+        """The probe set in chunks for the matrix-free products J v and J^T u, which hold a
+        forward and backward of a chunk, never a per-sample Jacobian: where the engine knows its
+        activations' size it sizes the chunks by them, else as :meth:`chunks`."""
+        return self.chunks()
+
     # -- the questions -------------------------------------------------------------------------
 
     def sq_norms(self) -> torch.Tensor:
@@ -127,11 +133,11 @@ class Engine:
 
     def J_times(self, v: torch.Tensor) -> torch.Tensor:
         J = self.measurement.jacobian
-        return J @ v if J is not None else self.fm.J_times(self.chunks(), v)
+        return J @ v if J is not None else self.fm.J_times(self.product_chunks(), v)
 
     def J_transpose_times(self, u: torch.Tensor) -> torch.Tensor:
         J = self.measurement.jacobian
-        return J.T @ u if J is not None else self.fm.J_transpose_times(self.chunks(), u)
+        return J.T @ u if J is not None else self.fm.J_transpose_times(self.product_chunks(), u)
 
 
 def per_sample_jacobians(fm: FunctionalModel, batch: Batch) -> ParamDict:

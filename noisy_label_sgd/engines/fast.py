@@ -34,7 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import closed_forms
 from .engine import Engine
-from .functional import Batch, ParamDict, chunk_slices, fused_attention
+from .functional import Batch, ParamDict, chunk_slices, chunks_of, fused_attention
 from .trace import Call, FastPathUnsupported, Owner, fast_chunk_size, trace
 from .vmap import VmapEngine
 
@@ -60,6 +60,16 @@ class FastEngine(Engine):
             return fast_chunk_size(self.model, self.batch, self.memory_budget)[1]
         except FastPathUnsupported:
             return super().output_size()
+
+    def product_chunks(self) -> list[Batch]:
+        """Sized by the recorded layer inputs and outputs, like the norms: a jvp or vjp holds
+        the activations of its chunk (the per-sample Jacobian rule made ResNet-18's CG run each
+        product in 6 pieces of 24 samples)."""
+        try:
+            fitting = fast_chunk_size(self.model, self.batch, self.memory_budget)[0]
+        except FastPathUnsupported:
+            return super().product_chunks()
+        return chunks_of(self.batch, self.chunk_size or fitting)
 
     def _whole_model(self, why: FastPathUnsupported, what: str) -> None:
         if self.strict:

@@ -184,6 +184,14 @@ def fused_attention() -> AbstractContextManager:
                         SDPBackend.MATH])
 
 
+def launch_bound(device: torch.device) -> bool:
+    """Whether every dispatched operation costs host time that the arithmetic does not hide (an
+    accelerator: a kernel launch each), so that fewer, larger operations beat cache-sized pieces.
+    The one place where the engines' choices depend on the device; benchmarks/cost.py counts the
+    accelerator's choices on the CPU by patching it."""
+    return device.type != "cpu"
+
+
 def chunk_slices(n: int, chunk_size: int) -> Iterator[slice]:
     for start in range(0, n, chunk_size):
         yield slice(start, min(start + chunk_size, n))
