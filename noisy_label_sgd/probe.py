@@ -10,7 +10,8 @@ from torch import nn
 
 from .distributed import all_gather_cat, all_reduce_sum, is_distributed, unwrap_ddp
 from .engines import Engine, select_engine
-from .engines.functional import DEFAULT_MEMORY_BUDGET, FunctionalModel, Inputs, as_input_tuple, check_chunk_size
+from .engines.functional import (DEFAULT_MEMORY_BUDGET, FunctionalModel, Inputs, as_input_tuple, check_chunk_size,
+                                 evaluation_mode, per_sample_outputs)
 from .engines.select import check_method
 from .engines.tangent import check_solver, project
 
@@ -104,12 +105,32 @@ class RegularizerProbe:
         check_chunk_size(chunk_size)
         FunctionalModel(model)  # the model's own errors, at construction
         self.model = model
-        self.targets = targets
+        self.targets = None if targets is None else self._checked_targets(targets)
         self.method = method
         self.chunk_size = chunk_size
         self.solver = solver
         self.memory_budget = memory_budget
         self._engine: Engine | None = None
+
+    def _checked_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        """The targets as the clean loss will use them, checked now against one forward of the
+        first probe sample (a probe that cannot work fails here, in the user's code, not as a
+        warning from inside an optimizer step): floating point, as many entries per sample as
+        the model outputs, on its device, in its output dtype."""
+        with evaluation_mode(self.model), torch.no_grad():
+            out = per_sample_outputs(self.model(*(t[:1] for t in self.inputs)), tuple(t[:1] for t in self.inputs))
+        k = out.shape[1]
+        if not targets.is_floating_point():
+            raise TypeError(
+                f"targets have dtype {targets.dtype}, but the probe's loss is the mean squared error "
+                f"against the model's {k} outputs per sample: pass floating-point targets of that "
+                "shape (e.g. one-hot rows for class labels), or no targets"
+            )
+        if targets[0].numel() != k:
+            raise ValueError(f"targets have {targets[0].numel()} entries per sample but the model outputs {k}")
+        if targets.device != out.device:
+            raise ValueError(f"targets are on {targets.device} but the model's outputs on {out.device}")
+        return targets.to(out.dtype)
 
     @property
     def num_samples(self) -> int:
@@ -164,12 +185,7 @@ class RegularizerProbe:
         with torch.no_grad():
             if out is None:
                 out = fm.batch_output(fm.params, self.inputs)
-            if self.targets[0].numel() != out.shape[1]:
-                raise ValueError(
-                    f"targets have {self.targets[0].numel()} entries per sample but the "
-                    f"model outputs {out.shape[1]}"
-                )
-            target = self.targets.reshape(out.shape).to(out.dtype)
+            target = self.targets.reshape(out.shape)
             if not is_distributed():
                 return float(nn.functional.mse_loss(out, target))
             sums = torch.stack([(out - target).pow(2).sum(), torch.tensor(float(out.numel()), dtype=out.dtype)])

@@ -133,10 +133,22 @@ def test_bad_probe_input(make, kwargs, error, message):
         RegularizerProbe(model, x, y, **kwargs)
 
 
-def test_targets_with_the_wrong_number_of_entries():
+def test_targets_the_probe_cannot_use_are_refused_at_construction():
     x, y = data()
     with pytest.raises(ValueError, match="targets have 2 entries per sample but the model outputs 3"):
-        RegularizerProbe(mlp(), x, y[:, :2])()
+        RegularizerProbe(mlp(), x, y[:, :2])
+    with pytest.raises(TypeError, match="targets have dtype torch.int64.*mean squared error.*one-hot"):
+        RegularizerProbe(mlp(), x, torch.zeros(7, dtype=torch.long))
+    with pytest.raises(RuntimeError):  # inputs the model cannot take fail at once, too
+        RegularizerProbe(mlp(), x.float(), y)
+
+
+def test_float_targets_of_another_precision_are_cast_to_the_outputs():
+    x, y = data()
+    model = mlp()
+    report = RegularizerProbe(model, x, y.float())()
+    with torch.no_grad():
+        assert report.loss == float(nn.functional.mse_loss(model.eval()(x), y.float().double()))
 
 
 def test_fast_probe_on_a_model_with_a_per_module_fallback():
@@ -196,3 +208,45 @@ def test_the_report_and_the_functions_hold_no_graph(name, n):
     assert report.per_sample.grad_fn is None and not report.per_sample.requires_grad, report.method
     assert per_sample_sq_grad_norms(model, x).grad_fn is None
     assert all(g.grad_fn is None and not g.requires_grad for g in regularizer_grad(model, x).values())
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("name,n", [("mlp_multi_output", 6), ("mlp_multi_output", 30), ("matrix_sensing", 12),
+                                    ("cnn_groupnorm", 20)])
+def test_every_probe_function_works_under_the_callers_grad_mode(mode, name, n):
+    # validation code often runs under no_grad or inference_mode; the probe enables what it
+    # needs inside, returns the same numbers, and leaves the caller's mode as it was
+    from helpers import random_vector
+    from noisy_label_sgd import per_sample_sq_grad_norms, regularizer_grad, tangent_projection
+
+    model, x = make(name)
+    x = torch.cat([x] * (n // x.shape[0] + 1))[:n]
+    y = torch.randn(n, *model.eval()(x[:1]).shape[1:], generator=torch.Generator().manual_seed(1), dtype=x.dtype)
+    v = random_vector(model)
+    expected = RegularizerProbe(model, x, y)()
+    expected_norms = per_sample_sq_grad_norms(model, x)
+    expected_grad = regularizer_grad(model, x)
+    expected_projection = tangent_projection(model, x, v)
+    context = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+    with context:
+        if mode == "inference_mode":  # the probe set made under inference mode, too
+            x, y = x.clone(), y.clone()
+            assert x.is_inference()
+        report = RegularizerProbe(model, x, y)()
+        norms = per_sample_sq_grad_norms(model, x)
+        grad = regularizer_grad(model, x)
+        projection = tangent_projection(model, x, v)
+        assert not torch.is_grad_enabled() and (mode == "no_grad" or torch.is_inference_mode_enabled())
+    for field in ("reg", "reg_grad_norm", "manifold_grad_norm", "loss"):
+        assert getattr(report, field) == getattr(expected, field), field
+    assert torch.equal(report.per_sample, expected.per_sample) and torch.equal(norms, expected_norms)
+    for name_, t in grad.items():
+        assert torch.equal(t, expected_grad[name_])
+        assert torch.equal(projection[name_], expected_projection[name_])
+
+
+def test_a_model_built_under_inference_mode_is_refused_with_the_reason():
+    with torch.inference_mode():
+        model = nn.Linear(3, 1)
+    with pytest.raises(ValueError, match="inference tensors .* build the model outside inference mode"):
+        RegularizerProbe(model, torch.randn(4, 3))

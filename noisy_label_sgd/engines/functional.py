@@ -24,7 +24,8 @@ DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes held at once (per-sample Jacobians, lay
 
 
 def as_input_tuple(inputs: Inputs) -> Batch:
-    """Inputs as a tuple of tensors sharing a non-empty first (sample) dimension."""
+    """Inputs as a tuple of tensors sharing a non-empty first (sample) dimension (inference
+    tensors copied to ordinary ones: a backward cannot save an inference tensor)."""
     batch = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
     if not batch or not all(isinstance(t, torch.Tensor) for t in batch):
         raise TypeError("inputs must be a tensor or a sequence of tensors (the model's arguments)")
@@ -35,6 +36,9 @@ def as_input_tuple(inputs: Inputs) -> Batch:
         raise ValueError(f"inputs disagree in their sample dimension: {[t.shape[0] for t in batch]}")
     if n == 0:
         raise ValueError("the probe set is empty (0 samples)")
+    if any(t.is_inference() for t in batch):
+        with torch.inference_mode(False):
+            batch = tuple(t.clone() if t.is_inference() else t for t in batch)
     return batch
 
 
@@ -51,6 +55,12 @@ class FunctionalModel:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model = model
+        inference = [name for name, p in model.named_parameters() if p.is_inference()]
+        if inference:
+            raise ValueError(
+                f"parameters {inference[:3]} are inference tensors (made under torch.inference_mode), "
+                "which cannot be differentiated; build the model outside inference mode"
+            )
         self.params: ParamDict = {
             name: p.detach() for name, p in model.named_parameters() if p.requires_grad
         }
@@ -158,8 +168,8 @@ def per_sample_outputs(out, batch: Batch) -> torch.Tensor:
 
 @contextmanager
 def evaluation_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode, the math attention kernel (it has double backward), no RNG side effects, and
-    no fused fast path of nn.TransformerEncoderLayer / nn.MultiheadAttention: in eval mode in
+    """Eval mode, gradients on (whatever the caller's grad mode), the math attention kernel (it
+    has double backward), no RNG side effects, and no fused fast path of nn.TransformerEncoderLayer / nn.MultiheadAttention: in eval mode in
     float32, with no input requiring grad (as under torch.func), they take a fused kernel that
     has no forward AD (a jvp through it raises) and no double backward."""
     modes = [(module, module.training) for module in model.modules()]
@@ -170,7 +180,10 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
     model.eval()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with sdpa_kernel(SDPBackend.MATH), torch.random.fork_rng(devices=cuda_devices):
+        # the caller's torch.no_grad() or inference_mode() is for its own code: the
+        # measurement differentiates (and returns tensors without a graph)
+        with torch.inference_mode(False), torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), \
+                torch.random.fork_rng(devices=cuda_devices):
             yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
