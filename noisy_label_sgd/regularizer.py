@@ -148,7 +148,9 @@ def tangent_projection(
             Linear (2-D inputs), LayerNorm and GroupNorm layers, and J v, J^T u as a jvp and a
             vjp: dense without ever forming J.
         rcond: relative singular-value cutoff of :math:`J^+` (dense); default
-            :func:`~noisy_label_sgd.engines.tangent.default_rcond` = :math:`\sqrt{nk\,\varepsilon}`.
+            :func:`~noisy_label_sgd.engines.tangent.default_rcond`: :math:`\sqrt{nk\,\varepsilon_{64}}`
+            for float64 models, :math:`\sqrt{nk}\,\varepsilon_{32}` for float32 (the solver works
+            in float64; the cutoff follows J's precision).
         tol: CG relative residual tolerance; default 1e-10 (float64) or sqrt(eps).
         max_iter: CG iteration cap; default :math:`2nk + 10`. CG warns if it stops unconverged.
 

@@ -250,3 +250,29 @@ def test_a_model_built_under_inference_mode_is_refused_with_the_reason():
         model = nn.Linear(3, 1)
     with pytest.raises(ValueError, match="inference tensors .* build the model outside inference mode"):
         RegularizerProbe(model, torch.randn(4, 3))
+
+
+@pytest.mark.parametrize("n,outputs", [(100, 1), (300, 1), (1000, 1), (150, 10)])  # 1500 rows > 1354 parameters
+def test_float32_probe_of_an_ill_conditioned_j_matches_float64_with_the_same_cutoff(n, outputs):
+    # issue 18's measurement: a float32 probe's manifold gradient was 4.01 where float64 gave 0.48
+    # (n = 1000), and 22.85 where the tangent space is {0} (10 outputs, n = 500; here 150): K decomposed in
+    # float32. Now the solver works in float64; the cutoff follows J's precision
+    from noisy_label_sgd import regularizer_grad, tangent_projection
+    from noisy_label_sgd.engines.tangent import default_rcond
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model64 = nn.Sequential(nn.Linear(10, 64), nn.Tanh(), nn.Linear(64, outputs)).double()
+    x = torch.randn(n, 10, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y = x[:, :1].sin().repeat(1, outputs)
+    report = RegularizerProbe(copy.deepcopy(model64).float(), x.float(), y.float())()
+    grad = regularizer_grad(model64, x)
+    same_cutoff = default_rcond(n * outputs, torch.float32)
+    expected = torch.cat([t.reshape(-1) for t in tangent_projection(model64, x, grad, rcond=same_cutoff).values()])
+    assert_rel_close(report.reg_grad_norm, float(torch.cat([t.reshape(-1) for t in grad.values()]).norm()),
+                     rtol=FLOAT32_RTOL)
+    if outputs == 10:  # J of full column rank: no tangent space, a manifold gradient of float32 noise
+        assert float(expected.norm()) < 1e-9 * report.reg_grad_norm
+        assert report.manifold_grad_norm < 1e-5 * report.reg_grad_norm
+    else:
+        assert_rel_close(report.manifold_grad_norm, float(expected.norm()), rtol=FLOAT32_PROJECTION_RTOL)

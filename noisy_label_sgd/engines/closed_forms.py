@@ -44,7 +44,7 @@ from .trace import FastPathUnsupported, Owner, owners_of
 @dataclass(frozen=True)
 class ClosedForm:
     sq_norms: Callable[..., torch.Tensor]  # (module, a, g, trainable, memo) -> [n]
-    gram: Callable[..., torch.Tensor] | None  # (module, a, g, trainable) -> [n k, n k]
+    gram: Callable[..., torch.Tensor] | None  # (module, a, g, trainable) -> [n k, n k], in g's dtype
     applies: Callable[[nn.Module], bool]  # whether this instance is in the formula's scope
 
 
@@ -110,6 +110,7 @@ def linear_gram(module: nn.Linear, a: torch.Tensor, g: torch.Tensor, trainable) 
     if a.dim() != 2:
         raise FastPathUnsupported("no closed-form Gram for a Linear on sequence inputs")
     k, n = g.shape[:2]
+    a = a.to(g.dtype)  # (the caller's precision for K)
     G = g.permute(1, 0, *range(2, g.dim())).reshape(n * k, -1)  # rows (i, j)
     GG = G @ G.T
     part = torch.zeros_like(GG)

@@ -118,7 +118,8 @@ class FastEngine(Engine):
             return None
         by_owner = grads_by_owner(owners, h, range(h.shape[1]), create_graph=False)
         try:
-            return sum(o.gram(by_owner[id(o)][0]) for o in owners).detach()
+            # accumulated in float64: the solver decomposes K, which squares J's conditioning
+            return sum(o.gram(by_owner[id(o)][0].double()) for o in owners).detach()
         except FastPathUnsupported:  # (a Linear on sequence inputs)
             return None
 

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from .engine import Engine
+from .engine import Engine, gram_of
 from .functional import ParamDict
 
 SMALL_JACOBIAN_MAX_ROWS = 64
@@ -45,8 +45,7 @@ class JacobianEngine(Engine):
         return self.measurement.jacobian
 
     def gram(self) -> torch.Tensor:
-        J = self.jacobian()
-        return J @ J.T
+        return gram_of(self.jacobian())
 
     def _differentiate(self, with_grad: bool) -> tuple[torch.Tensor, ParamDict | None]:
         """The per-sample norms and grad reg (``with_grad``); J and the outputs are kept.

@@ -34,13 +34,17 @@ def check_solver(solver: str) -> None:
 
 
 def default_rcond(rows: int, dtype: torch.dtype) -> float:
-    r"""Relative singular-value cutoff of :math:`J^+`: :math:`\sqrt{nk\,\varepsilon}`.
+    r"""Relative singular-value cutoff of :math:`J^+` for a J computed in ``dtype``.
 
-    The dense solver works with eigenvalues :math:`\lambda = s^2` of :math:`K = JJ^\top`, which are
-    resolved only down to about :math:`nk\,\varepsilon\,\lambda_{max}`; singular values below
-    :math:`\sqrt{nk\,\varepsilon}\, s_{max}` are treated as zero.
+    The dense solver decomposes :math:`K = JJ^\top` in float64, whose eigenvalues
+    :math:`\lambda = s^2` are resolved down to about :math:`nk\,\varepsilon_{64}\lambda_{max}`: singular
+    values below :math:`\sqrt{nk\,\varepsilon_{64}}\, s_{max}` are not resolved. J itself carries
+    relative errors of :math:`\varepsilon` of its dtype, which move its singular values by about
+    :math:`\sqrt{nk}\,\varepsilon\, s_{max}`. The cutoff is the larger of the two: for float64,
+    :math:`\sqrt{nk\,\varepsilon_{64}}`; for float32, :math:`\sqrt{nk}\,\varepsilon_{32}` (2.9e-7 for
+    six rows, 3.8e-6 for a thousand).
     """
-    return math.sqrt(rows * torch.finfo(dtype).eps)
+    return max(math.sqrt(rows * torch.finfo(torch.float64).eps), math.sqrt(rows) * torch.finfo(dtype).eps)
 
 
 def default_cg_tol(dtype: torch.dtype) -> float:
@@ -54,49 +58,70 @@ def project(engine: Engine, v: torch.Tensor, *, solver: str = "auto", rcond: flo
             all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """P_T v for a flat v over the engine's trainable parameters (inside ``engine.measuring()``).
 
-    With ``all_reduce`` (this rank holds a shard of the rows of J) it always runs conjugate
-    gradients, the solver whose only cross-rank need is a sum.
+    The solvers' own arithmetic runs in float64 whatever the model's dtype (K, its
+    eigendecomposition, the CG iterates); J v and J^T u come from the engine in the model's dtype.
+    The result is in v's dtype. With ``all_reduce`` (this rank holds a shard of the rows of J) it
+    always runs conjugate gradients, the solver whose only cross-rank need is a sum.
     """
     check_solver(solver)
+    rcond = default_rcond(engine.rows, v.dtype) if rcond is None else rcond
+    products = Products(engine, v.dtype, all_reduce)
+    v64 = v.double()
     if all_reduce is not None:
-        return project_cg(engine, v, tol, max_iter, all_reduce)
+        return project_cg(products, v64, tol, max_iter).to(v.dtype)
     if solver != "cg" and engine.rows <= JACOBIAN_MAX_ROWS:
         K = engine.gram()
         if K is not None:
-            return project_dense(engine, K, v, rcond)
+            return project_dense(products, K, v64, rcond).to(v.dtype)
     if solver == "dense" or (solver == "auto" and engine.jacobian_fits()):
-        J = engine.jacobian()
-        return project_dense(engine, J @ J.T, v, rcond)
-    return project_cg(engine, v, tol, max_iter)
+        J = engine.jacobian().double()
+        return project_dense(products, J @ J.T, v64, rcond).to(v.dtype)
+    return project_cg(products, v64, tol, max_iter).to(v.dtype)
 
 
-def pinv_solve(K: torch.Tensor, b: torch.Tensor, rcond: float | None) -> torch.Tensor:
+class Products:
+    """J v and J^T u in float64 for the solvers, from the engine's products in the model's dtype;
+    J^T u summed over ranks where ``all_reduce`` is given (each rank holds its rows of J)."""
+
+    def __init__(self, engine: Engine, dtype: torch.dtype,
+                 all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.engine, self.dtype = engine, dtype
+        self.reduce = all_reduce or (lambda t: t)
+
+    def J_times(self, v: torch.Tensor) -> torch.Tensor:
+        return self.engine.J_times(v.to(self.dtype)).double()
+
+    def J_transpose_times(self, u: torch.Tensor) -> torch.Tensor:
+        return self.reduce(self.engine.J_transpose_times(u.to(self.dtype)).double())
+
+    def dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """An inner product of two vectors over the rows of J (summed over ranks)."""
+        return self.reduce(a.dot(b))
+
+
+def pinv_solve(K: torch.Tensor, b: torch.Tensor, rcond: float) -> torch.Tensor:
     """u = K^+ b on the eigenvalues of K above rcond^2 times the largest."""
-    rcond = default_rcond(K.shape[0], K.dtype) if rcond is None else rcond
     eigenvalues, Q = torch.linalg.eigh(K)
     keep = eigenvalues > (rcond**2) * eigenvalues.max().clamp_min(0)
     inverse = torch.where(keep, 1.0 / eigenvalues.where(keep, torch.ones_like(eigenvalues)), 0.0)
     return Q @ (inverse * (Q.T @ b))
 
 
-def project_dense(engine: Engine, K: torch.Tensor, v: torch.Tensor, rcond: float | None) -> torch.Tensor:
-    return v - engine.J_transpose_times(pinv_solve(K, engine.J_times(v), rcond))
+def project_dense(products: Products, K: torch.Tensor, v: torch.Tensor, rcond: float) -> torch.Tensor:
+    return v - products.J_transpose_times(pinv_solve(K.double(), products.J_times(v), rcond))
 
 
-def project_cg(engine: Engine, v: torch.Tensor, tol: float | None, max_iter: int | None,
-               all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+def project_cg(products: Products, v: torch.Tensor, tol: float | None, max_iter: int | None) -> torch.Tensor:
     """P_T v = v - J^T u with K u = J v solved by conjugate gradients, J never formed.
 
     CG started at 0 stays in range(K) = range(J), so it finds K^+ J v even though K is singular.
-    Distributed (``all_reduce`` given): J^T u and every inner product are summed over ranks, so
-    all ranks run the same iteration.
+    Distributed: J^T u and every inner product are summed over ranks, so all ranks run the same
+    iteration.
     """
-    reduce = all_reduce or (lambda t: t)
-    J_transpose_times = lambda u: reduce(engine.J_transpose_times(u))
-    dot = lambda a, b: reduce(a.dot(b))
-    b = engine.J_times(v)
-    tol = default_cg_tol(v.dtype) if tol is None else tol
-    rows = int(reduce(torch.tensor(float(b.numel()), dtype=b.dtype, device=b.device)).item())
+    dot = products.dot
+    b = products.J_times(v)
+    tol = default_cg_tol(products.dtype) if tol is None else tol
+    rows = int(products.reduce(torch.tensor(float(b.numel()), dtype=b.dtype, device=b.device)).item())
     max_iter = 2 * rows + 10 if max_iter is None else max_iter  # the same on every rank
     u = torch.zeros_like(b)
     r, d = b.clone(), b.clone()
@@ -105,7 +130,7 @@ def project_cg(engine: Engine, v: torch.Tensor, tol: float | None, max_iter: int
     for _ in range(max_iter):
         if rr <= target:
             break
-        Kd = engine.J_times(J_transpose_times(d))
+        Kd = products.J_times(products.J_transpose_times(d))
         alpha = rr / dot(d, Kd)
         u += alpha * d
         r -= alpha * Kd
@@ -120,4 +145,4 @@ def project_cg(engine: Engine, v: torch.Tensor, tol: float | None, max_iter: int
                 "solver='dense'",
                 stacklevel=3,
             )
-    return v - J_transpose_times(u)
+    return v - products.J_transpose_times(u)
