@@ -152,7 +152,7 @@ def tangent_projection(
             for float64 models, :math:`\sqrt{nk}\,\varepsilon_{32}` for float32 (the solver works
             in float64; the cutoff follows J's precision).
         tol: CG relative residual tolerance; default 1e-10 (float64) or sqrt(eps).
-        max_iter: CG iteration cap; default :math:`2nk + 10`. CG warns if it stops unconverged.
+        max_iter: CG iteration cap; default :math:`4nk + 100`. CG warns if it stops unconverged.
 
     Returns:
         :math:`P_T v` as a dict name -> tensor.

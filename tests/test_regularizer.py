@@ -562,7 +562,7 @@ def test_float32_grad_reg_and_every_solver_match_float64(name):
     v64 = random_vector(model64)
     v32 = {n: t.float() for n, t in v64.items()}
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # CG meets its float32 tolerance (sqrt(eps)) without warning
+        warnings.simplefilter("error", UserWarning)  # CG meets its float32 tolerance (sqrt(eps))
         for kwargs in (dict(solver="dense"), dict(solver="dense", method="vmap"), dict(solver="cg")):
             p64 = flat(tangent_projection(model64, x64, v64, **kwargs))
             p32 = flat(tangent_projection(model32, x32, v32, **kwargs))
@@ -596,3 +596,22 @@ def test_a_closed_form_registered_from_outside_is_used_and_differentiated(monkey
     assert report.method == "fast"  # no fallback, grad reg by the double backward
     assert_rel_close(report.per_sample, brute_sq_norms(model, x))
     assert_rel_close(report.reg_grad_norm, float(brute_reg_grad(model, x).norm()))
+
+
+def test_cg_reaches_an_ill_conditioned_projection_without_a_warning():
+    # cond(J) = 6.5e3 (cond(K) = 4e7), 32 rows: CG stopped at its old cap of 2 nk + 10 = 74
+    # iterations with the manifold gradient 7% off; it needs about 200 in float64
+    import warnings
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1)).double()
+        x = torch.randn(32, 3, dtype=torch.float64)
+    J = brute_jacobian(model, x)
+    s = torch.linalg.svdvals(J)
+    assert 1e3 < float(s[0] / s[-1]) < 1e5
+    grad = regularizer_grad(model, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # CG's "stopped after ... iterations"
+        cg = flat(tangent_projection(model, x, grad, solver="cg"))
+    assert_rel_close(cg, svd_tangent_projection(J, flat(grad)), rtol=CG_RTOL)

@@ -53,6 +53,13 @@ def default_cg_tol(dtype: torch.dtype) -> float:
     return 1e-10 if torch.finfo(dtype).eps < 1e-15 else math.sqrt(torch.finfo(dtype).eps)
 
 
+def default_max_iter(rows: int) -> int:
+    """Iterations of conjugate gradients: 4 nk + 100. In exact arithmetic nk suffice; in floating
+    point, lost orthogonality stretches an ill-conditioned J's solve (cond(J) = 6.5e3, 32 rows,
+    float64: 6.9e-2 relative error after 74 iterations, 1.7e-2 after 100, 3.8e-9 after 200)."""
+    return 4 * rows + 100
+
+
 def project(engine: Engine, v: torch.Tensor, *, solver: str = "auto", rcond: float | None = None,
             tol: float | None = None, max_iter: int | None = None,
             all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
@@ -122,7 +129,7 @@ def project_cg(products: Products, v: torch.Tensor, tol: float | None, max_iter:
     b = products.J_times(v)
     tol = default_cg_tol(products.dtype) if tol is None else tol
     rows = int(products.reduce(torch.tensor(float(b.numel()), dtype=b.dtype, device=b.device)).item())
-    max_iter = 2 * rows + 10 if max_iter is None else max_iter  # the same on every rank
+    max_iter = default_max_iter(rows) if max_iter is None else max_iter  # the same on every rank
     u = torch.zeros_like(b)
     r, d = b.clone(), b.clone()
     rr = dot(r, r)
@@ -146,3 +153,4 @@ def project_cg(products: Products, v: torch.Tensor, tol: float | None, max_iter:
                 stacklevel=3,
             )
     return v - products.J_transpose_times(u)
+
