@@ -1,6 +1,6 @@
 """Two-layer ReLU on 1-D data: label noise and the curve length / convexity of the fit.
 
-    python examples/relu_1d.py [--quick] [--seeds 3] [--out runs/relu_1d]
+    python examples/relu_1d.py [--quick] [--seed 0] [--seeds 3] [--out runs/relu_1d]
 
 The paper's second setting (Blanc et al. 2020, Sec. 5, Thm. 2, Figs. 2-3): f(x) = sum_i c_i
 ReLU(a_i x + b_i) + a x + b with every weight trainable, fit to 12 equally spaced points whose
@@ -78,7 +78,8 @@ data_changes = convexity_changes(y, x)
 data_length = float(torch.sqrt(x.diff() ** 2 + y.diff() ** 2).sum())  # the linear interpolation
 per_seed = {"with_noise": [], "without_noise": []}
 histories, fits = {}, {}
-for seed in range(args.seeds):
+seeds = list(range(args.seed, args.seed + args.seeds))  # --seed S: seeds S, S+1, ...
+for i, seed in enumerate(seeds):
     args.seed = seed
     for key, std in (("without_noise", 0.0), ("with_noise", args.noise_std)):
         model = TwoLayerReLU1D(args.width, torch.Generator().manual_seed(seed)).to(device)
@@ -89,19 +90,20 @@ for seed in range(args.seeds):
         history = train(model, x, y, args=args, noise_std=std, log_dir=os.path.join(args.out, f"seed{seed}", key),
                         evaluate=evaluate, desc=f"relu 1-d seed {seed}, noise {std:g}", momentum=0.9)
         per_seed[key].append(history.final())
-        histories[(seed, key)] = history
+        histories[(i, key)] = history
         with torch.no_grad():
-            fits[(seed, key)] = model.eval()(grid).cpu()
+            fits[(i, key)] = model.eval()(grid).cpu()
 
 results = {}
 for key, runs in per_seed.items():
     lengths = [r["curve_length"] for r in runs]
-    median_seed = sorted(range(len(runs)), key=lambda i: lengths[i])[len(runs) // 2]
+    median = sorted(range(len(runs)), key=lambda i: lengths[i])[len(runs) // 2]
     results[key] = {
         "median_curve_length": statistics.median(lengths),
-        "median_seed": median_seed,
-        "median_seed_convexity_changes": runs[median_seed]["convexity_changes"],
-        "median_seed_train_loss": runs[median_seed]["train_loss"],
+        "median_seed": seeds[median],
+        "median_seed_convexity_changes": runs[median]["convexity_changes"],
+        "median_seed_train_loss": runs[median]["train_loss"],
+        "seeds": seeds,
         "per_seed": runs,
     }
 
@@ -109,8 +111,8 @@ print(f"relu 1-d, width {args.width}, {args.steps} steps, lr {args.lr} (momentum
 print(f"data: linear interpolation length {data_length:.3f}, {data_changes} convexity changes (the minimum)")
 print(f"{'seed':>4}  {'length w/o':>10}  {'length with':>11}  {'changes w/o':>11}  {'changes with':>12}  "
       f"{'reg w/o':>8}  {'reg with':>8}  {'loss w/o':>9}  {'loss with':>9}")
-for seed in range(args.seeds):
-    a, b = per_seed["without_noise"][seed], per_seed["with_noise"][seed]
+for i, seed in enumerate(seeds):
+    a, b = per_seed["without_noise"][i], per_seed["with_noise"][i]
     print(f"{seed:>4}  {a['curve_length']:>10.3f}  {b['curve_length']:>11.3f}  {a['convexity_changes']:>11}  "
           f"{b['convexity_changes']:>12}  {a['reg']:>8.2f}  {b['reg']:>8.2f}  {a['train_loss']:>9.1e}  {b['train_loss']:>9.1e}")
 print(f"median curve length: without noise {results['without_noise']['median_curve_length']:.3f}, "
@@ -119,17 +121,17 @@ print(f"median curve length: without noise {results['without_noise']['median_cur
 fig, axes = plt.subplots(1, 5, figsize=(21, 4))
 colors = plt.cm.viridis(torch.linspace(0, 0.9, args.seeds).tolist())
 for ax, key in zip(axes[:2], ("without_noise", "with_noise")):
-    for seed in range(args.seeds):
-        ax.plot(grid.cpu(), fits[(seed, key)], color=colors[seed], lw=1, label=f"seed {seed}")
+    for i, seed in enumerate(seeds):
+        ax.plot(grid.cpu(), fits[(i, key)], color=colors[i], lw=1, label=f"seed {seed}")
     ax.plot(x.cpu(), y.cpu(), "ko", ms=4)
     ax.set(title=f"fits {key.replace('_', ' ')}", xlabel="x")
     ax.legend(fontsize=7)
-for seed in range(args.seeds):
+for i in range(len(seeds)):
     for key, style in (("without_noise", "--"), ("with_noise", "-")):
-        h = histories[(seed, key)]
-        axes[2].loglog(h.curve_steps[1:], h.curve["train_loss"][1:], style, color=colors[seed], lw=1)
-        axes[3].semilogx(h.curve_steps[1:], h.curve["curve_length"][1:], style, color=colors[seed], lw=1)
-        axes[4].semilogy(h.probe_steps, h.probe["reg"], style, color=colors[seed], lw=1)
+        h = histories[(i, key)]
+        axes[2].loglog(h.curve_steps[1:], h.curve["train_loss"][1:], style, color=colors[i], lw=1)
+        axes[3].semilogx(h.curve_steps[1:], h.curve["curve_length"][1:], style, color=colors[i], lw=1)
+        axes[4].semilogy(h.probe_steps, h.probe["reg"], style, color=colors[i], lw=1)
 axes[3].axhline(data_length, color="gray", lw=0.8, label="linear interpolation (minimum)")
 # the random initial functions are many times longer; keep the end of training readable
 final_lengths = [r["curve_length"] for runs in per_seed.values() for r in runs]

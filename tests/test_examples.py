@@ -50,3 +50,18 @@ def test_ddp_example_with_torchrun_and_resume(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "2 ranks, 30 steps" in resumed.stdout
     assert len(glob.glob(str(out / "events.out.tfevents.*"))) == 2  # rank 0 only, one per launch
+
+
+def test_relu_1d_seed_chooses_the_initialisations(tmp_path):
+    # --seed S trains seeds S, S+1, ...: another S gives other initialisations and other fits
+    summaries = {}
+    for seed in (0, 7):
+        out = tmp_path / f"seed{seed}"
+        proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, "relu_1d.py"), "--quick", "--seed", str(seed),
+                               "--out", str(out)], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        summaries[seed] = json.loads((out / "summary.json").read_text())["with_noise"]
+        assert summaries[seed]["seeds"] == [seed, seed + 1]
+        assert (out / f"seed{seed + 1}" / "with_noise").is_dir()
+    lengths = {seed: [r["curve_length"] for r in s["per_seed"]] for seed, s in summaries.items()}
+    assert lengths[0] != lengths[7]
