@@ -134,6 +134,10 @@ class LabelNoise:
         self.call = 0  # draws made within the current step
         self.last_noise: torch.Tensor | None = None
         self._generators: dict[torch.device, torch.Generator] = {}
+        # samples noised in the current and the last completed step (the first dimension of each
+        # draw, summed over micro-batches): the training batch size B the theory needs
+        self.samples_this_step = 0
+        self.samples_last_step = 0
 
     @property
     def is_additive(self) -> bool:
@@ -151,10 +155,12 @@ class LabelNoise:
         """Mark one optimizer step as completed: the next draws use fresh noise."""
         self.step += 1
         self.call = 0
+        self.samples_last_step, self.samples_this_step = self.samples_this_step, 0
 
     def rewind(self) -> None:
         """Restart the current step's draws (a closure re-evaluated within one step)."""
         self.call = 0
+        self.samples_this_step = 0
 
     def generator(self, device: torch.device | str, call: int | None = None) -> torch.Generator:
         """The generator on ``device``, seeded with this step's key for draw ``call``.
@@ -195,6 +201,7 @@ class LabelNoise:
                 )
             noise = self._draw_flip(like)
         self.call += 1
+        self.samples_this_step += like.shape[0] if like.dim() else 1
         self.last_noise = noise
         return noise
 

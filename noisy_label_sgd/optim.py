@@ -80,10 +80,10 @@ def add_label_noise(
         raise TypeError(f"noise must be a LabelNoise, got {type(noise).__name__}")
 
     def rewinding(closure: Callable[[], Any]) -> Callable[[], Any]:
-        first_call = noise.call
+        first_call, first_samples = noise.call, noise.samples_this_step
 
         def closure_with_same_noise() -> Any:
-            noise.call = first_call
+            noise.call, noise.samples_this_step = first_call, first_samples  # the same draws again
             return closure()
 
         return closure_with_same_noise

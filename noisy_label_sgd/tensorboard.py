@@ -89,7 +89,8 @@ class TensorBoardMonitor:
         histograms: log the per-sample histogram.
         prefix: tag prefix.
         batch_size: training batch size B, for the drift prediction and hparams (default: the
-            probe set size, i.e. full-batch training on the probe set).
+            samples the label noise saw in the last step, summed over micro-batches; else the
+            probe set size). The drift prediction is logged for SGD-type optimizers only.
         hparams: extra hyperparameters to record.
         progress: True for a tqdm progress bar (``total_steps`` long) showing the latest reg
             and loss, or an existing tqdm bar to update.
@@ -139,6 +140,7 @@ class TensorBoardMonitor:
         self._handle: RemovableHandle | None = None
         self._steps = 0
         self._hparams_written = False
+        self._said_no_drift = False
         self.failures = 0
         self.last_report: ProbeReport | None = None
         self._owns_bar = progress is True and self.is_writer
@@ -216,7 +218,11 @@ class TensorBoardMonitor:
         return report
 
     def _batch_size(self) -> int:
-        return self.batch_size or getattr(self.probe, "num_samples", 1)
+        """B: as given, else the samples the label noise saw in the last step (summed over
+        micro-batches), else the probe set's size."""
+        noise = label_noise_of(self._optimizer) if self._optimizer is not None else None
+        seen = noise.samples_last_step if noise is not None else 0
+        return self.batch_size or seen or getattr(self.probe, "num_samples", 1)
 
     def _training_values(self, report: ProbeReport) -> dict[str, float]:
         """lr, noise std and the theory's drift prediction, from the attached optimizer."""
@@ -228,12 +234,22 @@ class TensorBoardMonitor:
         noise = label_noise_of(self._optimizer)
         if noise is not None and noise.is_additive:
             sigma = noise.current_std()
-            step_size = lr / (1.0 - float(group.get("momentum", 0.0) or 0.0))
-            k = report.outputs_per_sample
             values["noise_std"] = sigma
-            values["predicted_drift_per_step"] = (
-                step_size**2 * sigma**2 / (self._batch_size() * k**2) * report.manifold_grad_norm
-            )
+            if isinstance(self._optimizer, torch.optim.SGD):
+                step_size = lr / (1.0 - float(group.get("momentum", 0.0) or 0.0))
+                k = report.outputs_per_sample
+                values["predicted_drift_per_step"] = (
+                    step_size**2 * sigma**2 / (self._batch_size() * k**2) * report.manifold_grad_norm
+                )
+            elif not self._said_no_drift:
+                self._said_no_drift = True
+                warnings.warn(
+                    f"TensorBoardMonitor: predicted_drift_per_step is derived for SGD (momentum folded "
+                    f"into the step size); {type(self._optimizer).__name__} rescales each step, so it is "
+                    "not logged (reg and the manifold gradient still are)",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
         return values
 
     def _write_layout(self) -> None:

@@ -145,6 +145,7 @@ def test_lbfgs_through_add_label_noise_sees_one_draw_per_step():
     assert len(draws) > 8  # the closure really ran several times per step
     check_one_draw_per_step(draws, 4)
     assert noise.step == 4
+    assert noise.samples_last_step == 16  # one batch, however often the closure ran
 
 
 @pytest.mark.parametrize("as_keyword", [False, True])

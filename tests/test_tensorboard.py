@@ -113,18 +113,49 @@ def test_layout_and_hparams_are_written_and_read_back(tmp_path):
     assert {"custom_scalars", "hparams"} <= plugins
 
 
-def test_drift_prediction_defaults_to_full_batch_training_on_the_probe_set(tmp_path):
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_drift_prediction_takes_the_batch_size_the_loss_hook_saw(tmp_path, micro_batches):
+    # training batches of 4 samples (twice 4 with gradient accumulation), a probe set of 16: the
+    # README's case, where B used to be the probe set's size
     model = mlp()
     opt = LabelNoiseSGD(model.parameters(), lr=0.02, noise_std=0.5)
+    loss_fn = opt.noisy_loss(nn.MSELoss())
     x, y = batch(0)  # 16 samples, 3 outputs
     with TensorBoardMonitor(RegularizerProbe(model, x, y), log_dir=tmp_path, every=1) as monitor:
         monitor.attach(opt)
-        train(model, opt, 1)
-    # no batch size given: B = n = 16; 0.02^2 * 0.5^2 / (16 * 9) = 6.944...e-7
-    assert read_hparams(tmp_path)["batch_size"] == 16
+        opt.zero_grad()
+        for m in range(micro_batches):
+            xb, yb = batch(10 + m, n=4)
+            (loss_fn(model(xb), yb) / micro_batches).backward()
+        opt.step()
+    B = 4 * micro_batches
+    # 0.02^2 * 0.5^2 / (B * 3^2) = 1e-4 / (9 B)
+    assert read_hparams(tmp_path)["batch_size"] == B
     [event] = read_events(tmp_path).Scalars(f"{PREFIX}/predicted_drift_per_step")
-    assert math.isclose(event.value, 0.0004 * 0.25 / 144 * monitor.last_report.manifold_grad_norm,
+    assert math.isclose(event.value, 1e-4 / (9 * B) * monitor.last_report.manifold_grad_norm,
                         rel_tol=FLOAT32_EVENT_RTOL)
+
+
+def test_no_drift_prediction_for_an_optimizer_it_does_not_hold_for(tmp_path):
+    from noisy_label_sgd import add_label_noise, noisy_loss
+
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = noisy_loss(nn.MSELoss(), add_label_noise(opt, std=0.1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with TensorBoardMonitor(RegularizerProbe(model, batch(0)[0]), log_dir=tmp_path, every=1) as monitor:
+            monitor.attach(opt)
+            for step in range(3):
+                x, y = batch(step)
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                opt.step()
+    said = [str(w.message) for w in caught if "predicted_drift_per_step" in str(w.message)]
+    assert len(said) == 1 and "Adam" in said[0]
+    tags = set(read_events(tmp_path).Tags()["scalars"])
+    assert f"{PREFIX}/predicted_drift_per_step" not in tags
+    assert {f"{PREFIX}/reg", f"{PREFIX}/noise_std", f"{PREFIX}/lr"} <= tags
 
 
 def test_float32_monitor_logs_what_float64_logs(tmp_path):
