@@ -43,6 +43,12 @@ class NoisyLoss(nn.Module):
                 "noisy_loss expects (output, target) tensors, got "
                 f"({type(output).__name__}, {type(target).__name__})"
             )
+        if self.noise.is_additive and not target.is_floating_point():
+            raise TypeError(
+                f"integer targets ({target.dtype}) with {self.noise.distribution!r} noise: additive noise "
+                "is for float targets; for class labels use LabelNoise(distribution='flip', p=..., "
+                "num_classes=...)"
+            )
         if self.noise.is_additive and output.shape != target.shape:
             raise ValueError(
                 f"output shape {tuple(output.shape)} does not match target shape "

@@ -9,6 +9,7 @@ so resuming a run needs only the step counter, and distributed ranks never share
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Union
 
 import torch
@@ -80,6 +81,8 @@ class LabelNoise:
         num_classes: number of classes, at least 2 (``"flip"`` only).
         rank: distributed rank mixed into the stream; ``None`` takes the
             ``torch.distributed`` rank when initialised, else 0.
+        ignore_index: a class label that ``"flip"`` leaves untouched and does not check (as
+            ``nn.CrossEntropyLoss`` ignores it): -100 by default.
         check_finite: refuse NaN/Inf targets (and flip labels out of range) without a host
             synchronisation: on the CPU it raises at once; on a GPU a failed check is a
             device-side assert that stops the run at its next synchronisation.
@@ -89,9 +92,9 @@ class LabelNoise:
             distribution, or a missing/invalid ``num_classes``.
 
     Example:
-        >>> noise = LabelNoise(std=0.1, seed=0)
-        >>> noisy_targets = noise.perturb(targets)   # inside the training step
-        >>> optimizer.step(); noise.advance()        # done for you by add_label_noise
+        >>> noise = add_label_noise(optimizer, std=0.1, seed=0)  # advances after every step()
+        >>> loss = nn.functional.mse_loss(model(x), noise.perturb(y))
+        >>> LabelNoise(p=0.2, distribution="flip", num_classes=10)  # for class labels
     """
 
     def __init__(
@@ -104,6 +107,7 @@ class LabelNoise:
         num_classes: int | None = None,
         rank: int | None = None,
         check_finite: bool = True,
+        ignore_index: int = -100,
     ) -> None:
         if distribution not in DISTRIBUTIONS:
             raise ValueError(
@@ -130,6 +134,7 @@ class LabelNoise:
         self.num_classes = None if num_classes is None else int(num_classes)
         self.rank = _default_rank() if rank is None else int(rank)
         self.check_finite = check_finite
+        self.ignore_index = int(ignore_index)
         self.step = 0  # completed optimizer steps
         self.call = 0  # draws made within the current step
         self.last_noise: torch.Tensor | None = None
@@ -244,7 +249,8 @@ class LabelNoise:
         noise = self.sample(targets)
         if self.is_additive:
             return targets + noise
-        return torch.remainder(targets + noise, self.num_classes)
+        flipped = torch.remainder(targets + noise, self.num_classes)
+        return torch.where(targets == self.ignore_index, targets, flipped)  # ignored labels stay
 
     def _check_targets(self, targets: torch.Tensor) -> None:
         """NaN/Inf float targets or class labels out of range, checked without a host sync:
@@ -253,7 +259,7 @@ class LabelNoise:
         if targets.is_floating_point():
             ok = (targets - targets == 0).all()  # x - x is 0 for finite x, NaN otherwise: 3 ops
         elif not self.is_additive and targets.numel() > 0:
-            ok = ((targets >= 0) & (targets < self.num_classes)).all()
+            ok = ((targets >= 0) & (targets < self.num_classes) | (targets == self.ignore_index)).all()
         else:
             return
         try:
@@ -262,9 +268,11 @@ class LabelNoise:
             if targets.is_floating_point():
                 bad = targets[~torch.isfinite(targets)].flatten()[:3].tolist()
                 raise ValueError(f"targets contain NaN or Inf values, e.g. {bad}") from None
-            low, high = int(targets.min()), int(targets.max())
+            labels = targets[targets != self.ignore_index]
+            low, high = int(labels.min()), int(labels.max())
             raise ValueError(
-                f"class labels must lie in [0, {self.num_classes}), got range [{low}, {high}]"
+                f"class labels must lie in [0, {self.num_classes}) (or be ignore_index={self.ignore_index}), "
+                f"got range [{low}, {high}]"
             ) from None
 
     # -- checkpointing ------------------------------------------------------------------------
@@ -297,6 +305,13 @@ class LabelNoise:
                     f"LabelNoise state_dict has {name}={state_dict[name]!r} but this object has "
                     f"{name}={getattr(self, name)!r}; construct it with the saved configuration"
                 )
+        saved_std = state_dict.get("std")
+        if saved_std is not None and not callable(self.std) and self.is_additive and saved_std != self.std:
+            warnings.warn(
+                f"LabelNoise: the checkpoint was trained with std={saved_std}, this stream has "
+                f"std={self.std}; the run continues with {self.std}",
+                stacklevel=2,
+            )
         step, call = int(state_dict["step"]), int(state_dict["call"])
         if step < 0 or call < 0:
             raise ValueError(f"Invalid LabelNoise position: step={step}, call={call}")

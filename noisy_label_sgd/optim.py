@@ -38,7 +38,7 @@ def label_noise_of(optimizer: torch.optim.Optimizer) -> LabelNoise | None:
 
 def add_label_noise(
     optimizer: torch.optim.Optimizer,
-    std: StdSchedule = 0.0,
+    std: StdSchedule | None = None,
     distribution: str = "gaussian",
     seed: int = 0,
     *,
@@ -75,7 +75,13 @@ def add_label_noise(
     if label_noise_of(optimizer) is not None:
         raise RuntimeError("label noise is already attached to this optimizer")
     if noise is None:
-        noise = LabelNoise(std, distribution, seed, p=p, num_classes=num_classes, rank=rank)
+        if std is None and distribution != "flip":
+            raise TypeError(
+                f"add_label_noise needs std (the standard deviation of {distribution!r} label noise); "
+                "pass std=0.0 for a stream without noise"
+            )
+        noise = LabelNoise(0.0 if std is None else std, distribution, seed, p=p, num_classes=num_classes,
+                           rank=rank)
     elif not isinstance(noise, LabelNoise):
         raise TypeError(f"noise must be a LabelNoise, got {type(noise).__name__}")
 

@@ -103,6 +103,11 @@ class RegularizerProbe:
                 )
         check_solver(solver)
         check_chunk_size(chunk_size)
+        for i, t in enumerate(self.inputs):  # (one host sync each, once)
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"probe input {i} contains NaN or Inf values")
+        if targets is not None and targets.is_floating_point() and not bool(torch.isfinite(targets).all()):
+            raise ValueError("the probe targets contain NaN or Inf values")
         FunctionalModel(model)  # the model's own errors, at construction
         self.model = model
         self.targets = None if targets is None else self._checked_targets(targets)
@@ -147,6 +152,10 @@ class RegularizerProbe:
         return self._engine
 
     def __call__(self) -> ProbeReport:
+        """Measure reg, grad reg and its tangent and normal parts (and the clean loss, with
+        targets) at the model's current parameters; see :class:`ProbeReport`. Changes no
+        parameter, gradient, mode or random state; works under the caller's no_grad or
+        inference mode."""
         start = time.perf_counter()
         distributed = is_distributed()
         engine = self.engine

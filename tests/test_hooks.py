@@ -81,3 +81,10 @@ def test_bad_hook_arguments():
         noisy_loss(nn.MSELoss(), 0.1)
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         attach_output_noise(lambda x: x, LabelNoise(0.1))
+
+
+
+def test_integer_targets_with_additive_noise_are_told_about_flip():
+    loss_fn = noisy_loss(nn.CrossEntropyLoss(), LabelNoise(0.1))
+    with pytest.raises(TypeError, match="integer targets .*additive noise is for float targets.*distribution='flip'"):
+        loss_fn(torch.randn(4, 3, requires_grad=True), torch.tensor([0, 1, 2, 1]))

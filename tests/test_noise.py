@@ -167,7 +167,7 @@ BAD_TARGETS = [
     (dict(distribution="flip", p=0.1, num_classes=3), torch.tensor([0.0, 1.0]), TypeError,
      r"needs integer class labels, got dtype torch\.float32"),
     (dict(distribution="flip", p=0.1, num_classes=3), torch.tensor([0, 3]), ValueError,
-     r"must lie in \[0, 3\), got range \[0, 3\]"),
+     r"must lie in \[0, 3\) \(or be ignore_index=-100\), got range \[0, 3\]"),
     (dict(std=0.1), [1.0, 2.0], TypeError, r"targets must be a tensor, got list"),
 ]
 
@@ -185,3 +185,30 @@ def test_bad_schedule_value_raises_at_draw_time():
     with pytest.raises(ValueError, match=r"Invalid noise std: -1\.0"):
         noise.perturb(torch.zeros(3))
     assert noise.call == 0
+
+
+
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_flip_leaves_ignore_index_labels_untouched(check_finite):
+    # as nn.CrossEntropyLoss ignores them: neither refused nor turned into a real class
+    noise = LabelNoise(p=1.0, distribution="flip", num_classes=5, check_finite=check_finite)
+    labels = torch.tensor([0, -100, 3, -100, 4])
+    flipped = noise.perturb(labels)
+    assert torch.equal(flipped[labels == -100], labels[labels == -100])
+    kept = labels != -100
+    assert bool((flipped[kept] != labels[kept]).all()) and bool(((flipped[kept] >= 0) & (flipped[kept] < 5)).all())
+    custom = LabelNoise(p=1.0, distribution="flip", num_classes=5, ignore_index=-1).perturb(torch.tensor([-1, 2]))
+    assert custom[0] == -1 and custom[1] != 2
+
+
+def test_a_std_mismatch_on_load_is_reported():
+    import warnings
+
+    saved = LabelNoise(std=0.3, seed=1)
+    saved.advance()
+    resumed = LabelNoise(std=0.1, seed=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed.load_state_dict(saved.state_dict())
+    assert any("std=0.3" in str(w.message) and "std=0.1" in str(w.message) for w in caught)
+    assert resumed.step == 1 and resumed.std == 0.1

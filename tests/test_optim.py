@@ -276,3 +276,11 @@ def test_add_label_noise_twice_or_on_a_non_optimizer_fails():
         add_label_noise(opt, std=0.1)
     with pytest.raises(TypeError, match="torch.optim.Optimizer, got Linear"):
         add_label_noise(nn.Linear(2, 2), std=0.1)
+
+
+
+def test_add_label_noise_needs_a_std_for_additive_noise():
+    with pytest.raises(TypeError, match="add_label_noise needs std.*std=0.0"):
+        add_label_noise(torch.optim.SGD(mlp().parameters(), lr=0.1))
+    noise = add_label_noise(torch.optim.SGD(mlp().parameters(), lr=0.1), distribution="flip", p=0.1, num_classes=3)
+    assert noise.distribution == "flip"

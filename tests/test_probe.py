@@ -123,6 +123,10 @@ BAD_PROBES = [
     (lambda: (mlp().requires_grad_(False), data()[0], None), {}, ValueError, "no trainable parameters"),
     (lambda: (mlp(), (data()[0], data()[0][:3]), None), {}, ValueError, "disagree in their sample dimension"),
     (lambda: (mlp(), data()[0], [1.0]), {}, TypeError, "targets must be a tensor, got list"),
+    (lambda: (mlp(), data()[0].index_fill(0, torch.tensor([2]), float("nan")), None), {}, ValueError,
+     "probe input 0 contains NaN or Inf"),
+    (lambda: (mlp(), data()[0], data()[1].index_fill(0, torch.tensor([1]), float("inf"))), {}, ValueError,
+     "probe targets contain NaN or Inf"),
 ]
 
 
@@ -276,3 +280,8 @@ def test_float32_probe_of_an_ill_conditioned_j_matches_float64_with_the_same_cut
         assert report.manifold_grad_norm < 1e-5 * report.reg_grad_norm
     else:
         assert_rel_close(report.manifold_grad_norm, float(expected.norm()), rtol=FLOAT32_PROJECTION_RTOL)
+
+
+
+def test_the_probe_call_says_what_it_does():
+    assert "tangent and normal parts" in RegularizerProbe.__call__.__doc__
