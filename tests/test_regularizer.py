@@ -615,3 +615,49 @@ def test_cg_reaches_an_ill_conditioned_projection_without_a_warning():
         warnings.simplefilter("error", UserWarning)  # CG's "stopped after ... iterations"
         cg = flat(tangent_projection(model, x, grad, solver="cg"))
     assert_rel_close(cg, svd_tangent_projection(J, flat(grad)), rtol=CG_RTOL)
+
+
+class ReadsChildWeight(nn.Module):
+    """A parent's forward uses a child's weight after calling the child (issue 14: 61% off)."""
+
+    def __init__(self, embedding: bool):
+        super().__init__()
+        self.embedding = embedding
+        self.inner = nn.Embedding(7, 4) if embedding else nn.Linear(4, 4)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x):
+        z = torch.tanh(self.inner(x))
+        if self.embedding:  # an output layer tied to the embedding, written in the parent
+            z = z.mean(1)
+            return self.head(z) + (z @ self.inner.weight.T).logsumexp(-1, keepdim=True)
+        return self.head(z + x @ self.inner.weight.T).squeeze(-1)
+
+
+@pytest.mark.parametrize("embedding", [False, True])
+def test_a_parameter_used_outside_its_modules_call_is_never_silently_missed(embedding):
+    model = seeded(31, lambda: ReadsChildWeight(embedding))
+    x = torch.randint(0, 7, (70, 5), generator=torch.Generator().manual_seed(2)) if embedding else randn(70, 4)
+    expected = brute_sq_norms(model, x)
+    report = RegularizerProbe(model, x)()
+    assert report.method == "vmap"  # the whole-model path, said in the report
+    assert_rel_close(report.per_sample, expected)
+    assert_rel_close(per_sample_sq_grad_norms(model, x), expected)
+    with pytest.raises(ValueError, match="'inner' are also used outside its call"):
+        per_sample_sq_grad_norms(model, x, method="fast")
+
+
+def test_a_module_using_its_own_weight_twice_falls_back_for_that_module_only():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.linspace(-1, 1, 12, dtype=torch.float64).view(3, 4))
+
+        def forward(self, x):  # the weight twice in one call: a per-module fallback is exact
+            return torch.tanh(x @ self.weight.T) @ self.weight
+
+    model = seeded(32, lambda: nn.Sequential(nn.Linear(4, 4), Twice(), nn.Linear(4, 1)))
+    x = randn(70, 4)
+    report = RegularizerProbe(model, x, method="fast")()
+    assert report.method == "fast (per-module fallback: 1)"
+    assert_rel_close(report.per_sample, brute_sq_norms(model, x))

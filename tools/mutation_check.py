@@ -82,6 +82,9 @@ MUTANTS = [
     Mutant("gram-rows-output-major", "the closed-form K with rows ordered (output, sample), J's (sample, output)",
            "noisy_label_sgd/engines/closed_forms.py", "G = g.permute(1, 0, *range(2, g.dim())).reshape(n * k, -1)",
            "G = g.reshape(n * k, -1)", PROBE_TESTS),
+    Mutant("outside-use-ignored", "a parameter used outside its module's call goes unnoticed",
+           "noisy_label_sgd/engines/trace.py", "    if outside:\n        raise FastPathUnsupported(",
+           "    if False:\n        raise FastPathUnsupported(", PROBE_TESTS),
     # a missing detach: the report would hold the double backward's whole graph
     Mutant("norms-keep-graph", "the fast double backward's norms returned with their graph",
            "noisy_label_sgd/engines/fast.py", "            parts.append(norms.detach())\n",

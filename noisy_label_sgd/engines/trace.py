@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .functional import Batch, per_sample_outputs
 
@@ -203,15 +204,73 @@ def fast_chunk_size(model: nn.Module, batch: Batch, memory_budget: int) -> tuple
 
     Per sample it holds every recorded layer input and output (in the graph) and at most k
     output gradients of each (fewer when the directions go in groups): measured on a one-sample
-    forward (once per model and per-sample input shapes), times (k + 2).
+    forward (once per model and per-sample input shapes), times (k + 2). That forward also
+    watches where parameters are used (:class:`ParameterUses`).
+
+    Raises:
+        FastPathUnsupported: a called module's parameter is also used outside its call.
     """
     signature = (tuple((t.shape[1:], t.dtype, t.device) for t in batch),
                  tuple((p.shape, p.requires_grad) for p in model.parameters()))
     sizes = _SIZES.setdefault(model, {})
     if signature not in sizes:
         owners = owners_of(model)
-        with torch.no_grad():
+        with torch.no_grad(), ParameterUses(model, owners) as uses:
             out = record(owners, model, tuple(t[:1] for t in batch))
-        sizes[signature] = (out.numel(), sum(c.shape.numel() for o in owners for c in o.calls), out.element_size())
-    k, floats, itemsize = sizes[signature]
+        outside = sorted(name for name in uses.outside if any(o.name == name and o.calls for o in owners))
+        sizes[signature] = (out.numel(), sum(c.shape.numel() for o in owners for c in o.calls), out.element_size(),
+                            outside)
+    k, floats, itemsize, outside = sizes[signature]
+    if outside:
+        raise FastPathUnsupported(
+            f"the parameters of {outside[0]!r} are also used outside its call (e.g. a parent's forward "
+            "reading its weight): the closed forms would miss that use"
+        )
     return max(1, memory_budget // max(1, itemsize * floats * (k + 2))), k
+
+
+class ParameterUses(TorchFunctionMode):
+    """Which owners' trainable parameters a forward uses while that owner is not running.
+
+    A module's closed form sees only what flows through its own call; a parameter that also
+    enters the output elsewhere (a parent's ``z @ self.emb.weight`` after ``self.emb(x)``) would
+    make every norm silently wrong. Watched once per model and input signature, on the sizing
+    forward.
+    """
+
+    def __init__(self, model: nn.Module, owners: list[Owner]) -> None:
+        super().__init__()
+        self.owner_of = {id(p): o.name for o in owners for p in o.params.values()}
+        self.name_of = {id(o.module): o.name for o in owners}
+        self.running: list[str] = []
+        self.outside: set[str] = set()
+        self.modules = list(model.modules())
+
+    def __enter__(self):
+        ids = {id(m) for m in self.modules}
+
+        def enter(module, args) -> None:
+            if id(module) in ids:
+                self.running.append(self.name_of.get(id(module), ""))
+
+        def leave(module, args, output) -> None:  # (returns None: the output stays as it is)
+            if id(module) in ids:
+                self.running.pop()
+
+        self._handles = [nn.modules.module.register_module_forward_pre_hook(enter),
+                         nn.modules.module.register_module_forward_hook(leave, always_call=True)]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        return super().__exit__(*exc)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for t in (*args, *kwargs.values()):
+            for tensor in (t if isinstance(t, (list, tuple)) else (t,)):
+                name = self.owner_of.get(id(tensor))
+                if name is not None and name not in self.running:
+                    self.outside.add(name)
+        return func(*args, **kwargs)
