@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-__all__ = ["is_distributed", "rank", "all_reduce_sum", "all_gather_cat", "unwrap_ddp"]
+__all__ = ["is_distributed", "rank", "all_reduce_sum", "all_gather_cat"]
 
 
 def is_distributed() -> bool:
@@ -42,8 +41,3 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
-
-
-def unwrap_ddp(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel (its parameters are the same tensors)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

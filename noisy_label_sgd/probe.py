@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .distributed import all_gather_cat, all_reduce_sum, is_distributed, unwrap_ddp
+from .distributed import all_gather_cat, all_reduce_sum, is_distributed
 from .engines import Engine, select_engine
 from .engines.functional import (DEFAULT_MEMORY_BUDGET, FunctionalModel, Inputs, as_input_tuple, check_chunk_size,
-                                 evaluation_mode, per_sample_outputs)
+                                 evaluation_mode, per_sample_outputs, unwrapped)
 from .engines.select import check_method
 from .engines.tangent import check_solver, project
 
@@ -91,7 +91,7 @@ class RegularizerProbe:
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
     ) -> None:
         check_method(method)
-        model = unwrap_ddp(model)
+        model = unwrapped(model)
         self.inputs = as_input_tuple(inputs)
         n = self.inputs[0].shape[0]
         if targets is not None:

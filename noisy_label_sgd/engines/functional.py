@@ -42,6 +42,19 @@ def as_input_tuple(inputs: Inputs) -> Batch:
     return batch
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel and torch.compile wrappers, in any nesting: its
+    parameters are the same tensors, and it can be differentiated twice (a compiled backward
+    with donated buffers refuses ``create_graph``)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+            model = model._orig_mod
+        else:
+            return model
+
+
 def check_chunk_size(chunk_size: int | None) -> int | None:
     if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
         raise ValueError(f"Invalid chunk_size: {chunk_size} (must be a positive int)")

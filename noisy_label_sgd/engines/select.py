@@ -29,7 +29,7 @@ from torch import nn
 from .closed_forms import closed_form_layers
 from .engine import Engine
 from .fast import FastEngine
-from .functional import DEFAULT_MEMORY_BUDGET, Inputs, as_input_tuple, check_chunk_size
+from .functional import DEFAULT_MEMORY_BUDGET, Inputs, as_input_tuple, check_chunk_size, unwrapped
 from .jacobian import JacobianEngine, is_small_jacobian
 from .vmap import VmapEngine
 
@@ -52,9 +52,10 @@ def select_engine(model: nn.Module, inputs: Inputs, method: str = "auto", *, chu
     """
     check_method(method)
     batch = as_input_tuple(inputs)
-    args = (model, batch, check_chunk_size(chunk_size), memory_budget)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    model = unwrapped(model)  # DDP and torch.compile wrappers: the same parameters
+    args = (model, batch, check_chunk_size(chunk_size), memory_budget)
     if method == "vmap":
         return VmapEngine(*args)
     closed_forms = closed_form_layers(model)
