@@ -231,6 +231,11 @@ def conv_grouped(module, a, g, kernel, stride, padding, dilation, trainable) -> 
     """The samples as groups of one convolution: its weight gradient is [n * out, in, *kernel],
     the per-sample gradients stacked, for each output direction."""
     k, n, out_channels = g.shape[:3]
+    # under autocast the recorded input and the output gradient can differ in dtype, and the
+    # weight gradient's kernel (no autocast rule) needs one: the wider
+    if a.dtype != g.dtype:
+        dtype = torch.promote_types(a.dtype, g.dtype)
+        a, g = a.to(dtype), g.to(dtype)
     x = a.reshape(1, n * a.shape[1], *a.shape[2:])
     total = torch.zeros(n, dtype=g.dtype, device=g.device)
     for g_j in g:  # one weight gradient per output direction

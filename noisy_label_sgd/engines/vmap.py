@@ -14,6 +14,8 @@ anyway), and as the whole-model fallback of the fast engine.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch.func import grad, jvp, vmap
 
@@ -23,6 +25,12 @@ from .functional import Batch, FunctionalModel, ParamDict
 
 class VmapEngine(Engine):
     method = "vmap"
+
+    def measuring(self):
+        """As every engine's, with autocast off: torch.func's vmapped backward formulas mix the
+        autocast dtypes (LayerNorm raised "expected scalar type BFloat16 but found Float"), so
+        this path computes in the parameters' dtype."""
+        return _without_autocast(super().measuring(), self.batch[0].device.type)
 
     def sq_norms(self) -> torch.Tensor:
         parts = []
@@ -74,3 +82,9 @@ def hessian_gradient_products(fm: FunctionalModel, batch: Batch, k: int) -> tupl
 
     summed, jac = vmap(per_sample)(*batch)
     return {n: v.sum(0) for n, v in summed.items()}, jac
+
+
+@contextmanager
+def _without_autocast(inner, device_type: str):
+    with torch.autocast(device_type, enabled=False), inner as engine:
+        yield engine
