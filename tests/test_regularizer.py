@@ -649,6 +649,21 @@ def test_a_parameter_used_outside_its_modules_call_is_never_silently_missed(embe
         per_sample_sq_grad_norms(model, x, method="fast")
 
 
+def test_reading_a_childs_weight_shape_is_not_a_use():
+    class ShapeReader(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.head = nn.Linear(4, 3), nn.Linear(3, 1)
+
+        def forward(self, x):  # metadata only: the closed forms still see every use
+            return self.head(self.inner(x).reshape(-1, self.inner.weight.shape[0])).squeeze(-1)
+
+    model, x = seeded(33, ShapeReader), randn(70, 4)
+    report = RegularizerProbe(model, x)()
+    assert report.method == "fast"
+    assert_rel_close(report.per_sample, brute_sq_norms(model, x))
+
+
 def test_a_module_using_its_own_weight_twice_falls_back_for_that_module_only():
     class Twice(nn.Module):
         def __init__(self):

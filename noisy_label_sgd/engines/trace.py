@@ -268,9 +268,13 @@ class ParameterUses(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        for t in (*args, *kwargs.values()):
-            for tensor in (t if isinstance(t, (list, tuple)) else (t,)):
-                name = self.owner_of.get(id(tensor))
-                if name is not None and name not in self.running:
-                    self.outside.add(name)
-        return func(*args, **kwargs)
+        result = func(*args, **kwargs)
+        # metadata (.shape, .size(), .dtype) does not enter the output: only a tensor result can
+        if isinstance(result, torch.Tensor) or (isinstance(result, (list, tuple)) and any(
+                isinstance(r, torch.Tensor) for r in result)):
+            for t in (*args, *kwargs.values()):
+                for tensor in (t if isinstance(t, (list, tuple)) else (t,)):
+                    name = self.owner_of.get(id(tensor))
+                    if name is not None and name not in self.running:
+                        self.outside.add(name)
+        return result
