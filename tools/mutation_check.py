@@ -40,8 +40,8 @@ class Mutant:
 MUTANTS = [
     # the four bugs that passed the suite on 2026-11-28
     Mutant("drift-ignores-batch-size", "the drift prediction ignores the user's batch_size",
-           "noisy_label_sgd/tensorboard.py", 'return self.batch_size or getattr(self.probe, "num_samples", 1)',
-           'return getattr(self.probe, "num_samples", 1)', MONITOR_TESTS),
+           "noisy_label_sgd/tensorboard.py", 'return self.batch_size or seen or getattr(self.probe, "num_samples", 1)',
+           'return seen or getattr(self.probe, "num_samples", 1)', MONITOR_TESTS),
     Mutant("cutoff-1e7", "the projection's eigenvalue cutoff 1e7 times larger",
            "noisy_label_sgd/engines/tangent.py", "keep = eigenvalues > (rcond**2) * eigenvalues.max().clamp_min(0)",
            "keep = eigenvalues > 1e7 * (rcond**2) * eigenvalues.max().clamp_min(0)", PROBE_TESTS),
@@ -100,8 +100,8 @@ MUTANTS = [
            "noisy_label_sgd/tensorboard.py", "(self._batch_size() * k**2)", "(self._batch_size() * k)", MONITOR_TESTS),
     # the noise stream
     Mutant("same-noise-per-micro-batch", "every micro-batch of a step draws the same noise",
-           "noisy_label_sgd/noise.py", "        self.call += 1\n        self.last_noise = noise",
-           "        self.last_noise = noise", NOISE_TESTS),
+           "noisy_label_sgd/noise.py", "        self.call += 1\n        self.samples_this_step",
+           "        self.samples_this_step", NOISE_TESTS),
     Mutant("step-advances-twice", "the noise stream advances two steps per optimizer step",
            "noisy_label_sgd/noise.py", "        self.step += 1\n", "        self.step += 2\n", NOISE_TESTS),
     Mutant("closure-sees-new-noise", "a closure re-evaluated in one step draws new noise",
