@@ -64,6 +64,10 @@ class Engine:
         self.chunk_size, self.memory_budget = chunk_size, memory_budget
         self.num_samples = batch[0].shape[0]
         self.k = k  # outputs per sample: learned at the first measurement (parameters don't change it)
+        self.rows = None if k is None else self.num_samples * k  # of J: n k
+        # samples per chunk of the matrix-free products, where the engine knows its activations'
+        # size (a jvp or vjp holds a chunk's forward and backward, never a per-sample Jacobian)
+        self.product_chunk_size: int | None = None
         self.helpers: list[Engine] = []  # engines this one delegates to, sharing its measurement
         self.measurement: Measurement | None = None
         self.fm: FunctionalModel | None = None  # the measurement's, for short
@@ -77,8 +81,9 @@ class Engine:
                 engine.measurement, engine.fm = measurement, measurement.fm
             if self.k is None:
                 self.k = self.output_size()
+                self.rows = self.num_samples * self.k
             for helper in self.helpers:
-                helper.k = self.k
+                helper.k, helper.rows = self.k, self.rows
             try:
                 yield self
             finally:
@@ -89,10 +94,6 @@ class Engine:
         """k, from a one-sample forward without gradients."""
         return self.fm.output_size(self.batch)
 
-    @property
-    def rows(self) -> int:
-        return self.num_samples * self.k
-
     def jacobian_fits(self) -> bool:
         """Whether J fits the memory budget and is small enough for a dense solve."""
         return self.rows <= JACOBIAN_MAX_ROWS and self.fm.jacobian_fits(self.rows, self.memory_budget)
@@ -102,10 +103,11 @@ class Engine:
         return chunks_of(self.batch, self.fm.chunk_size(self.k, self.chunk_size, self.memory_budget, copies))
 
     def product_chunks(self) -> list[Batch]:
-        """The probe set in chunks for the matrix-free products J v and J^T u, which hold a
-        forward and backward of a chunk, never a per-sample Jacobian: where the engine knows its
-        activations' size it sizes the chunks by them, else as :meth:`chunks`."""
-        return self.chunks()
+        """The probe set in chunks for the matrix-free products J v and J^T u: by
+        ``product_chunk_size`` where the engine set it, else as :meth:`chunks`."""
+        if self.product_chunk_size is None:
+            return self.chunks()
+        return chunks_of(self.batch, self.product_chunk_size)
 
     # -- the questions -------------------------------------------------------------------------
 

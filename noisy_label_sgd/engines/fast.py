@@ -33,8 +33,8 @@ from torch.func import functional_call, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import closed_forms
-from .engine import Engine
-from .functional import Batch, ParamDict, chunk_slices, chunks_of, fused_attention
+from .engine import Engine, gram_of
+from .functional import Batch, ParamDict, chunk_slices, fused_attention
 from .trace import Call, FastPathUnsupported, Owner, fast_chunk_size, trace
 from .vmap import VmapEngine
 
@@ -47,34 +47,23 @@ class FastEngine(Engine):
         self.torch_func = VmapEngine(*args, **kwargs)  # grad reg where closed forms end
         self.helpers.append(self.torch_func)
         self.unsupported: str | None = None  # why the model needs the whole-model path, once known
-        self.fell_back: list[str] = []  # the modules of the last norms that took a per-module fallback
-
-    @property
-    def method(self) -> str:
-        if self.unsupported is not None:
-            return self.torch_func.method
-        return "fast" + (f" (per-module fallback: {', '.join(self.fell_back)})" if self.fell_back else "")
+        self.method = "fast"  # with the modules that fell back, or "vmap" once unsupported
 
     def output_size(self) -> int:
         try:  # the fast path's sizing forward, which it needs anyway
-            return fast_chunk_size(self.model, self.batch, self.memory_budget)[1]
+            fitting, k = fast_chunk_size(self.model, self.batch, self.memory_budget)
         except FastPathUnsupported:
             return super().output_size()
-
-    def product_chunks(self) -> list[Batch]:
-        """Sized by the recorded layer inputs and outputs, like the norms: a jvp or vjp holds
-        the activations of its chunk (the per-sample Jacobian rule made ResNet-18's CG run each
-        product in 6 pieces of 24 samples)."""
-        try:
-            fitting = fast_chunk_size(self.model, self.batch, self.memory_budget)[0]
-        except FastPathUnsupported:
-            return super().product_chunks()
-        return chunks_of(self.batch, self.chunk_size or fitting)
+        # the matrix-free products hold what the norms hold: sized alike (the per-sample Jacobian
+        # rule made ResNet-18's CG run each product in 6 pieces of 24 samples)
+        self.product_chunk_size = self.chunk_size or fitting
+        return k
 
     def _whole_model(self, why: FastPathUnsupported, what: str) -> None:
         if self.strict:
             raise ValueError(f"method='fast' cannot {what} this model: {why}") from None
         self.unsupported = str(why)
+        self.method = self.torch_func.method
 
     def sq_norms(self) -> torch.Tensor:
         if self.unsupported is None:
@@ -100,16 +89,17 @@ class FastEngine(Engine):
         if self.closed_forms:
             try:
                 norms, grad_reg = self._double_backward()
-                self.fell_back = []
+                self.method = "fast"
                 return norms, grad_reg
             except FastPathUnsupported:
                 pass
         return self.sq_norms(), self.torch_func.grad()
 
     def gram(self) -> torch.Tensor | None:
-        kept = super().gram()
-        if kept is not None or self.unsupported is not None or not self.closed_forms:
-            return kept
+        if self.measurement.jacobian is not None:  # (a J the measurement formed)
+            return gram_of(self.measurement.jacobian)
+        if self.unsupported is not None or not self.closed_forms:
+            return None
         try:
             owners, h = traced(self.model, self.batch)
         except FastPathUnsupported:
@@ -137,7 +127,7 @@ class FastEngine(Engine):
                 norms, modules = fast_sq_norms(self.model, tuple(t[s] for t in self.batch))
                 parts.append(norms)
                 fell_back.update(modules)
-        self.fell_back = sorted(fell_back)
+        self.method = "fast" + (f" (per-module fallback: {', '.join(sorted(fell_back))})" if fell_back else "")
         return torch.cat(parts).detach()
 
     def _double_backward(self) -> tuple[torch.Tensor, ParamDict]:

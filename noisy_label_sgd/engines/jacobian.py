@@ -69,7 +69,6 @@ class JacobianEngine(Engine):
         with torch.enable_grad():
             out = fm.live_output(self.batch)
             n, k = out.shape
-            self.k = k
             try:
                 if n * k == 1:  # one row: a plain backward, without the batching machinery
                     jac = [j.unsqueeze(0) for j in torch.autograd.grad(

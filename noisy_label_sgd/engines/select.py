@@ -70,6 +70,6 @@ def select_engine(model: nn.Module, inputs: Inputs, method: str = "auto", *, chu
         fits = engine.jacobian_fits()
     if small:
         return JacobianEngine(*args, k=engine.k)
-    if closed_forms:
-        return FastEngine(*args, strict=False, closed_forms=True, k=engine.k)
-    return engine if fits else FastEngine(*args, strict=False, closed_forms=False, k=engine.k)
+    if closed_forms:  # (its own sizing forward learns k and the products' chunks)
+        return FastEngine(*args, strict=False, closed_forms=True)
+    return engine if fits else FastEngine(*args, strict=False, closed_forms=False)
