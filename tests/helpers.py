@@ -45,6 +45,17 @@ def batch(step: int, n: int = 16, d_in: int = 6, d_out: int = 3, dtype=torch.flo
     return torch.randn(n, d_in, generator=g, dtype=dtype), torch.randn(n, d_out, generator=g, dtype=dtype)
 
 
+def train(model, opt, loss_fn, steps, scheduler=None, start=0):
+    """``steps`` optimizer steps on the data of :func:`batch`, from step ``start``."""
+    for step in range(start, start + steps):
+        x, y = batch(step)
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
 # -- models for the regularizer tests (float64) ----------------------------------------------
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from noisy_label_sgd import LabelNoise, LabelNoiseSGD, add_label_noise, noisy_loss
-from helpers import batch, mlp
+from helpers import batch, mlp, train
 
 # one registry of SGD configurations, run through the generic tests
 SGD_CONFIGS = [
@@ -24,16 +24,6 @@ SGD_CONFIGS = [
 def two_groups(model: nn.Module):
     params = list(model.parameters())
     return [{"params": params[:2]}, {"params": params[2:], "lr": 0.02, "weight_decay": 0.0}]
-
-
-def train(model, opt, loss_fn, steps, scheduler=None, start=0):
-    for step in range(start, start + steps):
-        x, y = batch(step)
-        opt.zero_grad()
-        loss_fn(model(x), y).backward()
-        opt.step()
-        if scheduler is not None:
-            scheduler.step()
 
 
 @pytest.mark.parametrize("kwargs,desc", SGD_CONFIGS, ids=[d for _, d in SGD_CONFIGS])

@@ -290,7 +290,7 @@ def test_the_probe_call_says_what_it_does():
 def test_a_compiled_model_is_probed_through_its_original_module(tmp_path):
     # training runs the compiled module; the probe differentiates the original (a compiled
     # backward with donated buffers refuses create_graph), the same parameters
-    from helpers import batch
+    from helpers import train
     from noisy_label_sgd import LabelNoiseSGD, TensorBoardMonitor, per_sample_sq_grad_norms
 
     model = mlp()
@@ -300,11 +300,7 @@ def test_a_compiled_model_is_probed_through_its_original_module(tmp_path):
     x, y = data(n=30)
     with TensorBoardMonitor(RegularizerProbe(compiled, x, y), log_dir=tmp_path, every=1) as monitor:
         monitor.attach(opt)
-        for step in range(2):
-            xb, yb = batch(step)
-            opt.zero_grad()
-            loss_fn(compiled(xb), yb).backward()
-            opt.step()
+        train(compiled, opt, loss_fn, 2)
     assert monitor.failures == 0 and monitor.last_report is not None
     report, plain = RegularizerProbe(compiled, x, y)(), RegularizerProbe(model, x, y)()
     assert (report.reg, report.manifold_grad_norm, report.method) == (plain.reg, plain.manifold_grad_norm, plain.method)

@@ -8,7 +8,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from helpers import batch, mlp
+from helpers import batch, mlp, train
 from noisy_label_sgd import LabelNoiseSGD, RegularizerProbe, TensorBoardMonitor
 
 PREFIX = "implicit_reg"
@@ -22,13 +22,8 @@ def dropout_mlp():
     return model
 
 
-def train(model, opt, steps):
-    loss_fn = opt.noisy_loss(nn.MSELoss())
-    for step in range(steps):
-        x, y = batch(step)
-        opt.zero_grad()
-        loss_fn(model(x), y).backward()
-        opt.step()
+def train_noisy(model, opt, steps):
+    train(model, opt, opt.noisy_loss(nn.MSELoss()), steps)
 
 
 def read_events(log_dir):
@@ -50,7 +45,7 @@ def test_every_tag_is_logged_at_multiples_of_every_with_the_probe_values(tmp_pat
         # a hook after the monitor's: the probe at the same parameters, directly
         opt.register_step_post_hook(
             lambda o, a, k: expected.__setitem__(opt.label_noise.step, probe()) if opt.label_noise.step % 3 == 0 else None)
-        train(model, opt, 10)
+        train_noisy(model, opt, 10)
     acc = read_events(tmp_path)
     tags = set(acc.Tags()["scalars"])
     for name in ("reg", "reg_grad_norm", "manifold_grad_norm", "normal_grad_norm", "manifold_fraction",
@@ -99,7 +94,7 @@ def test_layout_and_hparams_are_written_and_read_back(tmp_path):
     with TensorBoardMonitor(RegularizerProbe(model, x, y), log_dir=tmp_path, every=1, batch_size=8,
                             hparams={"width": 16}) as monitor:
         monitor.attach(opt)
-        train(model, opt, 1)
+        train_noisy(model, opt, 1)
     assert read_hparams(tmp_path) == {"batch_size": 8, "probe_every": 1, "lr": 0.05, "momentum": 0.9,
                                       "noise_distribution": "rademacher", "noise_std": 0.3, "width": 16}
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
@@ -146,11 +141,7 @@ def test_no_drift_prediction_for_an_optimizer_it_does_not_hold_for(tmp_path):
         warnings.simplefilter("always")
         with TensorBoardMonitor(RegularizerProbe(model, batch(0)[0]), log_dir=tmp_path, every=1) as monitor:
             monitor.attach(opt)
-            for step in range(3):
-                x, y = batch(step)
-                opt.zero_grad()
-                loss_fn(model(x), y).backward()
-                opt.step()
+            train(model, opt, loss_fn, 3)
     said = [str(w.message) for w in caught if "predicted_drift_per_step" in str(w.message)]
     assert len(said) == 1 and "Adam" in said[0]
     tags = set(read_events(tmp_path).Tags()["scalars"])
@@ -197,7 +188,7 @@ def test_monitor_does_not_change_the_trajectory(tmp_path):
             x, y = batch(99)
             monitor = TensorBoardMonitor(RegularizerProbe(model, x, y), log_dir=tmp_path, every=2)
             monitor.attach(opt)
-        train(model, opt, 8)
+        train_noisy(model, opt, 8)
         if monitored:
             monitor.close()
         runs.append([p.detach().clone() for p in model.parameters()])
@@ -233,7 +224,7 @@ def test_a_failing_probe_warns_once_and_training_continues(tmp_path):
         warnings.simplefilter("always")
         with TensorBoardMonitor(flaky_probe, log_dir=tmp_path, every=1) as monitor:
             monitor.attach(opt)
-            train(model, opt, 5)
+            train_noisy(model, opt, 5)
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1 and "out of memory" in messages[0] and "step 2" in messages[0]
     assert monitor.failures == 2 and opt.label_noise.step == 5
