@@ -146,8 +146,9 @@ class ConvSequence(nn.Module):
 
 
 class Attention(nn.Module):
-    """nn.MultiheadAttention, sequence-first (closed form) or batch-first with a causal mask
-    (per-module fallback)."""
+    """nn.MultiheadAttention as self-attention (closed form: two projections), sequence-first and
+    unmasked, or batch-first with a causal mask and a padding mask read off the input (keys whose
+    first feature exceeds 0.5 are padding; the first key never is)."""
 
     def __init__(self, masked: bool = False):
         super().__init__()
@@ -157,12 +158,91 @@ class Attention(nn.Module):
 
     def forward(self, x):  # x: [n, L, 6]
         if self.masked:
-            mask = torch.triu(torch.ones(x.shape[1], x.shape[1], dtype=torch.bool), 1)
-            out, _ = self.attn(x, x, x, need_weights=False, attn_mask=mask)
+            causal = torch.triu(torch.ones(x.shape[1], x.shape[1], dtype=torch.bool), 1)
+            out, _ = self.attn(x, x, x, need_weights=False, attn_mask=causal, key_padding_mask=padding_of(x))
             return self.head(torch.tanh(out).mean(1)).squeeze(-1)
         seq = x.transpose(0, 1)
         out, _ = self.attn(seq, seq, seq, need_weights=False)
         return self.head(torch.tanh(out).mean(0)).squeeze(-1)
+
+
+def padding_of(x: torch.Tensor) -> torch.Tensor:
+    """A boolean padding mask [n, L] read off the input (True: a padded position)."""
+    return (x[..., 0] > 0.5) & (torch.arange(x.shape[1]) > 0)
+
+
+class AttentionWeights(nn.Module):
+    """Self-attention returning its per-head weights, which the output uses too, with an
+    additive (float) padding mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(6, 2)
+        self.head = nn.Linear(6, 1)
+
+    def forward(self, x):  # x: [n, L, 6]
+        seq = x.transpose(0, 1)
+        additive = torch.zeros(padding_of(x).shape, dtype=x.dtype).masked_fill(padding_of(x), -1e4)
+        out, weights = self.attn(seq, seq, seq, key_padding_mask=additive, average_attn_weights=False)
+        return self.head(torch.tanh(out[0])).squeeze(-1) + weights[:, :, 0].pow(2).sum((1, 2))
+
+
+class CrossAttention(nn.Module):
+    """Attention whose keys differ from its queries (per-module fallback), masks as keywords."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
+        self.keys = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 1)
+
+    def forward(self, x):
+        out, _ = self.attn(x, self.keys(x), x, key_padding_mask=padding_of(x), need_weights=False)
+        return self.head(torch.tanh(out).mean(1)).squeeze(-1)
+
+
+class MaskedEncoder(nn.Module):
+    """nn.TransformerEncoder (two layers) with a padding mask and a causal mask."""
+
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(6, 2, 12, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        causal = torch.triu(torch.ones(x.shape[1], x.shape[1], dtype=torch.bool), 1)
+        out = self.encoder(x, mask=causal, src_key_padding_mask=padding_of(x), is_causal=True)
+        return self.head(out[:, 0])
+
+
+class Recurrent(nn.Module):
+    """A recurrent layer (nn.RNN, nn.LSTM or nn.GRU) and a Linear head on its last time step,
+    or on its final hidden state (``head_on_state``), from an initial state read off the input
+    (``initial_state``)."""
+
+    def __init__(self, cls, head_on_state: bool = False, initial_state: bool = False, **kwargs):
+        super().__init__()
+        self.rnn = cls(3, 4, **kwargs)
+        directions = 2 if kwargs.get("bidirectional") else 1
+        self.out_size = kwargs.get("proj_size") or 4
+        self.head = nn.Linear(self.out_size * (1 if head_on_state else directions), 2 if head_on_state else 1)
+        self.head_on_state, self.initial_state = head_on_state, initial_state
+
+    def forward(self, x):  # x: [n, T, 3]
+        rnn = self.rnn
+        seq = x if rnn.batch_first else x.transpose(0, 1)
+        hx = None
+        if self.initial_state:
+            shape = (rnn.num_layers * (2 if rnn.bidirectional else 1), x.shape[0])
+            h0 = x[:, 0, 0].reshape(1, -1, 1).expand(*shape, self.out_size).contiguous()
+            hx = (h0, torch.cat([h0, h0], -1)[..., :rnn.hidden_size]) if isinstance(rnn, nn.LSTM) else h0
+        out, state = rnn(seq, hx)
+        if self.head_on_state:
+            h = state[0] if isinstance(rnn, nn.LSTM) else state
+            return self.head(h[-1])
+        last = out[:, -1] if rnn.batch_first else out[-1]
+        return self.head(last).squeeze(-1)
 
 
 def brute_jacobian(model: nn.Module, inputs) -> torch.Tensor:
@@ -301,7 +381,18 @@ CASES = {
     "inplace_relu_residual": (lambda: seeded(10, InplaceResidual), lambda: randn(5, 6)),
     "conv1d_sequence_linear": (lambda: seeded(11, ConvSequence), lambda: randn(4, 3, 7)),
     "attention_sequence_first": (lambda: seeded(14, Attention), lambda: randn(3, 5, 6)),
-    "attention_masked_fallback": (lambda: seeded(15, lambda: Attention(masked=True)), lambda: randn(3, 5, 6)),
+    "attention_causal_and_padding_masks": (lambda: seeded(15, lambda: Attention(masked=True)), lambda: randn(3, 5, 6)),
+    "attention_weights_returned": (lambda: seeded(25, AttentionWeights), lambda: randn(3, 5, 6, seed=1)),
+    "cross_attention_fallback": (lambda: seeded(26, CrossAttention), lambda: randn(3, 5, 6, seed=2)),
+    "encoder_causal_and_padding_masks": (lambda: seeded(27, MaskedEncoder), lambda: randn(3, 4, 6, seed=3)),
+    "lstm_two_layers_batch_first": (lambda: seeded(28, lambda: Recurrent(nn.LSTM, num_layers=2, batch_first=True)),
+                                    lambda: randn(4, 3, 3)),
+    "gru_bidirectional_state_head": (lambda: seeded(29, lambda: Recurrent(nn.GRU, head_on_state=True,
+                                                                           bidirectional=True)), lambda: randn(3, 3, 3)),
+    "rnn_relu_initial_state_no_bias": (lambda: seeded(30, lambda: Recurrent(
+        nn.RNN, initial_state=True, nonlinearity="relu", bias=False, num_layers=2)), lambda: randn(4, 3, 3)),
+    "lstm_projection_bidirectional_initial_state": (lambda: seeded(31, lambda: Recurrent(
+        nn.LSTM, initial_state=True, proj_size=2, bidirectional=True, batch_first=True)), lambda: randn(3, 3, 3)),
     "grouped_conv_fallback": (lambda: seeded(13, lambda: nn.Sequential(
         nn.Conv2d(4, 4, 3, groups=2), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 2 * 2, 1))), lambda: randn(3, 4, 4, 4)),
     # 16 input channels: the per-sample weight gradients as one grouped convolution's

@@ -157,12 +157,9 @@ def test_float_targets_of_another_precision_are_cast_to_the_outputs():
 
 def test_fast_probe_on_a_model_with_a_per_module_fallback():
     # method="fast" binds the norms; grad reg then comes from the vmap path, still exact
-    from helpers import Attention
+    from helpers import make
 
-    with torch.random.fork_rng():
-        torch.manual_seed(15)
-        model = Attention(masked=True).double()
-    x = torch.randn(3, 5, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    model, x = make("cross_attention_fallback")
     report = RegularizerProbe(model, x, method="fast")()
     assert report.method == "fast (per-module fallback: attn)"
     assert_rel_close(report.reg, float(brute_sq_norms(model, x).mean()))

@@ -92,7 +92,8 @@ def test_a_backward_that_cannot_stream_takes_the_held_path(case, monkeypatch):
     assert held
 
 
-@pytest.mark.parametrize("name", ["transformer_encoder_layer", "attention_sequence_first", "attention_masked_fallback"])
+@pytest.mark.parametrize("name", ["transformer_encoder_layer", "attention_sequence_first", "cross_attention_fallback",
+                                  "encoder_causal_and_padding_masks"])
 def test_float32_attention_norms_take_the_fused_kernels_without_warnings(name):
     # float32 is where the fused kernels run (norms only); per-module fallbacks stay on math
     import warnings
@@ -105,16 +106,35 @@ def test_float32_attention_norms_take_the_fused_kernels_without_warnings(name):
     assert_rel_close(actual.double(), expected, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["transformer_encoder_layer", "attention_sequence_first"])
-def test_plain_self_attention_is_traced_as_two_projections_and_the_module_restored(name):
+@pytest.mark.parametrize("name", ["transformer_encoder_layer", "attention_sequence_first",
+                                  "attention_causal_and_padding_masks", "attention_weights_returned",
+                                  "encoder_causal_and_padding_masks"])
+def test_self_attention_is_traced_as_two_projections_and_the_module_restored(name):
     from noisy_label_sgd.engines.trace import trace
 
     model, x = make(name)
     model.eval()
     owners, h = trace(model, (x,))
-    attention = next(m for m in model.modules() if isinstance(m, nn.MultiheadAttention))
-    assert [o.name.rsplit(".", 1)[-1] for o in owners if o.affine] == ["in_proj", "out_proj"]
-    assert "forward" not in vars(attention)  # its own forward again
+    attention = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    assert [o.name.rsplit(".", 1)[-1] for o in owners if o.affine] == ["in_proj", "out_proj"] * len(attention)
+    assert all("forward" not in vars(m) for m in attention)  # their own forward again
+    assert_rel_close(h.detach().reshape(-1), model(x).detach().reshape(-1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["lstm_two_layers_batch_first", "gru_bidirectional_state_head",
+                                  "rnn_relu_initial_state_no_bias", "lstm_projection_bidirectional_initial_state"])
+def test_recurrent_layers_are_traced_as_their_affine_maps_one_call_per_time_step(name):
+    from noisy_label_sgd.engines.trace import trace
+
+    model, x = make(name)
+    model.eval()
+    owners, h = trace(model, (x,))
+    rnn, steps = model.rnn, x.shape[1]
+    suffixes = [f"_l{layer}{end}" for layer in range(rnn.num_layers) for end in ("", "_reverse")[:1 + rnn.bidirectional]]
+    kinds = ["ih", "hh"] + (["hr"] if getattr(rnn, "proj_size", 0) else [])
+    maps = {o.name: len(o.calls) for o in owners if o.affine}
+    assert maps == {f"rnn.{kind}{suffix}": 1 if kind == "ih" else steps for suffix in suffixes for kind in kinds}
+    assert "forward" not in vars(rnn)
     assert_rel_close(h.detach().reshape(-1), model(x).detach().reshape(-1), rtol=1e-12)
 
 
@@ -149,7 +169,7 @@ def test_output_direction_groups_hold_at_most_half_the_parameters():
 
 
 # models with a torch.func fallback somewhere: "fast" has no double backward there
-NO_FAST_GRAD = {"reused_weight", "attention_masked_fallback", "grouped_conv_fallback", "matrix_sensing", "relu_1d",
+NO_FAST_GRAD = {"reused_weight", "cross_attention_fallback", "grouped_conv_fallback", "matrix_sensing", "relu_1d",
                 "sigmoid_single_point_tanh", "sigmoid_single_point_logistic", "frozen_params_and_buffers"}
 
 
@@ -417,12 +437,14 @@ def test_fast_path_handles_closed_forms_without_fallback_and_reports_fallbacks()
     from noisy_label_sgd import RegularizerProbe
 
     for name in ("layernorm_mlp", "cnn_groupnorm", "conv1d_sequence_linear", "inplace_relu_residual",
-                 "transformer_encoder_layer", "attention_sequence_first"):
+                 "transformer_encoder_layer", "attention_sequence_first", "attention_causal_and_padding_masks",
+                 "attention_weights_returned", "encoder_causal_and_padding_masks", "lstm_two_layers_batch_first",
+                 "gru_bidirectional_state_head", "lstm_projection_bidirectional_initial_state"):
         model, x = make(name)
         assert RegularizerProbe(model, x, method="fast")().method == "fast", name
     model, x = make("grouped_conv_fallback")
     assert RegularizerProbe(model, x, method="fast")().method == "fast (per-module fallback: 0)"
-    model, x = make("attention_masked_fallback")
+    model, x = make("cross_attention_fallback")
     assert RegularizerProbe(model, x, method="fast")().method == "fast (per-module fallback: attn)"
 
 
@@ -681,7 +703,7 @@ def test_a_module_using_its_own_weight_twice_falls_back_for_that_module_only():
 
 
 AUTOCAST_CASES = ["mlp_multi_output", "cnn_groupnorm", "transformer_encoder_layer", "layernorm_mlp", "wide_conv1d",
-                  "attention_masked_fallback", "reused_weight", "matrix_sensing"]
+                  "cross_attention_fallback", "reused_weight", "matrix_sensing"]
 
 
 @pytest.mark.parametrize("name", AUTOCAST_CASES)

@@ -8,7 +8,9 @@ output directions; a closed form turns them into that module's part of every sam
 * ``nn.Linear``, :math:`y_t = W a_t + b` over positions t (none for 2-D inputs):
   :math:`\|\nabla_W h_{ij}\|^2 = \sum_{t,s} (a_{it}\cdot a_{is})(g_{ijt}\cdot g_{ijs})` (for one
   position :math:`\|g_{ij}\|^2\|a_i\|^2`), :math:`\|\nabla_b h_{ij}\|^2 = \|\sum_t g_{ijt}\|^2`;
-  the projections of ``nn.MultiheadAttention`` (traced as affine maps) take the same formula;
+  the projections of ``nn.MultiheadAttention`` and the maps of ``nn.RNN`` / ``nn.LSTM`` /
+  ``nn.GRU`` (traced as affine maps; a recurrent map's time steps are its positions) take the
+  same formula;
 * ``nn.Conv1d`` / ``nn.Conv2d`` (groups 1, zero padding): a Linear over output positions applied
   to the input patches (a few samples at a time); with many positions and at least 16 input
   channels, the per-sample weight gradients instead as the weight gradient of one convolution
@@ -38,6 +40,7 @@ import torch
 from torch import nn
 
 from . import functional
+from .recurrent import is_stock_recurrent
 from .trace import FastPathUnsupported, Owner, owners_of
 
 
@@ -73,13 +76,14 @@ def closed_form_of(module: nn.Module) -> ClosedForm | None:
 
 def closed_form_layers(model: nn.Module) -> bool:
     """Whether every module owning trainable parameters is of a registered type (or
-    ``nn.MultiheadAttention``, traced as two affine maps); a look at the types only."""
+    ``nn.MultiheadAttention`` or a recurrent layer, traced as affine maps); a look at the types
+    only."""
     try:
         owners = owners_of(model)
     except FastPathUnsupported:
         return False
-    return all(isinstance(o.module, nn.MultiheadAttention) or any(c in CLOSED_FORMS for c in type(o.module).__mro__)
-               for o in owners)
+    return all(isinstance(o.module, nn.MultiheadAttention) or is_stock_recurrent(o.module)
+               or any(c in CLOSED_FORMS for c in type(o.module).__mro__) for o in owners)
 
 
 def bind(owners: list[Owner]) -> None:
@@ -88,9 +92,10 @@ def bind(owners: list[Owner]) -> None:
     trainable parameter its own; attention's projections as affine maps."""
     for o in owners:
         call = o.calls[0]
-        if o.affine:
-            weight, bias = (any(name.endswith(end) for name in o.params) for end in ("weight", "bias"))
-            o.closed_form = partial(affine_map_sq_norms, call.args[0], weight=weight, bias=bias, memo=call.memo)
+        if o.affine:  # (applied at several time steps: the steps are positions)
+            weight, bias = (any(kind in name for name in o.params) for kind in ("weight", "bias"))
+            a = call.args[0] if len(o.calls) == 1 else torch.stack([c.args[0] for c in o.calls], 1)
+            o.closed_form = partial(affine_map_sq_norms, a, weight=weight, bias=bias, memo=call.memo)
             continue
         own = {n for n, p in o.module._parameters.items() if p is not None and p.requires_grad}
         form = closed_form_of(o.module)

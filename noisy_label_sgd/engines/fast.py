@@ -11,7 +11,7 @@ backward passes it (:func:`streamed_part`); otherwise from all output gradients 
 (:func:`held_part`).
 
 Chosen for ``method="fast"``, and by ``"auto"`` for a model whose every parametrised module has
-a registered closed form (or is ``nn.MultiheadAttention``). A module without one, and a module
+a registered closed form (or is ``nn.MultiheadAttention`` or a recurrent layer). A module without one, and a module
 called more than once (a reused weight: its per-sample gradient is the sum over the calls), falls
 back, for that module only, to torch.func per-sample gradients of its own parameters (a vmapped
 vjp of the module at its recorded input); the method is then named
@@ -246,8 +246,8 @@ def traced(model, batch: Batch) -> tuple[list[Owner], torch.Tensor]:
 def _owner_part(o: Owner, grads: list[torch.Tensor], n: int) -> torch.Tensor:
     """This module's part of every sample's squared norm, from its output gradients (one
     [c, *y.shape] per call, over c output directions)."""
-    if o.closed_form:
-        return o.closed_form(grads[0])
+    if o.closed_form:  # (an affine map applied at several time steps: the steps as positions)
+        return o.closed_form(grads[0] if len(grads) == 1 else torch.stack(grads, 2))
     with sdpa_kernel(SDPBackend.MATH):  # vmapped: the fused attention kernels have no batching rule
         return per_module_fallback(o, grads, n)
 
@@ -280,7 +280,7 @@ def streamed_part(owners: list[Owner], h: torch.Tensor, j: int, retain_graph: bo
     for o in owners:
         call = o.calls[0]
         needs_grad = any(isinstance(t, torch.Tensor) and t.requires_grad for t in call.args)
-        if not o.closed_form or not needs_grad:
+        if not o.closed_form or not needs_grad or len(o.calls) > 1:
             ended.append(o)
             continue
 
@@ -319,28 +319,36 @@ def streamed_part(owners: list[Owner], h: torch.Tensor, j: int, retain_graph: bo
 def per_module_fallback(owner: Owner, grads: list[torch.Tensor], n: int) -> torch.Tensor:
     """Per-sample gradients of this module's own parameters, summed over its calls.
 
-    Samples must run along dim 0 of the module's output and tensor arguments.
+    Samples must run along dim 0 of the module's output; a tensor argument (positional or
+    keyword) whose dim 0 has n entries is taken per sample, any other as shared by all samples.
     """
-    if isinstance(owner.module, torch.nn.MultiheadAttention) and not owner.module.batch_first or any(
-        c.shape[0] != n for c in owner.calls
-    ):
+    attention = isinstance(owner.module, torch.nn.MultiheadAttention)
+    if attention and (not owner.module.batch_first or any(
+            isinstance(c.kwargs.get("attn_mask"), torch.Tensor) and c.kwargs["attn_mask"].dim() == 3
+            for c in owner.calls)) or any(c.shape[0] != n for c in owner.calls):
+        # (a 3-D attention mask is [n * heads, T, S]: per sample, but not along dim 0 alone)
         raise FastPathUnsupported(f"module {owner.name!r} does not put samples first")
     params = {name: p.detach() for name, p in owner.params.items()}
     summed: dict[str, torch.Tensor] | None = None
     for call, g in zip(owner.calls, grads):
-        batched = [isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n for t in call.args]
+        names = list(call.kwargs)
+        values = [*call.args, *call.kwargs.values()]
+        batched = [isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n
+                   and not (attention and name == "attn_mask")  # ([T, S]: shared, even where T = n)
+                   for t, name in zip(values, [None] * len(call.args) + names)]
 
-        def sample_output(p, *args):
-            full = tuple(t.unsqueeze(0) if b else t for t, b in zip(args, batched))
-            out = functional_call(owner.module, p, full, call.kwargs)
+        def sample_output(p, *values):
+            full = [t.unsqueeze(0) if b else t for t, b in zip(values, batched)]
+            split = len(full) - len(names)
+            out = functional_call(owner.module, p, tuple(full[:split]), dict(zip(names, full[split:])))
             return (out[0] if isinstance(out, tuple) else out)[0]
 
-        def sample_grads(cotangent, *args):
-            return vjp(lambda p: sample_output(p, *args), params)[1](cotangent)[0]
+        def sample_grads(cotangent, *values):
+            return vjp(lambda p: sample_output(p, *values), params)[1](cotangent)[0]
 
         in_dims = (0,) + tuple(0 if b else None for b in batched)
         per_direction = vmap(vmap(sample_grads, in_dims=in_dims), in_dims=(0,) + (None,) * len(batched))
-        grads_call = per_direction(g.detach(), *[t.detach() if isinstance(t, torch.Tensor) else t for t in call.args])
+        grads_call = per_direction(g.detach(), *[t.detach() if isinstance(t, torch.Tensor) else t for t in values])
         summed = grads_call if summed is None else {k: summed[k] + v for k, v in grads_call.items()}
     assert summed is not None
     return sum(v.reshape(*v.shape[:2], -1).pow(2).sum(-1) for v in summed.values()).sum(0)

@@ -16,6 +16,8 @@ from torch import nn
 from torch.func import functional_call, jvp, vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .recurrent import unrolled_recurrences
+
 Inputs = torch.Tensor | Sequence[torch.Tensor]
 ParamDict = dict[str, torch.Tensor]
 Batch = tuple[torch.Tensor, ...]
@@ -184,7 +186,9 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode, gradients on (whatever the caller's grad mode), the math attention kernel (it
     has double backward), no RNG side effects, and no fused fast path of nn.TransformerEncoderLayer / nn.MultiheadAttention: in eval mode in
     float32, with no input requiring grad (as under torch.func), they take a fused kernel that
-    has no forward AD (a jvp through it raises) and no double backward."""
+    has no forward AD (a jvp through it raises) and no double backward; recurrent layers
+    written out over time steps (:mod:`~noisy_label_sgd.engines.recurrent`: torch.func has no
+    batching rule for the fused ones)."""
     modes = [(module, module.training) for module in model.modules()]
     cuda_devices = sorted(
         {t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"}
@@ -196,7 +200,7 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
         # the caller's torch.no_grad() or inference_mode() is for its own code: the
         # measurement differentiates (and returns tensors without a graph)
         with torch.inference_mode(False), torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), \
-                torch.random.fork_rng(devices=cuda_devices):
+                torch.random.fork_rng(devices=cuda_devices), unrolled_recurrences(model):
             yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)

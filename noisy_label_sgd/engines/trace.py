@@ -2,9 +2,11 @@
 
 Outputs are recorded by their gradient edges (:class:`Call`), which in-place ops after the
 module (``ReLU(inplace=True)``, a residual ``+=``) leave pointing at the module's own output.
-``nn.MultiheadAttention`` run as plain self-attention is traced with its forward written out
-(:func:`packed_attention_forward`), so its in_proj and out_proj become two affine maps whose
-output gradients the model's own backward reaches.
+``nn.MultiheadAttention`` run as self-attention and the recurrent layers are traced with their
+forwards written out (:mod:`~noisy_label_sgd.engines.attention`,
+:mod:`~noisy_label_sgd.engines.recurrent`), so that their affine maps (attention's in_proj and
+out_proj; a recurrent layer's input and recurrent maps) become owners of their own whose output
+gradients the model's own backward reaches.
 
 Whole-model refusals (:class:`FastPathUnsupported`): a parameter owned by two modules, a module
 with parameters that is never called (its weight used by a parent's functional code), or a
@@ -22,9 +24,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .functional import Batch, per_sample_outputs
-
-MHA_PARAMS = {"in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"}
-
+from .attention import self_attention_forward
+from .recurrent import is_stock_recurrent, unrolled_forward
 
 class FastPathUnsupported(RuntimeError):
     """The model needs the whole-model torch.func path (the message says why)."""
@@ -45,6 +46,8 @@ class Call:
     shape: torch.Size
     dtype: torch.dtype
     device: torch.device
+    # the module returned more than this output (a tuple with other tensors in it)
+    several_outputs: bool = False
     # what every output direction reuses: the input's per-sample squared norms (2-D inputs)
     memo: dict = field(default_factory=dict, repr=False)
 
@@ -57,9 +60,10 @@ class Owner:
     module: nn.Module
     params: dict[str, nn.Parameter]
     calls: list[Call] = field(default_factory=list)
-    # nn.MultiheadAttention run as plain self-attention: per call, its two projections
-    packed: list[tuple[Call, Call]] = field(default_factory=list)
-    # a projection of such a module: an affine map of calls[0].args[0]
+    # a module traced written out (nn.MultiheadAttention as plain self-attention, a recurrent
+    # layer): every affine map it applied, as (label, names of its parameters, call)
+    packed: list[tuple[str, tuple[str, ...], Call]] = field(default_factory=list)
+    # one such affine map: calls[c].args[0] -> its c-th output (a recurrent map: one per step)
     affine: bool = False
     # set by closed_forms.bind after the trace: this owner's part of the squared norms from its
     # output gradients, and of K = J J^T (None: no closed form)
@@ -86,8 +90,10 @@ def record(owners: list[Owner], model: nn.Module, batch: Batch) -> torch.Tensor:
 
     def make_hook(owner: Owner):
         def hook(module, args, kwargs, output):
-            # a tuple whose other entries are None (nn.MultiheadAttention, need_weights=False)
-            if isinstance(output, tuple) and output and all(t is None for t in output[1:]):
+            several = isinstance(output, tuple) and any(t is not None for t in output[1:])
+            # a tuple whose other entries are None (nn.MultiheadAttention, need_weights=False),
+            # or a module traced written out (its affine maps are what the closed forms see)
+            if isinstance(output, tuple) and output and (not several or owner.packed):
                 output = output[0]
             if not isinstance(output, torch.Tensor):
                 raise FastPathUnsupported(f"module {owner.name!r} returns {type(output).__name__}")
@@ -96,73 +102,63 @@ def record(owners: list[Owner], model: nn.Module, batch: Batch) -> torch.Tensor:
                 if output.grad_fn is None:
                     raise FastPathUnsupported(f"the output of module {owner.name!r} is not differentiable")
                 edge = torch.autograd.graph.get_gradient_edge(output)
-            owner.calls.append(Call(args, kwargs, edge, output.shape, output.dtype, output.device))
+            owner.calls.append(Call(args, kwargs, edge, output.shape, output.dtype, output.device, several))
 
         return hook
 
     handles = [o.module.register_forward_hook(make_hook(o), with_kwargs=True) for o in owners]
-    attention = [o for o in owners if isinstance(o.module, nn.MultiheadAttention) and "forward" not in vars(o.module)]
-    for o in attention:
-        o.module.forward = packed_attention_forward(o)
+    written_out = {}  # owner -> the instance forward it had before (None: the class's)
+    for o in owners:
+        own = vars(o.module).get("forward")
+        if isinstance(o.module, nn.MultiheadAttention) and own is None:
+            written_out[id(o)] = (o, own)
+            o.module.forward = self_attention_forward(o.module, record=_packer(o))
+        elif is_stock_recurrent(o.module) and (own is None or getattr(own, "unrolled", False)):
+            written_out[id(o)] = (o, own)
+            o.module.forward = unrolled_forward(o.module, record=_packer(o))
     try:
         out = model(*batch)
     finally:
         for h in handles:
             h.remove()
-        for o in attention:
-            del o.module.forward
+        for o, own in written_out.values():
+            if own is None:
+                del o.module.forward
+            else:
+                o.module.forward = own
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"the model must return a tensor of predictions, got {type(out).__name__}")
     return out
 
 
 def _call_of(inputs: torch.Tensor, output: torch.Tensor) -> Call:
-    return Call((inputs,), {}, torch.autograd.graph.get_gradient_edge(output), output.shape, output.dtype,
-                output.device)
+    edge = torch.autograd.graph.get_gradient_edge(output) if output.requires_grad else None
+    return Call((inputs,), {}, edge, output.shape, output.dtype, output.device)
 
 
-def packed_attention_forward(owner: Owner):
-    """nn.MultiheadAttention's forward, with plain self-attention (query is key is value,
-    packed projections, no masks, no attention weights returned: what TransformerEncoderLayer
-    does) written out as in_proj, the attention product and out_proj, so that the backward
-    reaches both projections' outputs and the projections are affine maps with closed forms.
-    Anything else goes to the module's own forward."""
-    m = owner.module
-    own_forward = type(m).forward.__get__(m)
-
-    def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False):
-        plain = (query is key is value and query.dim() == 3 and key_padding_mask is None and attn_mask is None
-                 and not need_weights and not is_causal and m._qkv_same_embed_dim and m.bias_k is None
-                 and not m.add_zero_attn and (m.dropout == 0 or not m.training) and torch.is_grad_enabled())
-        if not plain:
-            return own_forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
-                               attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
-        x = query if m.batch_first else query.transpose(0, 1)
-        n, length, embed = x.shape
-        heads = lambda t: t.reshape(n, length, m.num_heads, -1).transpose(1, 2)
-        qkv = nn.functional.linear(x, m.in_proj_weight, m.in_proj_bias)
-        q, k, v = qkv.chunk(3, -1)
-        attended = nn.functional.scaled_dot_product_attention(heads(q), heads(k), heads(v))
-        attended = attended.transpose(1, 2).reshape(n, length, embed)
-        out = nn.functional.linear(attended, m.out_proj.weight, m.out_proj.bias)
-        owner.packed.append((_call_of(x, qkv), _call_of(attended, out)))
-        return (out if m.batch_first else out.transpose(0, 1)), None
-
-    return forward
+def _packer(owner: Owner):
+    """What a written-out forward calls for every affine map it applies."""
+    return lambda label, names, inputs, output: owner.packed.append((label, names, _call_of(inputs, output)))
 
 
 def _split_packed(owners: list[Owner]) -> list[Owner]:
-    """An attention module run once as plain self-attention becomes its two projections."""
+    """A module called once and traced written out becomes its affine maps (a map applied at
+    several time steps: one owner with a call per step)."""
     split = []
     for o in owners:
-        if not (len(o.calls) == 1 and len(o.packed) == 1 and set(o.params) <= MHA_PARAMS):
+        maps: dict[str, tuple[tuple[str, ...], list[Call]]] = {}
+        for label, names, call in o.packed:
+            maps.setdefault(label, (names, []))[1].append(call)
+        covered = {name for names, _ in maps.values() for name in names}
+        if not (len(o.calls) == 1 and maps and set(o.params) <= covered):
+            if any(c.several_outputs for c in o.calls):  # (its fallback would see the first only)
+                raise FastPathUnsupported(f"module {o.name!r} returns several outputs")
             split.append(o)
             continue
-        for prefix, call in zip(("in_proj", "out_proj"), o.packed[0]):
-            params = {n: p for n, p in o.params.items() if n.startswith(prefix)}
+        for label, (names, calls) in maps.items():
+            params = {n: o.params[n] for n in names if n in o.params}
             if params:
-                split.append(Owner(f"{o.name}.{prefix}", o.module, params, [call], affine=True))
+                split.append(Owner(f"{o.name}.{label}", o.module, params, calls, affine=True))
     return split
 
 
@@ -218,8 +214,8 @@ def fast_chunk_size(model: nn.Module, batch: Batch, memory_budget: int) -> tuple
         with torch.no_grad(), ParameterUses(model, owners) as uses:
             out = record(owners, model, tuple(t[:1] for t in batch))
         outside = sorted(name for name in uses.outside if any(o.name == name and o.calls for o in owners))
-        sizes[signature] = (out.numel(), sum(c.shape.numel() for o in owners for c in o.calls), out.element_size(),
-                            outside)
+        floats = sum(c.shape.numel() for o in owners for c in [*o.calls, *(call for _, _, call in o.packed)])
+        sizes[signature] = (out.numel(), floats, out.element_size(), outside)
     k, floats, itemsize, outside = sizes[signature]
     if outside:
         raise FastPathUnsupported(
