@@ -31,6 +31,12 @@ class ProbeReport:
         loss: clean mean squared error on the probe set (``None`` without targets).
         per_sample: :math:`\\|J_i\\|_F^2` per sample, shape [n].
         outputs_per_sample: k, the number of output entries per sample.
+        jacobian_rank: the numerical rank of J the projection used (singular values kept
+            above the cutoff, :func:`~noisy_label_sgd.engines.tangent.default_rcond`); ``None``
+            where conjugate gradients ran (no spectrum formed).
+        smallest_kept_singular_ratio: the smallest singular value kept over the largest: how
+            close the answer sits to the cutoff (near it, the manifold gradient depends on
+            where the cutoff is); ``None`` with conjugate gradients.
         method: the path that computed the norms: "jacobian" (a small J formed whole, which
             also gives grad reg and the projection), "fast", "fast (per-module fallback: ...)"
             or "vmap" (torch.func per sample; where J fits the dense solver, the J that grad
@@ -47,6 +53,8 @@ class ProbeReport:
     outputs_per_sample: int
     method: str
     seconds: float
+    jacobian_rank: int | None = None
+    smallest_kept_singular_ratio: float | None = None
 
     @property
     def manifold_fraction(self) -> float:
@@ -168,13 +176,17 @@ class RegularizerProbe:
                 n_total = int(all_reduce_sum(torch.tensor(float(n_local))).item())
                 per_sample = all_gather_cat(per_sample)
                 grad_flat = all_reduce_sum(grad_flat * n_local) / n_total
-            manifold_flat = project(engine, grad_flat, solver=self.solver,
-                                    all_reduce=all_reduce_sum if distributed else None)
+            projection = project(engine, grad_flat, solver=self.solver,
+                                 all_reduce=all_reduce_sum if distributed else None)
+            manifold_flat = projection.vector
             loss = None if self.targets is None else self._clean_loss(fm, engine.measurement.outputs)
+        numbers = [per_sample.mean(), grad_flat.norm(), manifold_flat.norm(), (grad_flat - manifold_flat).norm()]
+        dense = projection.rank is not None
+        if dense:
+            numbers += [projection.rank, projection.smallest_kept_ratio]
         # one conversion to Python numbers (one device sync on a GPU)
-        reg, grad_norm, manifold_norm, normal_norm = torch.stack([
-            per_sample.mean(), grad_flat.norm(), manifold_flat.norm(), (grad_flat - manifold_flat).norm()
-        ]).tolist()
+        reg, grad_norm, manifold_norm, normal_norm, *spectrum = torch.stack(
+            [t.to(device=grad_flat.device, dtype=torch.float64) for t in numbers]).tolist()
         return ProbeReport(
             reg=reg,
             reg_grad_norm=grad_norm,
@@ -185,6 +197,8 @@ class RegularizerProbe:
             outputs_per_sample=engine.k,
             method=engine.method,
             seconds=time.perf_counter() - start,
+            jacobian_rank=int(spectrum[0]) if dense else None,
+            smallest_kept_singular_ratio=spectrum[1] if dense else None,
         )
 
     def _clean_loss(self, fm: FunctionalModel, out: torch.Tensor | None) -> float:

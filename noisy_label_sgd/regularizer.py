@@ -140,14 +140,16 @@ def tangent_projection(
     Args:
         model, inputs, method, chunk_size, memory_budget: as for :func:`per_sample_sq_grad_norms`.
         vector: dict parameter name -> tensor over the trainable parameters.
-        solver: ``"dense"`` forms :math:`K = JJ^\top` (the empirical NTK, :math:`nk \times nk`)
-            and inverts it on the eigenvalues above ``rcond**2 * max eigenvalue``; ``"cg"``
-            solves :math:`K u = Jv` by conjugate gradients with jvp/vjp products, never forming
-            J; ``"auto"`` takes dense when J fits ``memory_budget`` and
-            :math:`nk \le 8192`, else cg. The fast engine gets K in closed form for a model of
-            Linear (2-D inputs), LayerNorm and GroupNorm layers, and J v, J^T u as a jvp and a
-            vjp: dense without ever forming J.
-        rcond: relative singular-value cutoff of :math:`J^+` (dense); default
+        solver: ``"dense"``: the row space of J from J in float64 (a QR factorisation of
+            :math:`J^\top` and an SVD of its triangular factor; J formed by torch.func unless the
+            engine holds it), or, where the fast engine has :math:`K = JJ^\top` (the empirical
+            NTK, :math:`nk \times nk`) in closed form (Linear on 2-D inputs, LayerNorm,
+            GroupNorm), :math:`K^+` from K's eigenvalues in float64 with J v, J^T u as a jvp and
+            a vjp, never forming J; ``"cg"`` solves :math:`K u = Jv` by conjugate gradients with
+            jvp/vjp products, never forming J; ``"auto"``: dense where K has a closed form or J
+            is held or fits ``memory_budget``, with :math:`nk \le 8192`; else cg.
+        rcond: relative singular-value cutoff of :math:`J^+` (dense): singular values of J below
+            ``rcond`` times the largest count as zero; default
             :func:`~noisy_label_sgd.engines.tangent.default_rcond`: :math:`\sqrt{nk\,\varepsilon_{64}}`
             for float64 models, :math:`\sqrt{nk}\,\varepsilon_{32}` for float32 (the solver works
             in float64; the cutoff follows J's precision).
@@ -162,7 +164,7 @@ def tangent_projection(
     with engine.measuring():
         fm = engine.fm
         v = fm.flatten(check_vector(fm.params, vector))
-        return fm.unflatten(project(engine, v, solver=solver, rcond=rcond, tol=tol, max_iter=max_iter))
+        return fm.unflatten(project(engine, v, solver=solver, rcond=rcond, tol=tol, max_iter=max_iter).vector)
 
 
 def check_vector(params: ParamDict, vector: ParamDict) -> ParamDict:

@@ -286,7 +286,10 @@ def _brute_reg(model, inputs, create_graph):
 def brute_reg_grad(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     """grad reg, flat over trainable parameters, by plain autograd through the loop."""
     params = [p for p in model.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(brute_reg(model, inputs, create_graph=True), params, allow_unused=True)
+    reg = brute_reg(model, inputs, create_graph=True)
+    if not reg.requires_grad:  # J does not depend on the parameters (a linear model)
+        return torch.zeros(sum(p.numel() for p in params), dtype=reg.dtype)
+    grads = torch.autograd.grad(reg, params, allow_unused=True)
     return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
 
 
@@ -372,6 +375,8 @@ def partially_frozen(build, frozen):
 
 CASES = {
     "mlp_multi_output": (lambda: mlp(sizes=(5, 8, 8, 3)), lambda: randn(6, 5)),
+    # J independent of the parameters: reg is constant, grad reg 0
+    "linear_model": (lambda: seeded(32, lambda: nn.Linear(5, 2)), lambda: randn(6, 5)),
     "cnn_groupnorm": (lambda: seeded(1, SmallCNN), lambda: randn(4, 2, 5, 5)),
     "transformer_encoder_layer": (lambda: seeded(2, TinyTransformer), lambda: randn(3, 4, 8)),
     "frozen_params_and_buffers": (lambda: seeded(3, FrozenAndBuffers), lambda: randn(6, 5)),

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from helpers import (CG_RTOL, FLOAT32_PROJECTION_RTOL, FLOAT32_RTOL, FLOAT64_RTOL, FrozenAndBuffers, assert_rel_close,
-                     brute_jacobian, brute_reg_grad, brute_sq_norms, make, mlp, svd_tangent_projection)
+                     brute_jacobian, brute_reg_grad, brute_sq_norms, make, mlp, randn, svd_tangent_projection)
 from noisy_label_sgd import ProbeReport, RegularizerProbe
 from noisy_label_sgd.paper_models import MatrixSensing
 
@@ -164,6 +164,20 @@ def test_fast_probe_on_a_model_with_a_per_module_fallback():
     assert report.method == "fast (per-module fallback: attn)"
     assert_rel_close(report.reg, float(brute_sq_norms(model, x).mean()))
     assert_rel_close(report.reg_grad_norm, float(brute_reg_grad(model, x).norm()))
+
+
+@pytest.mark.parametrize("name", ["lstm_two_layers_batch_first", "gru_bidirectional_state_head",
+                                  "encoder_causal_and_padding_masks", "cross_attention_fallback"])
+def test_recurrent_and_masked_models_on_a_probe_set_past_the_small_jacobian(name):
+    # 70 samples: "auto" takes the fast engine (closed forms over time steps, masked attention)
+    # or, for cross-attention, its per-module fallback; "vmap" the written-out layers under vmap
+    model, x = make(name)
+    x = randn(70, *x.shape[1:], seed=3)
+    y = torch.zeros(70, model.eval()(x[:1])[0].numel(), dtype=torch.float64)
+    for method in ("auto", "vmap"):
+        report = RegularizerProbe(model, x, y, method=method)()
+        assert report.method.startswith("fast" if method == "auto" else "vmap"), report.method
+        assert_matches_brute_force(report, model, x, y.reshape(model(x).shape))
 
 
 FLOAT32_CASES = [("mlp_multi_output", 6, "auto"), ("mlp_multi_output", 6, "cg"), ("layernorm_mlp", 6, "dense"),

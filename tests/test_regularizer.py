@@ -297,10 +297,11 @@ def designed_jacobian(singular_values, p=10, seed=3):
     return model, X, V
 
 
-def kept_rank_tolerance(s_max: float, s_kept: float) -> float:
-    """Relative error of the dense projection along a kept direction of singular value s_kept:
-    K = J J^T resolves its eigenvalue s_kept^2 only to eps s_max^2 (a margin of 100)."""
-    return 100 * torch.finfo(torch.float64).eps * (s_max / s_kept) ** 2
+def kept_rank_tolerance(s_max: float, s_kept: float, on_gram: bool = True) -> float:
+    """Relative error of the dense projection along a kept direction of singular value s_kept
+    (a margin of 100): K = J J^T resolves its eigenvalue s_kept^2 only to eps s_max^2; J itself
+    (solved on J) its singular value s_kept to eps s_max."""
+    return 100 * torch.finfo(torch.float64).eps * (s_max / s_kept) ** (2 if on_gram else 1)
 
 
 @pytest.mark.parametrize("method", ["auto", "vmap"])  # K in closed form; J formed by torch.func
@@ -313,9 +314,27 @@ def test_the_default_cutoff_keeps_singular_values_above_it_and_drops_those_below
     v = flat(random_vector(model))
     actual = flat(tangent_projection(model, X, unflat(random_vector(model), v), solver="dense", method=method))
     components = V.T @ actual
-    error = kept_rank_tolerance(1.0, 30 * cutoff) * float(v.norm())  # 1.7e-4 |v|: the kept one's
+    # the kept one's: 1.7e-4 |v| through K, 2.1e-8 |v| solved on J
+    error = kept_rank_tolerance(1.0, 30 * cutoff, on_gram=method == "auto") * float(v.norm())
     assert float(components[:3].abs().max()) <= error  # removed
     assert_rel_close(components[3:], V[:, 3:].T @ v, atol=error)  # left alone
+
+
+@pytest.mark.parametrize("method", ["auto", "vmap"])
+def test_the_probe_reports_the_rank_it_kept_and_the_smallest_kept_singular_value(method):
+    from noisy_label_sgd.engines.tangent import default_rcond
+
+    cutoff = default_rcond(6, torch.float64)
+    model, X, _ = designed_jacobian([1.0, 0.5, 30 * cutoff, cutoff / 30, 0.0, 0.0])
+    report = RegularizerProbe(model, X, method=method)()
+    assert report.jacobian_rank == 3
+    assert_rel_close(report.smallest_kept_singular_ratio, 30 * cutoff,
+                     rtol=kept_rank_tolerance(1.0, 30 * cutoff, on_gram=method == "auto"))
+    model, X, _ = designed_jacobian([2.0, 1.0, 0.5])  # full rank
+    report = RegularizerProbe(model, X, method=method)()
+    assert report.jacobian_rank == 3 and abs(report.smallest_kept_singular_ratio - 0.25) < 1e-12
+    cg = RegularizerProbe(model, X, method=method, solver="cg")()  # no spectrum formed
+    assert cg.jacobian_rank is None and cg.smallest_kept_singular_ratio is None
 
 
 def test_an_explicit_cutoff_straddled_from_both_sides_gives_the_expected_rank():
@@ -329,20 +348,21 @@ def test_an_explicit_cutoff_straddled_from_both_sides_gives_the_expected_rank():
 
 
 @pytest.mark.parametrize("name,kwargs,ran", [
-    ("mlp_multi_output", dict(), "dense"),                      # K in closed form
-    ("mlp_multi_output", dict(memory_budget=1000), "dense"),    # ... which never forms J
+    ("mlp_multi_output", dict(), "on_gram"),                    # K in closed form
+    ("mlp_multi_output", dict(memory_budget=1000), "on_gram"),  # ... which never forms J
     ("mlp_multi_output", dict(solver="cg"), "cg"),
-    ("mlp_multi_output", dict(method="vmap"), "dense"),          # J fits: formed, then dense
+    ("mlp_multi_output", dict(method="vmap"), "on_jacobian"),   # J fits: formed, then solved on
     ("mlp_multi_output", dict(method="vmap", memory_budget=1000), "cg"),  # J does not fit: CG
-    ("cnn_groupnorm", dict(), "dense"),                          # no closed-form K; J fits
+    ("cnn_groupnorm", dict(), "on_jacobian"),                   # no closed-form K; J fits
     ("cnn_groupnorm", dict(memory_budget=1000), "cg"),
-    ("cnn_groupnorm", dict(solver="dense", memory_budget=1000), "dense"),  # asked for: formed
+    ("cnn_groupnorm", dict(solver="dense", memory_budget=1000), "on_jacobian"),  # asked for: formed
+    ("lstm_two_layers_batch_first", dict(), "on_jacobian"),     # affine maps over time: no K
 ])
 def test_each_solver_is_reached_where_it_should_be(name, kwargs, ran, monkeypatch):
     from noisy_label_sgd.engines import tangent
 
     solved = []
-    for solver in ("project_dense", "project_cg"):
+    for solver in ("project_on_gram", "project_on_jacobian", "project_cg"):
         original = getattr(tangent, solver)
         monkeypatch.setattr(tangent, solver, lambda *a, s=solver, original=original: solved.append(s) or original(*a))
     model, x = make(name)

@@ -9,8 +9,9 @@ parameters read as they are now), any of:
 * :meth:`Engine.norms_and_grad`: both, sharing one pass where the engine can;
 * :meth:`Engine.J_times` / :meth:`Engine.J_transpose_times`: :math:`Jv` and :math:`J^\top u`
   (matrix-free, or with a J the measurement already formed);
-* :meth:`Engine.gram`: :math:`K = JJ^\top` (float64) where the engine forms it cheaply (closed forms, or a
-  J at hand), else None; :meth:`Engine.jacobian` forms J [n k, p] by torch.func and keeps it.
+* :meth:`Engine.gram`: :math:`K = JJ^\top` (float64) where the engine has it in closed form
+  without J, else None; :meth:`Engine.jacobian` forms J [n k, p] by torch.func and keeps it
+  (``measurement.jacobian``: a J the engine formed anyway).
 
 What an engine learns about the model and the probe set (the outputs per sample k, the fast
 path's sizing, whether it had to fall back) it keeps for the next measurement; what depends on
@@ -129,10 +130,9 @@ class Engine:
         return m.jacobian
 
     def gram(self) -> torch.Tensor | None:
-        """K = J J^T in float64 (whatever the model's dtype: the solver decomposes it) from a J
-        this measurement already formed, else None."""
-        J = self.measurement.jacobian
-        return None if J is None else gram_of(J)
+        """K = J J^T in float64 (whatever the model's dtype: the solver decomposes it) where the
+        engine has it in closed form without forming J, else None."""
+        return None
 
     def J_times(self, v: torch.Tensor) -> torch.Tensor:
         J = self.measurement.jacobian
@@ -141,12 +141,6 @@ class Engine:
     def J_transpose_times(self, u: torch.Tensor) -> torch.Tensor:
         J = self.measurement.jacobian
         return J.T @ u if J is not None else self.fm.J_transpose_times(self.product_chunks(), u)
-
-
-def gram_of(J: torch.Tensor) -> torch.Tensor:
-    """J J^T accumulated in float64."""
-    J = J.double()
-    return J @ J.T
 
 
 def per_sample_jacobians(fm: FunctionalModel, batch: Batch) -> ParamDict:

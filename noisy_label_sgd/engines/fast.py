@@ -33,7 +33,7 @@ from torch.func import functional_call, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import closed_forms
-from .engine import Engine, gram_of
+from .engine import Engine
 from .functional import Batch, ParamDict, chunk_slices, fused_attention
 from .trace import Call, FastPathUnsupported, Owner, fast_chunk_size, trace
 from .vmap import VmapEngine
@@ -96,8 +96,6 @@ class FastEngine(Engine):
         return self.sq_norms(), self.torch_func.grad()
 
     def gram(self) -> torch.Tensor | None:
-        if self.measurement.jacobian is not None:  # (a J the measurement formed)
-            return gram_of(self.measurement.jacobian)
         if self.unsupported is not None or not self.closed_forms:
             return None
         try:
@@ -140,7 +138,9 @@ class FastEngine(Engine):
         chunk = self.chunk_size or max(1, fast_chunk_size(self.model, self.batch, self.memory_budget)[0] // 2)
         for s in chunk_slices(self.num_samples, chunk):
             norms, _ = fast_sq_norms(self.model, tuple(t[s] for t in self.batch), create_graph=True)
-            grads = torch.autograd.grad(norms.sum(), list(named.values()), allow_unused=True)
+            # (norms that do not depend on the parameters: a linear model, whose grad reg is 0)
+            grads = torch.autograd.grad(norms.sum(), list(named.values()), allow_unused=True) \
+                if norms.requires_grad else [None] * len(named)
             for name, g in zip(named, grads):
                 if g is not None:
                     total[name] += g.detach()

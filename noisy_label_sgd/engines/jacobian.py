@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from .engine import Engine, gram_of
+from .engine import Engine
 from .functional import ParamDict
 
 SMALL_JACOBIAN_MAX_ROWS = 64
@@ -44,9 +44,6 @@ class JacobianEngine(Engine):
             self._differentiate(with_grad=False)
         return self.measurement.jacobian
 
-    def gram(self) -> torch.Tensor:
-        return gram_of(self.jacobian())
-
     def _differentiate(self, with_grad: bool) -> tuple[torch.Tensor, ParamDict | None]:
         """The per-sample norms and grad reg (``with_grad``); J and the outputs are kept.
 
@@ -63,6 +60,8 @@ class JacobianEngine(Engine):
             norms = J.pow(2).sum(1).view(n, k).sum(1)
             if not with_grad:
                 return J, norms, None
+            if not norms.requires_grad:  # J does not depend on the parameters (a linear model)
+                return J, norms, {name: torch.zeros_like(p) for name, p in fm.params.items()}
             grads = torch.autograd.grad(norms.sum() / n, leaves, allow_unused=True, materialize_grads=True)
             return J, norms, dict(zip(fm.params, grads))
 

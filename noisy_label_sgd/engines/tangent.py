@@ -1,24 +1,33 @@
-r"""Tangent-space solvers: :math:`P_T v = v - J^+ J v = v - J^\top K^+ J v`, :math:`K = JJ^\top`.
+r"""Tangent-space solvers: :math:`P_T v = v - J^+ J v`, the part of v in :math:`\mathrm{null}(J)`.
 
 Written only against the engine interface (:class:`~noisy_label_sgd.engines.engine.Engine`:
-``gram``, ``jacobian``, ``J_times``, ``J_transpose_times``), so a solver never knows which
+``jacobian``, ``gram``, ``J_times``, ``J_transpose_times``), so a solver never knows which
 engine answers:
 
-* dense: :math:`K^+` on the eigenvalues of K above ``rcond**2`` times the largest; K from the
-  engine where it forms K cheaply (closed forms, or a J the measurement already holds), else from
-  J formed by torch.func;
+* dense on J: where J is formed (the jacobian and vmap engines hold it; otherwise torch.func
+  forms it when it fits), the row space of J from J itself in float64: a QR factorisation of
+  :math:`J^\top` and an SVD of its small triangular factor, backward stable on J (relative
+  errors of :math:`\varepsilon_{64}` in the singular values, not of
+  :math:`\varepsilon_{64}\,\mathrm{cond}(J)^2` as through :math:`JJ^\top`);
+* dense on K: where the engine forms :math:`K = JJ^\top` in closed form without J (the fast
+  engine on Linear/LayerNorm/GroupNorm models), :math:`K^+` from K's eigenvalues in float64,
+  with J v and J^T u as a jvp and a vjp;
 * conjugate gradients on :math:`Ku = Jv`, matrix-free (jvp/vjp products; J never formed);
 * distributed: conjugate gradients whose inner products and :math:`J^\top u` are summed over
   ranks (each rank holds the rows of J of its shard of the probe set).
 
-``solver="auto"`` takes dense when the engine has K at hand or J fits the memory budget and
-:math:`nk \le` :data:`~noisy_label_sgd.engines.engine.JACOBIAN_MAX_ROWS`, else conjugate gradients.
+Both dense solvers keep the singular values of J above ``rcond`` times the largest
+(:func:`default_rcond`: one rule, so that the engines agree) and say how many they kept
+(:class:`Projection`). ``solver="auto"`` takes dense when J is at hand, K has a closed form, or
+J fits the memory budget, with :math:`nk \le` :data:`~noisy_label_sgd.engines.engine.JACOBIAN_MAX_ROWS`;
+else conjugate gradients.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -34,15 +43,17 @@ def check_solver(solver: str) -> None:
 
 
 def default_rcond(rows: int, dtype: torch.dtype) -> float:
-    r"""Relative singular-value cutoff of :math:`J^+` for a J computed in ``dtype``.
+    r"""Relative singular-value cutoff of :math:`J^+` for a J computed in ``dtype``: singular
+    values of J below ``rcond`` times the largest count as zero (their directions as tangent).
 
-    The dense solver decomposes :math:`K = JJ^\top` in float64, whose eigenvalues
-    :math:`\lambda = s^2` are resolved down to about :math:`nk\,\varepsilon_{64}\lambda_{max}`: singular
-    values below :math:`\sqrt{nk\,\varepsilon_{64}}\, s_{max}` are not resolved. J itself carries
-    relative errors of :math:`\varepsilon` of its dtype, which move its singular values by about
-    :math:`\sqrt{nk}\,\varepsilon\, s_{max}`. The cutoff is the larger of the two: for float64,
-    :math:`\sqrt{nk\,\varepsilon_{64}}`; for float32, :math:`\sqrt{nk}\,\varepsilon_{32}` (2.9e-7 for
-    six rows, 3.8e-6 for a thousand).
+    J itself carries relative errors of :math:`arepsilon` of its dtype, which move its singular
+    values by about :math:`\sqrt{nk}\,arepsilon\, s_{max}`. Where K is decomposed instead of J
+    (its closed form, in float64), its eigenvalues :math:`\lambda = s^2` are resolved down to
+    about :math:`nk\,arepsilon_{64}\lambda_{max}`, so singular values below
+    :math:`\sqrt{nk\,arepsilon_{64}}\, s_{max}` are not resolved. The cutoff is the larger of the
+    two, for both dense solvers alike (the engines then agree): for float64,
+    :math:`\sqrt{nk\,arepsilon_{64}}` (1.5e-7 for a thousand rows); for float32,
+    :math:`\sqrt{nk}\,arepsilon_{32}` (2.9e-7 for six rows, 3.8e-6 for a thousand).
     """
     return max(math.sqrt(rows * torch.finfo(torch.float64).eps), math.sqrt(rows) * torch.finfo(dtype).eps)
 
@@ -60,30 +71,44 @@ def default_max_iter(rows: int) -> int:
     return 4 * rows + 100
 
 
+@dataclass
+class Projection:
+    """P_T v, and where a dense solver ran, the numerical rank of J it used and the ratio of the
+    smallest singular value it kept to the largest (0-dim tensors: no host sync until read)."""
+
+    vector: torch.Tensor
+    rank: torch.Tensor | None = None
+    smallest_kept_ratio: torch.Tensor | None = None
+
+    def to(self, dtype: torch.dtype) -> Projection:
+        return Projection(self.vector.to(dtype), self.rank, self.smallest_kept_ratio)
+
+
 def project(engine: Engine, v: torch.Tensor, *, solver: str = "auto", rcond: float | None = None,
             tol: float | None = None, max_iter: int | None = None,
-            all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+            all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Projection:
     """P_T v for a flat v over the engine's trainable parameters (inside ``engine.measuring()``).
 
-    The solvers' own arithmetic runs in float64 whatever the model's dtype (K, its
-    eigendecomposition, the CG iterates); J v and J^T u come from the engine in the model's dtype.
-    The result is in v's dtype. With ``all_reduce`` (this rank holds a shard of the rows of J) it
-    always runs conjugate gradients, the solver whose only cross-rank need is a sum.
+    The solvers' own arithmetic runs in float64 whatever the model's dtype; J, J v and J^T u come
+    from the engine in the model's dtype. The vector is returned in v's dtype. With
+    ``all_reduce`` (this rank holds a shard of the rows of J) it always runs conjugate gradients,
+    the solver whose only cross-rank need is a sum.
     """
     check_solver(solver)
     rcond = default_rcond(engine.rows, v.dtype) if rcond is None else rcond
     products = Products(engine, v.dtype, all_reduce)
     v64 = v.double()
-    if all_reduce is not None:
-        return project_cg(products, v64, tol, max_iter).to(v.dtype)
-    if solver != "cg" and engine.rows <= JACOBIAN_MAX_ROWS:
-        K = engine.gram()
+    dense = all_reduce is None and solver != "cg"
+    J = engine.measurement.jacobian if dense else None
+    if dense and J is None:
+        K = engine.gram() if engine.rows <= JACOBIAN_MAX_ROWS else None
         if K is not None:
-            return project_dense(products, K, v64, rcond).to(v.dtype)
-    if solver == "dense" or (solver == "auto" and engine.jacobian_fits()):
-        J = engine.jacobian().double()
-        return project_dense(products, J @ J.T, v64, rcond).to(v.dtype)
-    return project_cg(products, v64, tol, max_iter).to(v.dtype)
+            return project_on_gram(products, K, v64, rcond).to(v.dtype)
+        if solver == "dense" or engine.jacobian_fits():
+            J = engine.jacobian()
+    if J is not None:
+        return project_on_jacobian(J, v64, rcond).to(v.dtype)
+    return Projection(project_cg(products, v64, tol, max_iter).to(v.dtype))
 
 
 class Products:
@@ -106,16 +131,32 @@ class Products:
         return self.reduce(a.dot(b))
 
 
-def pinv_solve(K: torch.Tensor, b: torch.Tensor, rcond: float) -> torch.Tensor:
-    """u = K^+ b on the eigenvalues of K above rcond^2 times the largest."""
-    eigenvalues, Q = torch.linalg.eigh(K)
+def project_on_jacobian(J: torch.Tensor, v: torch.Tensor, rcond: float) -> Projection:
+    """v minus its part in the row space of J, spanned by the right singular vectors of J with
+    singular values above rcond times the largest: J^T = QR, R^T = U S W^T, so J = U S (QW)^T."""
+    Q, R = torch.linalg.qr(J.double().T)  # Q [p, m], R [m, nk], m = min(p, nk)
+    _, s, Wt = torch.linalg.svd(R.T, full_matrices=False)
+    keep = s > rcond * s[0]
+    coefficients = torch.where(keep, Wt @ (Q.T @ v), 0.0)  # v on the singular vectors kept
+    return Projection(v - Q @ (Wt.T @ coefficients), *kept(s, keep))
+
+
+def project_on_gram(products: Products, K: torch.Tensor, v: torch.Tensor, rcond: float) -> Projection:
+    """v - J^T K^+ J v, K^+ on the eigenvalues of K (singular values of J squared) above
+    rcond^2 times the largest."""
+    eigenvalues, Q = torch.linalg.eigh(K.double())
     keep = eigenvalues > (rcond**2) * eigenvalues.max().clamp_min(0)
     inverse = torch.where(keep, 1.0 / eigenvalues.where(keep, torch.ones_like(eigenvalues)), 0.0)
-    return Q @ (inverse * (Q.T @ b))
+    u = Q @ (inverse * (Q.T @ products.J_times(v)))
+    return Projection(v - products.J_transpose_times(u), *kept(eigenvalues.clamp_min(0).sqrt().flip(0), keep.flip(0)))
 
 
-def project_dense(products: Products, K: torch.Tensor, v: torch.Tensor, rcond: float) -> torch.Tensor:
-    return v - products.J_transpose_times(pinv_solve(K.double(), products.J_times(v), rcond))
+def kept(s: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rank (singular values kept) and the smallest kept over the largest, for singular
+    values ``s`` in decreasing order."""
+    rank = keep.sum()
+    smallest = s[(rank - 1).clamp_min(0)] / s[0].clamp_min(torch.finfo(s.dtype).tiny)
+    return rank, torch.where(rank > 0, smallest, 0.0)
 
 
 def project_cg(products: Products, v: torch.Tensor, tol: float | None, max_iter: int | None) -> torch.Tensor:
