@@ -45,6 +45,7 @@ SCALARS = (
     "noise_std",
     "predicted_drift_per_step",
     "probe_seconds",
+    "jacobian_rank",
 )
 
 
@@ -70,7 +71,8 @@ class TensorBoardMonitor:
     Scalars (under ``prefix``/): reg, reg_grad_norm, manifold_grad_norm, normal_grad_norm,
     manifold_fraction (= manifold / total), probe_loss (clean MSE on the probe set, if the probe
     has targets), lr, noise_std, predicted_drift_per_step (see the module docstring),
-    probe_seconds; a histogram of the per-sample :math:`\\|J_i\\|^2`; a custom-scalars layout that
+    probe_seconds, jacobian_rank (the numerical rank of J the projection used, where a dense
+    solver ran); a histogram of the per-sample :math:`\\|J_i\\|^2`; a custom-scalars layout that
     groups them; and hparams (lr, momentum, noise std, distribution, batch size) so that runs
     with and without noise compare side by side in the HPARAMS tab.
 
@@ -89,8 +91,9 @@ class TensorBoardMonitor:
         histograms: log the per-sample histogram.
         prefix: tag prefix.
         batch_size: training batch size B, for the drift prediction and hparams (default: the
-            samples the label noise saw in the last step, summed over micro-batches; else the
-            probe set size). The drift prediction is logged for SGD-type optimizers only.
+            samples the label noise saw in the last step, summed over micro-batches; unknown
+            before a step, when no drift is logged). The drift prediction is logged for
+            SGD-type optimizers only.
         hparams: extra hyperparameters to record.
         progress: True for a tqdm progress bar (``total_steps`` long) showing the latest reg
             and loss, or an existing tqdm bar to update.
@@ -149,12 +152,22 @@ class TensorBoardMonitor:
     # -- wiring ---------------------------------------------------------------------------------
 
     def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
-        """Log after every ``every``-th ``optimizer.step()``; returns the hook's handle."""
+        """Log after every ``every``-th ``optimizer.step()``; returns the hook's handle.
+
+        The probe runs once here and is logged at the current step (the starting point of the
+        curves): a probe that cannot work raises now, in the caller's code, before training
+        starts, instead of leaving an empty TensorBoard. (Distributed: every rank attaches.)
+        """
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if self._handle is not None:
             raise RuntimeError("this monitor is already attached to an optimizer")
         self._optimizer = optimizer
+        try:
+            self.log()
+        except Exception:
+            self._optimizer = None
+            raise
         self._handle = optimizer.register_step_post_hook(self._after_step)
         return self._handle
 
@@ -200,6 +213,8 @@ class TensorBoardMonitor:
         }
         if report.loss is not None:
             values["probe_loss"] = report.loss
+        if report.jacobian_rank is not None:
+            values["jacobian_rank"] = report.jacobian_rank
         values.update(self._training_values(report))
         self.last_report = report
         if self.writer is None:  # not rank 0: the probe ran (a collective), nothing to write
@@ -208,7 +223,7 @@ class TensorBoardMonitor:
             self.writer.add_scalar(tag(name), value, step)
         if self.histograms:
             self.writer.add_histogram(tag("per_sample_sq_grad_norm"), report.per_sample.float().cpu(), step)
-        if not self._hparams_written:
+        if not self._hparams_written and (self._optimizer is None or self._steps > 0):  # (B seen)
             self._write_hparams(report)
         if self._bar is not None:
             postfix = {"reg": f"{report.reg:.4g}"}
@@ -217,12 +232,12 @@ class TensorBoardMonitor:
             self._bar.set_postfix(postfix, refresh=False)
         return report
 
-    def _batch_size(self) -> int:
+    def _batch_size(self) -> int | None:
         """B: as given, else the samples the label noise saw in the last step (summed over
-        micro-batches), else the probe set's size."""
+        micro-batches); None before a step (or without label noise)."""
         noise = label_noise_of(self._optimizer) if self._optimizer is not None else None
         seen = noise.samples_last_step if noise is not None else 0
-        return self.batch_size or seen or getattr(self.probe, "num_samples", 1)
+        return self.batch_size or seen or None
 
     def _training_values(self, report: ProbeReport) -> dict[str, float]:
         """lr, noise std and the theory's drift prediction, from the attached optimizer."""
@@ -236,6 +251,8 @@ class TensorBoardMonitor:
             sigma = noise.current_std()
             values["noise_std"] = sigma
             if isinstance(self._optimizer, torch.optim.SGD):
+                if self._batch_size() is None:  # (at attach(), before a step showed B)
+                    return values
                 step_size = lr / (1.0 - float(group.get("momentum", 0.0) or 0.0))
                 k = report.outputs_per_sample
                 values["predicted_drift_per_step"] = (
@@ -261,6 +278,7 @@ class TensorBoardMonitor:
                     "grad reg: total, manifold (tangent), normal": [
                         "Multiline", t("reg_grad_norm", "manifold_grad_norm", "normal_grad_norm")],
                     "manifold / total": ["Multiline", t("manifold_fraction")],
+                    "numerical rank of J (the projection's)": ["Multiline", t("jacobian_rank")],
                     "predicted drift per step along the manifold": [
                         "Multiline", t("predicted_drift_per_step")],
                 },
@@ -273,7 +291,9 @@ class TensorBoardMonitor:
         )
 
     def _write_hparams(self, report: ProbeReport) -> None:
-        params: dict[str, Any] = {"batch_size": self._batch_size(), "probe_every": self.every}
+        params: dict[str, Any] = {"probe_every": self.every}
+        if self._batch_size() is not None:
+            params["batch_size"] = self._batch_size()
         if self._optimizer is not None:
             group = self._optimizer.param_groups[0]
             params["lr"] = float(group["lr"])

@@ -41,7 +41,8 @@ def test_every_tag_is_logged_at_multiples_of_every_with_the_probe_values(tmp_pat
     expected = {}
     # training batches of 4 samples, a probe set of 16: the drift prediction must use 4
     with TensorBoardMonitor(probe, log_dir=tmp_path, every=3, batch_size=4) as monitor:
-        monitor.attach(opt)
+        monitor.attach(opt)  # logs the starting point
+        expected[0] = probe()
         # a hook after the monitor's: the probe at the same parameters, directly
         opt.register_step_post_hook(
             lambda o, a, k: expected.__setitem__(opt.label_noise.step, probe()) if opt.label_noise.step % 3 == 0 else None)
@@ -54,7 +55,7 @@ def test_every_tag_is_logged_at_multiples_of_every_with_the_probe_values(tmp_pat
     assert f"{PREFIX}/per_sample_sq_grad_norm" in acc.Tags()["histograms"]
     for name in ("reg", "reg_grad_norm", "manifold_grad_norm", "normal_grad_norm", "probe_loss"):
         events = acc.Scalars(f"{PREFIX}/{name}")
-        assert [e.step for e in events] == [3, 6, 9]
+        assert [e.step for e in events] == [0, 3, 6, 9]
         for e in events:
             want = getattr(expected[e.step], "loss" if name == "probe_loss" else name)
             assert math.isclose(e.value, want, rel_tol=FLOAT32_EVENT_RTOL), (name, e.step)
@@ -62,9 +63,10 @@ def test_every_tag_is_logged_at_multiples_of_every_with_the_probe_values(tmp_pat
         # eta_eff^2 sigma^2 / (B k^2) |P_T grad reg| with eta_eff = 0.05 / (1 - 0.5) = 0.1,
         # sigma = 0.3, B = 4, k = 3: 0.01 * 0.09 / 36 = 2.5e-5
         assert math.isclose(e.value, 2.5e-5 * expected[e.step].manifold_grad_norm, rel_tol=FLOAT32_EVENT_RTOL)
-    assert [e.value for e in acc.Scalars(f"{PREFIX}/lr")] == pytest.approx([0.05] * 3)
+    assert [e.value for e in acc.Scalars(f"{PREFIX}/lr")] == pytest.approx([0.05] * 4)
+    assert [e.value for e in acc.Scalars(f"{PREFIX}/jacobian_rank")] == [expected[s].jacobian_rank for s in (0, 3, 6, 9)]
     hist = acc.Histograms(f"{PREFIX}/per_sample_sq_grad_norm")
-    assert [h.step for h in hist] == [3, 6, 9] and hist[0].histogram_value.num == 16
+    assert [h.step for h in hist] == [0, 3, 6, 9] and hist[0].histogram_value.num == 16
 
 
 def read_hparams(log_dir) -> dict:
@@ -173,7 +175,7 @@ def test_float32_monitor_logs_what_float64_logs(tmp_path):
                          for name in ("reg", "reg_grad_norm", "manifold_grad_norm", "probe_loss")}
     for name, values in logged[torch.float64].items():
         rtol = FLOAT32_PROJECTION_RTOL if name == "manifold_grad_norm" else FLOAT32_RTOL
-        assert len(values) == 2
+        assert len(values) == 3  # at attach, steps 2 and 4
         for a, b in zip(logged[torch.float32][name], values):
             assert math.isclose(a, b, rel_tol=rtol), (name, a, b)
 
@@ -216,7 +218,7 @@ def test_a_failing_probe_warns_once_and_training_continues(tmp_path):
 
     def flaky_probe():
         calls.append(1)
-        if len(calls) in (2, 3):
+        if len(calls) in (2, 3):  # (the first call: at attach)
             raise RuntimeError("out of memory")
         return real()
 
@@ -226,9 +228,24 @@ def test_a_failing_probe_warns_once_and_training_continues(tmp_path):
             monitor.attach(opt)
             train_noisy(model, opt, 5)
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
-    assert len(messages) == 1 and "out of memory" in messages[0] and "step 2" in messages[0]
+    assert len(messages) == 1 and "out of memory" in messages[0] and "step 1" in messages[0]
     assert monitor.failures == 2 and opt.label_noise.step == 5
-    assert [e.step for e in read_events(tmp_path).Scalars(f"{PREFIX}/reg")] == [1, 4, 5]
+    assert [e.step for e in read_events(tmp_path).Scalars(f"{PREFIX}/reg")] == [0, 3, 4, 5]
+
+
+def test_a_probe_that_cannot_work_raises_at_attach_and_leaves_the_optimizer_alone(tmp_path):
+    model = mlp()
+    opt = LabelNoiseSGD(model.parameters(), lr=0.05, noise_std=0.3)
+
+    def broken_probe():
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monitor = TensorBoardMonitor(broken_probe, log_dir=tmp_path, every=1)
+    with pytest.raises(RuntimeError, match="mat1 and mat2"):
+        monitor.attach(opt)
+    train_noisy(model, opt, 2)  # no hook left behind: nothing warns, nothing is logged
+    assert monitor.failures == 0 and monitor.global_step == 0
+    monitor.close()
 
 
 def test_log_on_demand_and_progress_bar(tmp_path):
@@ -259,4 +276,4 @@ def test_steps_are_right_when_noise_is_added_after_the_monitor(tmp_path):
         loss_fn(model(x), y).backward()
         opt.step()
     monitor.close()
-    assert [e.step for e in read_events(tmp_path).Scalars(f"{PREFIX}/reg")] == [2, 4]
+    assert [e.step for e in read_events(tmp_path).Scalars(f"{PREFIX}/reg")] == [0, 2, 4]
