@@ -216,6 +216,32 @@ class MaskedEncoder(nn.Module):
         return self.head(out[:, 0])
 
 
+class SequenceFirstEncoder(nn.Module):
+    """nn.TransformerEncoderLayer in its default layout, sequence first: its Linear and
+    LayerNorm layers see [T, n, d], samples along dim 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(6, 2, 12, dropout=0.0)
+        self.head = nn.Linear(6, 1)
+
+    def forward(self, x):  # x: [n, T, 6]
+        return self.head(self.layer(x.transpose(0, 1)).mean(0)).squeeze(-1)
+
+
+class SharedInput(nn.Module):
+    """A Linear on an input shared by all samples ([1, d], broadcast): its output gradient sums
+    over the samples, so no closed form can see them apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x):  # x: [n, 4]
+        return self.head(torch.tanh(x + self.shared(torch.ones(1, 3, dtype=x.dtype))))
+
+
 class Recurrent(nn.Module):
     """A recurrent layer (nn.RNN, nn.LSTM or nn.GRU) and a Linear head on its last time step,
     or on its final hidden state (``head_on_state``), from an initial state read off the input
@@ -390,6 +416,8 @@ CASES = {
     "attention_weights_returned": (lambda: seeded(25, AttentionWeights), lambda: randn(3, 5, 6, seed=1)),
     "cross_attention_fallback": (lambda: seeded(26, CrossAttention), lambda: randn(3, 5, 6, seed=2)),
     "encoder_causal_and_padding_masks": (lambda: seeded(27, MaskedEncoder), lambda: randn(3, 4, 6, seed=3)),
+    # as many positions as samples: the sample dim is found from shapes for one and two samples
+    "encoder_layer_sequence_first": (lambda: seeded(33, SequenceFirstEncoder), lambda: randn(4, 4, 6, seed=4)),
     "lstm_two_layers_batch_first": (lambda: seeded(28, lambda: Recurrent(nn.LSTM, num_layers=2, batch_first=True)),
                                     lambda: randn(4, 3, 3)),
     "gru_bidirectional_state_head": (lambda: seeded(29, lambda: Recurrent(nn.GRU, head_on_state=True,

@@ -138,6 +138,18 @@ def test_recurrent_layers_are_traced_as_their_affine_maps_one_call_per_time_step
     assert_rel_close(h.detach().reshape(-1), model(x).detach().reshape(-1), rtol=1e-12)
 
 
+def test_a_layer_on_an_input_shared_by_all_samples_is_refused_by_fast_and_exact_by_auto():
+    # its output gradient is summed over the samples: the closed form once added one number to
+    # every sample (1160x off); the fast engine now finds no sample dim in that output
+    from helpers import SharedInput
+
+    model, x = seeded(34, SharedInput), randn(70, 4)
+    with pytest.raises(ValueError, match="'shared' has no single sample dim"):
+        per_sample_sq_grad_norms(model, x, method="fast")
+    assert_rel_close(per_sample_sq_grad_norms(model, x), brute_sq_norms(model, x))
+    assert_rel_close(flat(regularizer_grad(model, x)), brute_reg_grad(model, x))
+
+
 @pytest.mark.parametrize("frozen", ["in_proj", "out_proj"])
 def test_attention_with_a_frozen_projection_matches_the_loop(frozen):
     # out_proj frozen: in_proj alone in closed form; in_proj frozen: the attention module owns no
@@ -459,6 +471,7 @@ def test_fast_path_handles_closed_forms_without_fallback_and_reports_fallbacks()
     for name in ("layernorm_mlp", "cnn_groupnorm", "conv1d_sequence_linear", "inplace_relu_residual",
                  "transformer_encoder_layer", "attention_sequence_first", "attention_causal_and_padding_masks",
                  "attention_weights_returned", "encoder_causal_and_padding_masks", "lstm_two_layers_batch_first",
+                 "encoder_layer_sequence_first",
                  "gru_bidirectional_state_head", "lstm_projection_bidirectional_initial_state"):
         model, x = make(name)
         assert RegularizerProbe(model, x, method="fast")().method == "fast", name

@@ -49,17 +49,20 @@ class ClosedForm:
     sq_norms: Callable[..., torch.Tensor]  # (module, a, g, trainable, memo) -> [n]
     gram: Callable[..., torch.Tensor] | None  # (module, a, g, trainable) -> [n k, n k], in g's dtype
     applies: Callable[[nn.Module], bool]  # whether this instance is in the formula's scope
+    # the formula treats every leading dim of input and output alike (positions), so the samples
+    # may run along any of them (moved first for it): Linear, LayerNorm
+    samples_anywhere: bool = False
 
 
 CLOSED_FORMS: dict[type[nn.Module], ClosedForm] = {}
 
 
-def register_closed_form(*types: type[nn.Module], gram=None, applies=None):
+def register_closed_form(*types: type[nn.Module], gram=None, applies=None, samples_anywhere=False):
     """Register ``sq_norms`` (the decorated function) as the closed form of ``types``."""
 
     def register(sq_norms):
         for t in types:
-            CLOSED_FORMS[t] = ClosedForm(sq_norms, gram, applies or (lambda module: True))
+            CLOSED_FORMS[t] = ClosedForm(sq_norms, gram, applies or (lambda module: True), samples_anywhere)
         return sq_norms
 
     return register
@@ -102,9 +105,20 @@ def bind(owners: list[Owner]) -> None:
         if form is None or len(o.calls) != 1 or call.kwargs or len(call.args) != 1 or set(o.params) != own:
             continue
         trainable = frozenset(o.params)
-        o.closed_form = partial(form.sq_norms, o.module, call.args[0], trainable=trainable, memo=call.memo)
-        if form.gram is not None:
-            o.gram = partial(form.gram, o.module, call.args[0], trainable=trainable)
+        a, d = call.args[0], call.sample_dim
+        if d == 0:
+            o.closed_form = partial(form.sq_norms, o.module, a, trainable=trainable, memo=call.memo)
+            if form.gram is not None:
+                o.gram = partial(form.gram, o.module, a, trainable=trainable)
+        elif form.samples_anywhere and isinstance(a, torch.Tensor) and a.dim() == len(call.shape):
+            # samples first for the formula: the input's dims lead as the output's do
+            o.closed_form = partial(samples_moved_first, form.sq_norms, o.module, a.movedim(d, 0), d,
+                                    trainable=trainable, memo=call.memo)
+
+
+def samples_moved_first(sq_norms, module, a, d, g, trainable, memo) -> torch.Tensor:
+    """A closed form on output gradients g [c, *y.shape] whose samples run along dim d of y."""
+    return sq_norms(module, a, g.movedim(d + 1, 1), trainable, memo)
 
 
 # -- Linear and affine maps ------------------------------------------------------------------
@@ -126,7 +140,7 @@ def linear_gram(module: nn.Linear, a: torch.Tensor, g: torch.Tensor, trainable) 
     return part
 
 
-@register_closed_form(nn.Linear, gram=linear_gram)
+@register_closed_form(nn.Linear, gram=linear_gram, samples_anywhere=True)
 def linear_sq_norms(module: nn.Linear, a: torch.Tensor, g: torch.Tensor, trainable, memo: dict) -> torch.Tensor:
     return affine_map_sq_norms(a, g, "weight" in trainable, "bias" in trainable, memo)
 
@@ -282,6 +296,7 @@ def norm_affine_gram(module: nn.Module, a: torch.Tensor, g: torch.Tensor, traina
     return V @ V.T
 
 
-@register_closed_form(nn.LayerNorm, nn.GroupNorm, gram=norm_affine_gram)
+@register_closed_form(nn.LayerNorm, gram=norm_affine_gram, samples_anywhere=True)
+@register_closed_form(nn.GroupNorm, gram=norm_affine_gram)
 def norm_affine_sq_norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor, trainable, memo: dict) -> torch.Tensor:
     return norm_affine_grads(module, a, g, trainable).pow(2).sum((0, -1))

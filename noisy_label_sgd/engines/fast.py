@@ -325,7 +325,7 @@ def per_module_fallback(owner: Owner, grads: list[torch.Tensor], n: int) -> torc
     attention = isinstance(owner.module, torch.nn.MultiheadAttention)
     if attention and (not owner.module.batch_first or any(
             isinstance(c.kwargs.get("attn_mask"), torch.Tensor) and c.kwargs["attn_mask"].dim() == 3
-            for c in owner.calls)) or any(c.shape[0] != n for c in owner.calls):
+            for c in owner.calls)) or any(c.shape[0] != n or c.sample_dim != 0 for c in owner.calls):
         # (a 3-D attention mask is [n * heads, T, S]: per sample, but not along dim 0 alone)
         raise FastPathUnsupported(f"module {owner.name!r} does not put samples first")
     params = {name: p.detach() for name, p in owner.params.items()}

@@ -48,6 +48,8 @@ class Call:
     device: torch.device
     # the module returned more than this output (a tuple with other tensors in it)
     several_outputs: bool = False
+    # the dim of the output along which the samples run (1 for a sequence-first layer)
+    sample_dim: int = 0
     # what every output direction reuses: the input's per-sample squared norms (2-D inputs)
     memo: dict = field(default_factory=dict, repr=False)
 
@@ -181,17 +183,81 @@ def _merge_uncalled(owners: list[Owner]) -> list[Owner]:
 
 def trace(model: nn.Module, batch: Batch) -> tuple[list[Owner], torch.Tensor]:
     """Forward with recording hooks: the owners with their calls, and the outputs h [n, k]
-    (with their graph)."""
+    (with their graph).
+
+    Raises:
+        FastPathUnsupported: a module output whose samples run along no single dim (an output
+            shared by all samples and broadcast, or a call count that depends on the batch).
+    """
     owners = owners_of(model)
     with torch.enable_grad():
         h = per_sample_outputs(record(owners, model, batch), batch)
-    return _split_packed(_merge_uncalled(owners)), h
+    owners = _split_packed(_merge_uncalled(owners))
+    set_sample_dims(owners, one_sample_layout(model, batch).sample_dims)
+    return owners, h
 
 
-# The one-sample sizing per model and per-sample input signature: a probe calls with the same
-# model and shapes every time, and for a small model the sizing forward is a sixth of the norms'
+def set_sample_dims(owners: list[Owner], sample_dims: dict[str, list[int | None]]) -> None:
+    """Where the samples run in every recorded output (``Call.sample_dim``; the written-out
+    maps' are samples-first by construction): a closed form that treats leading dims as
+    positions takes any dim, the others only dim 0."""
+    for o in owners:
+        if o.affine:
+            continue
+        dims = sample_dims.get(o.name, [])
+        if len(dims) != len(o.calls):
+            raise FastPathUnsupported(f"module {o.name!r} is called {len(o.calls)} times for this batch but "
+                                      f"{len(dims)} times for one sample")
+        for call, d in zip(o.calls, dims):
+            if d is None:
+                raise FastPathUnsupported(f"the output of module {o.name!r} has no single sample dim (one "
+                                          "output shared by all samples, broadcast?)")
+            call.sample_dim = d
+
+
+@dataclass
+class Layout:
+    """What a one-sample forward shows, per model and per-sample input signature."""
+
+    k: int  # outputs per sample
+    floats: int  # recorded layer outputs per sample (their sum of sizes)
+    itemsize: int
+    outside: list[str]  # owners whose parameters are also used outside their call
+    # per owner and call, the dim of its output along which the samples run (None: none)
+    sample_dims: dict[str, list[int | None]]
+
+
+# The one-sample forward per model and per-sample input signature: a probe calls with the same
+# model and shapes every time, and for a small model that forward is a sixth of the norms'
 # time. A model changed in place behind an unchanged signature could only mis-size the chunks.
-_SIZES: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
+_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
+
+
+def one_sample_layout(model: nn.Module, batch: Batch) -> Layout:
+    """:class:`Layout` from forwards without gradients (cached) of the first sample, which also
+    watches where parameters are used (:class:`ParameterUses`), and of that sample twice: a
+    recorded output's sample dim is the one dim in which the two differ."""
+    signature = (tuple((t.shape[1:], t.dtype, t.device) for t in batch),
+                 tuple((p.shape, p.requires_grad) for p in model.parameters()))
+    layouts = _LAYOUTS.setdefault(model, {})
+    if signature not in layouts:
+        owners, twice = owners_of(model), owners_of(model)
+        with torch.no_grad():
+            with ParameterUses(model, owners) as uses:
+                out = record(owners, model, tuple(t[:1] for t in batch))
+            record(twice, model, tuple(t[:1].expand(2, *t.shape[1:]) for t in batch))
+        outside = sorted(name for name in uses.outside if any(o.name == name and o.calls for o in owners))
+        floats = sum(c.shape.numel() for o in owners for c in [*o.calls, *(call for _, _, call in o.packed)])
+        sample_dims = {o.name: [sample_dim(one.shape, two.shape) for one, two in zip(o.calls, t.calls)]
+                       for o, t in zip(owners, twice) if len(o.calls) == len(t.calls)}
+        layouts[signature] = Layout(out.numel(), floats, out.element_size(), outside, sample_dims)
+    return layouts[signature]
+
+
+def sample_dim(one: torch.Size, two: torch.Size) -> int | None:
+    """The one dim in which an output for one sample and for two differ (None: not one)."""
+    differ = [d for d, (a, b) in enumerate(zip(one, two)) if a != b]
+    return differ[0] if len(one) == len(two) and len(differ) == 1 else None
 
 
 def fast_chunk_size(model: nn.Module, batch: Batch, memory_budget: int) -> tuple[int, int]:
@@ -199,30 +265,19 @@ def fast_chunk_size(model: nn.Module, batch: Batch, memory_budget: int) -> tuple
     outputs per sample k.
 
     Per sample it holds every recorded layer input and output (in the graph) and at most k
-    output gradients of each (fewer when the directions go in groups): measured on a one-sample
-    forward (once per model and per-sample input shapes), times (k + 2). That forward also
-    watches where parameters are used (:class:`ParameterUses`).
+    output gradients of each (fewer when the directions go in groups): measured on the
+    one-sample forward (:func:`one_sample_layout`), times (k + 2).
 
     Raises:
         FastPathUnsupported: a called module's parameter is also used outside its call.
     """
-    signature = (tuple((t.shape[1:], t.dtype, t.device) for t in batch),
-                 tuple((p.shape, p.requires_grad) for p in model.parameters()))
-    sizes = _SIZES.setdefault(model, {})
-    if signature not in sizes:
-        owners = owners_of(model)
-        with torch.no_grad(), ParameterUses(model, owners) as uses:
-            out = record(owners, model, tuple(t[:1] for t in batch))
-        outside = sorted(name for name in uses.outside if any(o.name == name and o.calls for o in owners))
-        floats = sum(c.shape.numel() for o in owners for c in [*o.calls, *(call for _, _, call in o.packed)])
-        sizes[signature] = (out.numel(), floats, out.element_size(), outside)
-    k, floats, itemsize, outside = sizes[signature]
-    if outside:
+    layout = one_sample_layout(model, batch)
+    if layout.outside:
         raise FastPathUnsupported(
-            f"the parameters of {outside[0]!r} are also used outside its call (e.g. a parent's forward "
+            f"the parameters of {layout.outside[0]!r} are also used outside its call (e.g. a parent's forward "
             "reading its weight): the closed forms would miss that use"
         )
-    return max(1, memory_budget // max(1, itemsize * floats * (k + 2))), k
+    return max(1, memory_budget // max(1, layout.itemsize * layout.floats * (layout.k + 2))), layout.k
 
 
 class ParameterUses(TorchFunctionMode):
