@@ -230,16 +230,23 @@ class SequenceFirstEncoder(nn.Module):
 
 
 class SharedInput(nn.Module):
-    """A Linear on an input shared by all samples ([1, d], broadcast): its output gradient sums
-    over the samples, so no closed form can see them apart."""
+    """A Linear on an input shared by all samples ([1, d], broadcast), and an Embedding of
+    positions shared alike (as Hugging Face models look up position embeddings): their output
+    gradients sum over the samples unless the trace expands them. ``summed``: the shared
+    output is reduced over its dim 0 first, which an expansion would change."""
 
-    def __init__(self):
+    def __init__(self, summed: bool = False):
         super().__init__()
         self.shared = nn.Linear(3, 4)
+        self.positions = nn.Embedding(5, 4)
         self.head = nn.Linear(4, 1)
+        self.summed = summed
 
-    def forward(self, x):  # x: [n, 4]
-        return self.head(torch.tanh(x + self.shared(torch.ones(1, 3, dtype=x.dtype))))
+    def forward(self, x):  # x: [n, 5, 4]
+        shared = self.shared(torch.ones(1, 1, 3, dtype=x.dtype))
+        shared = shared.sum(0) if self.summed else shared
+        h = x + shared + self.positions(torch.arange(5).unsqueeze(0))
+        return self.head(torch.tanh(h).mean(1))
 
 
 class Recurrent(nn.Module):
@@ -418,6 +425,7 @@ CASES = {
     "encoder_causal_and_padding_masks": (lambda: seeded(27, MaskedEncoder), lambda: randn(3, 4, 6, seed=3)),
     # as many positions as samples: the sample dim is found from shapes for one and two samples
     "encoder_layer_sequence_first": (lambda: seeded(33, SequenceFirstEncoder), lambda: randn(4, 4, 6, seed=4)),
+    "shared_input_and_positions": (lambda: seeded(34, SharedInput), lambda: randn(4, 5, 4, seed=5)),
     "lstm_two_layers_batch_first": (lambda: seeded(28, lambda: Recurrent(nn.LSTM, num_layers=2, batch_first=True)),
                                     lambda: randn(4, 3, 3)),
     "gru_bidirectional_state_head": (lambda: seeded(29, lambda: Recurrent(nn.GRU, head_on_state=True,

@@ -138,12 +138,13 @@ def test_recurrent_layers_are_traced_as_their_affine_maps_one_call_per_time_step
     assert_rel_close(h.detach().reshape(-1), model(x).detach().reshape(-1), rtol=1e-12)
 
 
-def test_a_layer_on_an_input_shared_by_all_samples_is_refused_by_fast_and_exact_by_auto():
-    # its output gradient is summed over the samples: the closed form once added one number to
-    # every sample (1160x off); the fast engine now finds no sample dim in that output
+def test_a_shared_output_reduced_over_its_first_dim_is_not_expanded_and_fast_refuses_it():
+    # expanded to the batch, its sum over dim 0 would change the model: the trace sees that on
+    # two samples and leaves it; no closed form can then see the samples apart (before the
+    # sample dims were checked, the closed form added one number to every sample: 1160x off)
     from helpers import SharedInput
 
-    model, x = seeded(34, SharedInput), randn(70, 4)
+    model, x = seeded(34, lambda: SharedInput(summed=True)), randn(70, 5, 4)
     with pytest.raises(ValueError, match="'shared' has no single sample dim"):
         per_sample_sq_grad_norms(model, x, method="fast")
     assert_rel_close(per_sample_sq_grad_norms(model, x), brute_sq_norms(model, x))
@@ -471,7 +472,7 @@ def test_fast_path_handles_closed_forms_without_fallback_and_reports_fallbacks()
     for name in ("layernorm_mlp", "cnn_groupnorm", "conv1d_sequence_linear", "inplace_relu_residual",
                  "transformer_encoder_layer", "attention_sequence_first", "attention_causal_and_padding_masks",
                  "attention_weights_returned", "encoder_causal_and_padding_masks", "lstm_two_layers_batch_first",
-                 "encoder_layer_sequence_first",
+                 "encoder_layer_sequence_first", "shared_input_and_positions",
                  "gru_bidirectional_state_head", "lstm_projection_bidirectional_initial_state"):
         model, x = make(name)
         assert RegularizerProbe(model, x, method="fast")().method == "fast", name
@@ -526,6 +527,24 @@ def test_invalid_method():
         per_sample_sq_grad_norms(model, x, method="exact")
 
 
+@pytest.mark.parametrize("name", IDS)
+def test_the_fast_engine_forms_j_from_its_trace_or_else_by_torch_func(name, monkeypatch):
+    # from the trace: each owner's per-sample gradients (affine maps from their inputs and output
+    # gradients, other modules by their own vjp); models the trace cannot take: torch.func
+    from noisy_label_sgd.engines import fast, select_engine
+
+    traced = []
+    original = fast.FastEngine._traced_jacobian
+    monkeypatch.setattr(fast.FastEngine, "_traced_jacobian", lambda self: traced.append(1) or original(self))
+    model, x = make(name)
+    engine = select_engine(model, x, "fast")
+    with engine.measuring():
+        J = engine.jacobian()
+        assert engine.measurement.jacobian is J
+    assert_rel_close(J, brute_jacobian(model, x))
+    assert traced == [1]
+
+
 @pytest.mark.parametrize("name", ["mlp_multi_output", "layernorm_mlp"])
 def test_closed_form_gram_matrix(name):
     from noisy_label_sgd.engines import select_engine
@@ -576,14 +595,15 @@ def test_the_fast_path_sizes_its_chunks_once_per_model_and_input_signature(monke
     model, x = make("mlp_multi_output")
     traced = []
     record = trace.record
-    monkeypatch.setattr(trace, "record", lambda owners, m, batch: traced.append(batch[0].shape[0])
-                        or record(owners, m, batch))
+    monkeypatch.setattr(trace, "record", lambda owners, m, batch, *expand: traced.append(batch[0].shape[0])
+                        or record(owners, m, batch, *expand))
     for _ in range(2):
         per_sample_sq_grad_norms(model, x, method="fast")
-    assert traced.count(1) == 1 and traced.count(x.shape[0]) == 2  # one sizing forward, two traces
-    next(model.parameters()).requires_grad_(False)  # another signature: sized again
+    # one layout (a forward of one sample and one of two), two traces
+    assert traced.count(1) == 1 and traced.count(2) == 1 and traced.count(x.shape[0]) == 2
+    next(model.parameters()).requires_grad_(False)  # another signature: laid out again
     norms = per_sample_sq_grad_norms(model, x, method="fast")
-    assert traced.count(1) == 2
+    assert traced.count(1) == 2 and traced.count(2) == 2
     assert_rel_close(norms, brute_jacobian(model, x).pow(2).reshape(x.shape[0], -1).sum(1))
 
 

@@ -16,7 +16,10 @@ output directions; a closed form turns them into that module's part of every sam
   channels, the per-sample weight gradients instead as the weight gradient of one convolution
   grouped by sample (the batch folded into channels);
 * ``nn.LayerNorm`` / ``nn.GroupNorm`` affine parameters: :math:`\nabla_\gamma = \sum g\,\hat{x}`,
-  :math:`\nabla_\beta = \sum g` over the positions that share a parameter.
+  :math:`\nabla_\beta = \sum g` over the positions that share a parameter;
+* ``nn.Embedding`` (no ``max_norm``, no ``scale_grad_by_freq``): :math:`\|\nabla_W h_{ij}\|^2 =
+  \sum_{t,s:\ x_{it} = x_{is}} g_{ijt}\cdot g_{ijs}` over positions whose index is not the
+  padding index.
 
 To add a layer: write ``sq_norms(module, a, g, trainable, memo) -> [n]`` (``trainable``: the
 names of the module's own trainable parameters; ``memo``: a dict shared by the output
@@ -300,3 +303,25 @@ def norm_affine_gram(module: nn.Module, a: torch.Tensor, g: torch.Tensor, traina
 @register_closed_form(nn.GroupNorm, gram=norm_affine_gram)
 def norm_affine_sq_norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor, trainable, memo: dict) -> torch.Tensor:
     return norm_affine_grads(module, a, g, trainable).pow(2).sum((0, -1))
+
+
+# -- Embedding -------------------------------------------------------------------------------
+
+
+def _plain_embedding(module: nn.Embedding) -> bool:
+    return module.max_norm is None and not module.scale_grad_by_freq  # (both change the gradient)
+
+
+@register_closed_form(nn.Embedding, applies=_plain_embedding, samples_anywhere=True)
+def embedding_sq_norms(module: nn.Embedding, a: torch.Tensor, g: torch.Tensor, trainable, memo: dict) -> torch.Tensor:
+    """The weight gradient of sample i puts sum_t g_t in the row of each index: its squared norm
+    is sum over positions t, s with equal indices of g_t . g_s (the padding index's row gets no
+    gradient)."""
+    k, n = g.shape[:2]
+    index = a.reshape(n, -1)  # [n, T]
+    g = g.reshape(k, n, index.shape[1], -1)  # [k, n, T, d]
+    if "pairs" not in memo:  # which positions share a row, per sample (the same for every direction)
+        counted = index != module.padding_idx if module.padding_idx is not None else torch.ones_like(index, dtype=torch.bool)
+        same = (index.unsqueeze(2) == index.unsqueeze(1)) & counted.unsqueeze(2) & counted.unsqueeze(1)
+        memo["pairs"] = same.to(g.dtype)
+    return (memo["pairs"] * (g @ g.transpose(2, 3))).sum((0, 2, 3))

@@ -87,6 +87,14 @@ class Engine:
                 helper.k, helper.rows = self.k, self.rows
             try:
                 yield self
+            except RuntimeError as error:
+                if "data-dependent control flow" not in str(error):
+                    raise
+                raise ValueError(
+                    "torch.func cannot vmap this model per sample: its forward branches on the values "
+                    "of a tensor (data-dependent control flow, e.g. transformers' check of "
+                    "attention_mask.all()); method='auto' or 'fast' run the forward on whole batches"
+                ) from error
             finally:
                 for engine in (self, *self.helpers):
                     engine.measurement = engine.fm = None

@@ -111,6 +111,37 @@ class FastEngine(Engine):
         except FastPathUnsupported:  # (a Linear on sequence inputs)
             return None
 
+    def jacobian(self) -> torch.Tensor:
+        """J from the traced forward (:meth:`_traced_jacobian`: no torch.func over the whole
+        model, whose forward may not vmap), else by torch.func."""
+        m = self.measurement
+        if m.jacobian is None and self.unsupported is None:
+            try:
+                m.jacobian = self._traced_jacobian()
+            except FastPathUnsupported:
+                pass
+        return super().jacobian()
+
+    def _traced_jacobian(self) -> torch.Tensor:
+        """J [n k, p] per chunk of samples: one backward of every output direction to the
+        recorded module outputs, then each owner's per-sample gradients (:func:`per_sample_grads`)
+        as its columns."""
+        fm = self.fm
+        name_of = {id(p): name for name, p in self.model.named_parameters()}
+        fitting, k = fast_chunk_size(self.model, self.batch, self.memory_budget)
+        rows = []
+        for s in chunk_slices(self.num_samples, self.chunk_size or fitting):
+            owners, h = traced(self.model, tuple(t[s] for t in self.batch))
+            n = h.shape[0]
+            by_owner = grads_by_owner(owners, h, range(k), create_graph=False)
+            blocks = {}
+            for o in owners:
+                with sdpa_kernel(SDPBackend.MATH):  # (vmapped where a module's own vjp runs)
+                    grads = per_sample_grads(o, by_owner.pop(id(o)), n)
+                blocks.update((name_of[id(o.params[name])], g.detach()) for name, g in grads.items())
+            rows.append(torch.cat([blocks[name].transpose(0, 1).reshape(n * k, -1) for name in fm.params], 1))
+        return torch.cat(rows)
+
     # -- the closed forms --------------------------------------------------------------------
 
     def _chunked_norms(self) -> torch.Tensor:
@@ -317,7 +348,32 @@ def streamed_part(owners: list[Owner], h: torch.Tensor, j: int, retain_graph: bo
 
 
 def per_module_fallback(owner: Owner, grads: list[torch.Tensor], n: int) -> torch.Tensor:
-    """Per-sample gradients of this module's own parameters, summed over its calls.
+    """This module's part of the squared norms from the per-sample gradients of its own
+    parameters (:func:`module_per_sample_grads`)."""
+    per_sample = module_per_sample_grads(owner, grads, n)
+    return sum(v.reshape(*v.shape[:2], -1).pow(2).sum(-1) for v in per_sample.values()).sum(0)
+
+
+def per_sample_grads(owner: Owner, grads: list[torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+    """The per-sample gradients of the owner's parameters, name -> [c, n, *param.shape] over c
+    output directions: an affine map (a Linear, or a written-out map; its calls are positions)
+    from its input and output gradients, any other module by :func:`module_per_sample_grads`."""
+    call = owner.calls[0]
+    linear = isinstance(owner.module, torch.nn.Linear) and len(owner.calls) == 1 and len(call.args) == 1
+    if not (owner.affine or linear):
+        return module_per_sample_grads(owner, grads, n)
+    d = call.sample_dim
+    a = call.args[0].movedim(d, 0) if len(owner.calls) == 1 else torch.stack([c.args[0] for c in owner.calls], 1)
+    g = grads[0].movedim(d + 1, 1) if len(grads) == 1 else torch.stack(grads, 2)
+    a = a.reshape(n, -1, a.shape[-1]).to(g.dtype)  # [n, positions, in]
+    g = g.reshape(g.shape[0], n, -1, g.shape[-1])  # [c, n, positions, out]
+    return {name: torch.einsum("cnto,nti->cnoi", g, a) if "weight" in name else g.sum(2)
+            for name in owner.params}
+
+
+def module_per_sample_grads(owner: Owner, grads: list[torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+    """Per-sample gradients of this module's own parameters, summed over its calls, by a
+    vmapped vjp of the module at its recorded inputs: name -> [c, n, *param.shape].
 
     Samples must run along dim 0 of the module's output; a tensor argument (positional or
     keyword) whose dim 0 has n entries is taken per sample, any other as shared by all samples.
@@ -351,4 +407,4 @@ def per_module_fallback(owner: Owner, grads: list[torch.Tensor], n: int) -> torc
         grads_call = per_direction(g.detach(), *[t.detach() if isinstance(t, torch.Tensor) else t for t in values])
         summed = grads_call if summed is None else {k: summed[k] + v for k, v in grads_call.items()}
     assert summed is not None
-    return sum(v.reshape(*v.shape[:2], -1).pow(2).sum(-1) for v in summed.values()).sum(0)
+    return summed

@@ -87,11 +87,24 @@ def owners_of(model: nn.Module) -> list[Owner]:
     return owners
 
 
-def record(owners: list[Owner], model: nn.Module, batch: Batch) -> torch.Tensor:
-    """The model's forward with a hook on every owner that records its calls."""
+def record(owners: list[Owner], model: nn.Module, batch: Batch, expand: frozenset[str] = frozenset()) -> torch.Tensor:
+    """The model's forward with a hook on every owner that records its calls.
+
+    The owners named in ``expand`` return an output shared by all samples ([1, ...], broadcast
+    by what follows): expanded to the batch (and their inputs with it), so that the backward
+    reaches one copy per sample and their gradients are per sample.
+    """
+    n = batch[0].shape[0]
 
     def make_hook(owner: Owner):
         def hook(module, args, kwargs, output):
+            if owner.name in expand and isinstance(output, torch.Tensor) and output.dim() and output.shape[0] == 1:
+                output = output.expand(n, *output.shape[1:])
+                args = tuple(t.expand(n, *t.shape[1:]) if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 1
+                             else t for t in args)
+                owner.calls.append(Call(args, kwargs, _call_of(args, output).edge, output.shape, output.dtype,
+                                        output.device))
+                return output
             several = isinstance(output, tuple) and any(t is not None for t in output[1:])
             # a tuple whose other entries are None (nn.MultiheadAttention, need_weights=False),
             # or a module traced written out (its affine maps are what the closed forms see)
@@ -133,9 +146,10 @@ def record(owners: list[Owner], model: nn.Module, batch: Batch) -> torch.Tensor:
     return out
 
 
-def _call_of(inputs: torch.Tensor, output: torch.Tensor) -> Call:
+def _call_of(inputs: torch.Tensor | tuple, output: torch.Tensor) -> Call:
     edge = torch.autograd.graph.get_gradient_edge(output) if output.requires_grad else None
-    return Call((inputs,), {}, edge, output.shape, output.dtype, output.device)
+    return Call(inputs if isinstance(inputs, tuple) else (inputs,), {}, edge, output.shape, output.dtype,
+                output.device)
 
 
 def _packer(owner: Owner):
@@ -189,11 +203,12 @@ def trace(model: nn.Module, batch: Batch) -> tuple[list[Owner], torch.Tensor]:
         FastPathUnsupported: a module output whose samples run along no single dim (an output
             shared by all samples and broadcast, or a call count that depends on the batch).
     """
+    layout = one_sample_layout(model, batch)
     owners = owners_of(model)
     with torch.enable_grad():
-        h = per_sample_outputs(record(owners, model, batch), batch)
+        h = per_sample_outputs(record(owners, model, batch, layout.expanded), batch)
     owners = _split_packed(_merge_uncalled(owners))
-    set_sample_dims(owners, one_sample_layout(model, batch).sample_dims)
+    set_sample_dims(owners, layout.sample_dims)
     return owners, h
 
 
@@ -225,6 +240,8 @@ class Layout:
     outside: list[str]  # owners whose parameters are also used outside their call
     # per owner and call, the dim of its output along which the samples run (None: none)
     sample_dims: dict[str, list[int | None]]
+    # owners whose output is shared by all samples, traced expanded to the batch (see record)
+    expanded: frozenset[str]
 
 
 # The one-sample forward per model and per-sample input signature: a probe calls with the same
@@ -242,15 +259,25 @@ def one_sample_layout(model: nn.Module, batch: Batch) -> Layout:
     layouts = _LAYOUTS.setdefault(model, {})
     if signature not in layouts:
         owners, twice = owners_of(model), owners_of(model)
+        two = tuple(t[:1].expand(2, *t.shape[1:]) for t in batch)
         with torch.no_grad():
             with ParameterUses(model, owners) as uses:
                 out = record(owners, model, tuple(t[:1] for t in batch))
-            record(twice, model, tuple(t[:1].expand(2, *t.shape[1:]) for t in batch))
+            out_twice = record(twice, model, two)
         outside = sorted(name for name in uses.outside if any(o.name == name and o.calls for o in owners))
         floats = sum(c.shape.numel() for o in owners for c in [*o.calls, *(call for _, _, call in o.packed)])
         sample_dims = {o.name: [sample_dim(one.shape, two.shape) for one, two in zip(o.calls, t.calls)]
                        for o, t in zip(owners, twice) if len(o.calls) == len(t.calls)}
-        layouts[signature] = Layout(out.numel(), floats, out.element_size(), outside, sample_dims)
+        shared = frozenset(o.name for o in owners if o.name in sample_dims and any(
+            d is None and c.shape[0] == 1 for d, c in zip(sample_dims[o.name], o.calls)))
+        expanded = frozenset()
+        if shared:  # expanded, the outputs must not change (nothing reduces over their dim 0)
+            with torch.no_grad():
+                if torch.equal(record(owners_of(model), model, two, shared), out_twice):
+                    expanded = shared
+                    sample_dims = {name: [0 if name in shared and d is None else d for d in dims]
+                                   for name, dims in sample_dims.items()}
+        layouts[signature] = Layout(out.numel(), floats, out.element_size(), outside, sample_dims, expanded)
     return layouts[signature]
 
 
