@@ -295,8 +295,9 @@ def brute_jacobian(model: nn.Module, inputs) -> torch.Tensor:
     return torch.stack(rows).detach()
 
 
-def brute_reg(model: nn.Module, inputs: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
-    """reg by the same loop; with create_graph it can be differentiated by plain autograd."""
+def brute_reg(model: nn.Module, inputs, create_graph: bool = False) -> torch.Tensor:
+    """reg by the same loop (``inputs`` as for :func:`brute_jacobian`); with create_graph it can
+    be differentiated by plain autograd."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel(SDPBackend.MATH):  # fused CPU attention kernels have no double backward
@@ -307,16 +308,17 @@ def _brute_reg(model, inputs, create_graph):
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]
     total = 0.0
-    n = inputs.shape[0]
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    n = args[0].shape[0]
     for i in range(n):
-        out = model(inputs[i : i + 1]).reshape(-1)
+        out = model(*(t[i : i + 1] for t in args)).reshape(-1)
         for j in range(out.numel()):
             grads = torch.autograd.grad(out[j], params, create_graph=create_graph, retain_graph=True, allow_unused=True)
             total = total + sum((g**2).sum() for g in grads if g is not None)
     return total / n
 
 
-def brute_reg_grad(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+def brute_reg_grad(model: nn.Module, inputs) -> torch.Tensor:
     """grad reg, flat over trainable parameters, by plain autograd through the loop."""
     params = [p for p in model.parameters() if p.requires_grad]
     reg = brute_reg(model, inputs, create_graph=True)

@@ -5,7 +5,7 @@ parameters its recorded input ``a`` and the output gradients ``g`` = [c, *output
 output directions; a closed form turns them into that module's part of every sample's
 :math:`\|J_i\|_F^2`, summed over the c directions, without a per-sample gradient of the model:
 
-* ``nn.Linear``, :math:`y_t = W a_t + b` over positions t (none for 2-D inputs):
+* ``nn.Linear`` (and Hugging Face's ``Conv1D``, its weight transposed), :math:`y_t = W a_t + b` over positions t (none for 2-D inputs):
   :math:`\|\nabla_W h_{ij}\|^2 = \sum_{t,s} (a_{it}\cdot a_{is})(g_{ijt}\cdot g_{ijs})` (for one
   position :math:`\|g_{ij}\|^2\|a_i\|^2`), :math:`\|\nabla_b h_{ij}\|^2 = \|\sum_t g_{ijt}\|^2`;
   the projections of ``nn.MultiheadAttention`` and the maps of ``nn.RNN`` / ``nn.LSTM`` /
@@ -17,6 +17,7 @@ output directions; a closed form turns them into that module's part of every sam
   grouped by sample (the batch folded into channels);
 * ``nn.LayerNorm`` / ``nn.GroupNorm`` affine parameters: :math:`\nabla_\gamma = \sum g\,\hat{x}`,
   :math:`\nabla_\beta = \sum g` over the positions that share a parameter;
+* ``nn.RMSNorm`` and Llama's RMSNorm: :math:`\nabla_w = \sum g\,\hat{x}` over positions;
 * ``nn.Embedding`` (no ``max_norm``, no ``scale_grad_by_freq``): :math:`\|\nabla_W h_{ij}\|^2 =
   \sum_{t,s:\ x_{it} = x_{is}} g_{ijt}\cdot g_{ijs}` over positions whose index is not the
   padding index.
@@ -57,11 +58,14 @@ class ClosedForm:
     samples_anywhere: bool = False
 
 
-CLOSED_FORMS: dict[type[nn.Module], ClosedForm] = {}
+# by class, or by the qualified name of a class from a library that is not imported here
+# (``"transformers.pytorch_utils.Conv1D"``)
+CLOSED_FORMS: dict[type[nn.Module] | str, ClosedForm] = {}
 
 
-def register_closed_form(*types: type[nn.Module], gram=None, applies=None, samples_anywhere=False):
-    """Register ``sq_norms`` (the decorated function) as the closed form of ``types``."""
+def register_closed_form(*types: type[nn.Module] | str, gram=None, applies=None, samples_anywhere=False):
+    """Register ``sq_norms`` (the decorated function) as the closed form of ``types`` (classes,
+    or qualified class names ``"module.Class"`` of optional libraries)."""
 
     def register(sq_norms):
         for t in types:
@@ -71,11 +75,15 @@ def register_closed_form(*types: type[nn.Module], gram=None, applies=None, sampl
     return register
 
 
+def _registered(cls: type) -> ClosedForm | None:
+    return CLOSED_FORMS.get(cls) or CLOSED_FORMS.get(f"{cls.__module__}.{cls.__qualname__}")
+
+
 def closed_form_of(module: nn.Module) -> ClosedForm | None:
     """The registered closed form of the module's type or its nearest registered base class."""
     for cls in type(module).__mro__:
-        if cls in CLOSED_FORMS:
-            form = CLOSED_FORMS[cls]
+        form = _registered(cls)
+        if form is not None:
             return form if form.applies(module) else None
     return None
 
@@ -89,7 +97,7 @@ def closed_form_layers(model: nn.Module) -> bool:
     except FastPathUnsupported:
         return False
     return all(isinstance(o.module, nn.MultiheadAttention) or is_stock_recurrent(o.module)
-               or any(c in CLOSED_FORMS for c in type(o.module).__mro__) for o in owners)
+               or any(_registered(c) is not None for c in type(o.module).__mro__) for o in owners)
 
 
 def bind(owners: list[Owner]) -> None:
@@ -143,8 +151,9 @@ def linear_gram(module: nn.Linear, a: torch.Tensor, g: torch.Tensor, trainable) 
     return part
 
 
-@register_closed_form(nn.Linear, gram=linear_gram, samples_anywhere=True)
-def linear_sq_norms(module: nn.Linear, a: torch.Tensor, g: torch.Tensor, trainable, memo: dict) -> torch.Tensor:
+# Hugging Face's Conv1D (GPT-2) is a Linear with its weight stored transposed: the same norms
+@register_closed_form(nn.Linear, "transformers.pytorch_utils.Conv1D", gram=linear_gram, samples_anywhere=True)
+def linear_sq_norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor, trainable, memo: dict) -> torch.Tensor:
     return affine_map_sq_norms(a, g, "weight" in trainable, "bias" in trainable, memo)
 
 
@@ -325,3 +334,26 @@ def embedding_sq_norms(module: nn.Embedding, a: torch.Tensor, g: torch.Tensor, t
         same = (index.unsqueeze(2) == index.unsqueeze(1)) & counted.unsqueeze(2) & counted.unsqueeze(1)
         memo["pairs"] = same.to(g.dtype)
     return (memo["pairs"] * (g @ g.transpose(2, 3))).sum((0, 2, 3))
+
+
+# -- RMSNorm ---------------------------------------------------------------------------------
+
+
+def rms_normalized(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """The input normalised as the module normalises it, before its weight."""
+    if hasattr(module, "normalized_shape"):  # torch's
+        return nn.functional.rms_norm(a, module.normalized_shape, eps=module.eps)
+    x = a.float()  # Llama's: in float32, back to the input's dtype
+    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)).to(a.dtype)
+
+
+@register_closed_form("torch.nn.modules.normalization.RMSNorm", "transformers.models.llama.modeling_llama.LlamaRMSNorm",
+                      samples_anywhere=True)
+def rms_norm_sq_norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor, trainable, memo: dict) -> torch.Tensor:
+    """The weight's per-sample gradient: g times the normalised input, summed over positions."""
+    if "weight" not in trainable:
+        return torch.zeros(g.shape[1], dtype=g.dtype, device=g.device)
+    k, n = g.shape[:2]
+    width = module.weight.numel()
+    grads = (g * rms_normalized(module, a)).reshape(k, n, -1, width).sum(2)
+    return grads.pow(2).sum((0, -1))

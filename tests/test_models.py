@@ -1,0 +1,91 @@
+"""Models people bring, built from configs (no weights downloaded): Hugging Face BERT, GPT-2 and
+Llama with padding masks, and torch's own RMSNorm, each against the brute-force loops."""
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import (FLOAT32_RTOL, FLOAT64_RTOL, assert_rel_close, brute_jacobian, brute_reg_grad, brute_sq_norms, seeded,
+                     svd_tangent_projection)
+from noisy_label_sgd import RegularizerProbe, per_sample_sq_grad_norms, regularizer_grad
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, WIDTH, LENGTH = 40, 16, 6
+
+
+def bert():
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0)
+    return transformers.BertModel(config, add_pooling_layer=False)
+
+
+def gpt2():
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=WIDTH, n_layer=2, n_head=2, n_positions=16,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2Model(config)
+
+
+def llama():
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16)
+    return transformers.LlamaModel(config)
+
+
+class WithHead(nn.Module):
+    """A transformer body and a 2-output Linear head on the last position's hidden state."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body, self.head = body, nn.Linear(WIDTH, 2)
+
+    def forward(self, ids, mask):
+        return self.head(self.body(input_ids=ids, attention_mask=mask).last_hidden_state[:, -1])
+
+
+def tokens(n, seed=0):
+    """Token ids and an attention mask with every other sequence left-padded by two tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (n, LENGTH), generator=g)
+    mask = torch.ones(n, LENGTH, dtype=torch.long)
+    mask[::2, :2] = 0
+    return ids, mask
+
+
+BODIES = {"bert": bert, "gpt2": gpt2, "llama": llama}
+
+
+@pytest.mark.parametrize("name", BODIES)
+def test_a_padded_transformer_is_probed_exactly_on_the_fast_path(name):
+    # 40 samples x 2 outputs: past the small-J path; every parametrised layer has a closed form
+    # (Embedding, Linear or GPT-2's Conv1D, LayerNorm or Llama's RMSNorm; position embeddings
+    # shared by all samples are traced expanded), so grad reg is a double backward and J for the
+    # projection comes from the trace: no whole-model torch.func, which cannot run these
+    # forwards (transformers branches on attention_mask.all())
+    model = seeded(40, lambda: WithHead(BODIES[name]())).eval()
+    inputs = tokens(40)
+    report = RegularizerProbe(model, inputs)()
+    assert report.method == "fast"
+    J = brute_jacobian(model, inputs)
+    assert_rel_close(report.per_sample, J.pow(2).reshape(40, -1).sum(1))
+    grad = brute_reg_grad(model, inputs)
+    manifold = svd_tangent_projection(J, grad)
+    # Llama's RMSNorm normalises in float32 even in a float64 model: its second derivatives
+    # (grad reg) carry float32 rounding, differently in the loop and in the closed form
+    rtol = FLOAT32_RTOL if name == "llama" else FLOAT64_RTOL
+    assert_rel_close(report.reg_grad_norm, float(grad.norm()), rtol=rtol)
+    assert_rel_close(report.manifold_grad_norm, float(manifold.norm()), rtol=0, atol=rtol * float(grad.norm()))
+    assert report.jacobian_rank == int(torch.linalg.matrix_rank(J))
+    with pytest.raises(ValueError, match="data-dependent control flow.*method='auto' or 'fast'"):
+        per_sample_sq_grad_norms(model, inputs, method="vmap")
+
+
+def test_torch_rmsnorm_has_a_closed_form_exact_against_the_loop():
+    model = seeded(41, lambda: nn.Sequential(nn.Linear(5, 8), nn.RMSNorm(8), nn.Tanh(), nn.Linear(8, 2)))
+    x = torch.randn(30, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert RegularizerProbe(model, x, method="fast")().method == "fast"
+    assert_rel_close(per_sample_sq_grad_norms(model, x, method="fast"), brute_sq_norms(model, x))
+    names = [n for n, p in model.named_parameters()]
+    grad = regularizer_grad(model, x, method="fast")
+    assert_rel_close(torch.cat([grad[n].reshape(-1) for n in names]), brute_reg_grad(model, x))
