@@ -140,9 +140,9 @@ def train(
     bar = tqdm(total=args.steps, desc=desc, unit="step", mininterval=0.5)
     with bar, TensorBoardMonitor(probe, log_dir=log_dir, every=args.every, batch_size=batch_size,
                                  progress=bar) as monitor:
-        monitor.attach(opt)
+        monitor.attach(opt)  # (probes and logs step 0)
         record_curve(0)
-        record_probe(0, monitor.log(0))
+        record_probe(0, monitor.last_report)
         model.train()
         start = time.perf_counter()
         for step in range(1, args.steps + 1):

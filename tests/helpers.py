@@ -216,6 +216,20 @@ class MaskedEncoder(nn.Module):
         return self.head(out[:, 0])
 
 
+class BagOfTokens(nn.Module):
+    """Token ids read off the input (so the battery's float inputs serve), an Embedding with a
+    padding index (its row gets no gradient) and a tokens' mean into a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(4, 3, padding_idx=0)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):  # x: [n, T] floats -> ids in 0..3, repeats within a sample
+        ids = (x.abs() * 2).long().clamp(max=3)
+        return self.head(torch.tanh(self.embedding(ids)).mean(1))
+
+
 class SequenceFirstEncoder(nn.Module):
     """nn.TransformerEncoderLayer in its default layout, sequence first: its Linear and
     LayerNorm layers see [T, n, d], samples along dim 1."""
@@ -428,6 +442,7 @@ CASES = {
     # as many positions as samples: the sample dim is found from shapes for one and two samples
     "encoder_layer_sequence_first": (lambda: seeded(33, SequenceFirstEncoder), lambda: randn(4, 4, 6, seed=4)),
     "shared_input_and_positions": (lambda: seeded(34, SharedInput), lambda: randn(4, 5, 4, seed=5)),
+    "embedding_with_padding_index": (lambda: seeded(35, BagOfTokens), lambda: randn(5, 6, seed=6)),
     "lstm_two_layers_batch_first": (lambda: seeded(28, lambda: Recurrent(nn.LSTM, num_layers=2, batch_first=True)),
                                     lambda: randn(4, 3, 3)),
     "gru_bidirectional_state_head": (lambda: seeded(29, lambda: Recurrent(nn.GRU, head_on_state=True,
