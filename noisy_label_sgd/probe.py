@@ -30,6 +30,9 @@ class ProbeReport:
         normal_grad_norm: :math:`\\|\\nabla \\mathrm{reg} - P_T \\nabla \\mathrm{reg}\\|`.
         loss: clean mean squared error on the probe set (``None`` without targets).
         per_sample: :math:`\\|J_i\\|_F^2` per sample, shape [n].
+        manifold_grad: :math:`P_T \\nabla \\mathrm{reg}` itself, flat over the trainable
+            parameters in ``named_parameters()`` order (the direction the drift takes, with a
+            minus sign).
         outputs_per_sample: k, the number of output entries per sample.
         jacobian_rank: the numerical rank of J the projection used (singular values kept
             above the cutoff, :func:`~noisy_label_sgd.engines.tangent.default_rcond`); ``None``
@@ -55,6 +58,7 @@ class ProbeReport:
     seconds: float
     jacobian_rank: int | None = None
     smallest_kept_singular_ratio: float | None = None
+    manifold_grad: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def manifold_fraction(self) -> float:
@@ -199,6 +203,7 @@ class RegularizerProbe:
             seconds=time.perf_counter() - start,
             jacobian_rank=int(spectrum[0]) if dense else None,
             smallest_kept_singular_ratio=spectrum[1] if dense else None,
+            manifold_grad=manifold_flat.detach(),
         )
 
     def _clean_loss(self, fm: FunctionalModel, out: torch.Tensor | None) -> float:

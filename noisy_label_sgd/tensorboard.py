@@ -12,9 +12,16 @@ step is
 .. math:: \Delta\theta_T \approx -\frac{\eta^2 \sigma^2}{B k^2}\, P_T \nabla \mathrm{reg}(\theta),
 
 so the monitor logs ``predicted_drift_per_step`` :math:`= \eta^2\sigma^2 /(B k^2) \cdot`
-``manifold_grad_norm``. With heavy-ball momentum :math:`\beta`, :math:`\eta` is replaced by the
-effective step :math:`\eta / (1 - \beta)`. The prediction is first order in :math:`\eta` around the
-manifold: compare orders of magnitude, not digits.
+``manifold_grad_norm``, and beside it ``observed_drift_per_step``: how far the parameters moved
+since the previous probe along the previous probe's :math:`-P_T\nabla\mathrm{reg}` direction, per
+step (a dot product; positive when they moved down reg). The Ornstein-Uhlenbeck spread puts the
+clean mean squared error on the training set at
+:math:`\mathbb{E}[\text{loss}] \approx \frac{\eta\sigma^2}{Bk}\cdot\frac{\mathrm{tr}\,K}{nk}
+= \frac{\eta\sigma^2\,\mathrm{reg}}{B k^2}` (:math:`K = JJ^\top`, :math:`\mathrm{tr}\,K = n\,\mathrm{reg}`),
+logged as ``predicted_probe_loss`` next to ``probe_loss`` (meaningful when the probe set is the
+training set). With heavy-ball momentum :math:`\beta`, :math:`\eta` is replaced by the effective
+step :math:`\eta / (1 - \beta)`. The predictions are first order in :math:`\eta` around the
+manifold: ``examples/theory_check.py`` holds them against training where their assumptions hold.
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ SCALARS = (
     "predicted_drift_per_step",
     "probe_seconds",
     "jacobian_rank",
+    "observed_drift_per_step",
+    "predicted_probe_loss",
 )
 
 
@@ -70,8 +79,8 @@ class TensorBoardMonitor:
 
     Scalars (under ``prefix``/): reg, reg_grad_norm, manifold_grad_norm, normal_grad_norm,
     manifold_fraction (= manifold / total), probe_loss (clean MSE on the probe set, if the probe
-    has targets), lr, noise_std, predicted_drift_per_step (see the module docstring),
-    probe_seconds, jacobian_rank (the numerical rank of J the projection used, where a dense
+    has targets), lr, noise_std, predicted_drift_per_step and observed_drift_per_step,
+    predicted_probe_loss (see the module docstring), probe_seconds, jacobian_rank (the numerical rank of J the projection used, where a dense
     solver ran); a histogram of the per-sample :math:`\\|J_i\\|^2`; a custom-scalars layout that
     groups them; and hparams (lr, momentum, noise std, distribution, batch size) so that runs
     with and without noise compare side by side in the HPARAMS tab.
@@ -144,6 +153,7 @@ class TensorBoardMonitor:
         self._steps = 0
         self._hparams_written = False
         self._said_no_drift = False
+        self._previous: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (step, theta, P_T grad reg)
         self.failures = 0
         self.last_report: ProbeReport | None = None
         self._owns_bar = progress is True and self.is_writer
@@ -216,6 +226,7 @@ class TensorBoardMonitor:
         if report.jacobian_rank is not None:
             values["jacobian_rank"] = report.jacobian_rank
         values.update(self._training_values(report))
+        values.update(self._observed_drift(report, step))
         self.last_report = report
         if self.writer is None:  # not rank 0: the probe ran (a collective), nothing to write
             return report
@@ -231,6 +242,23 @@ class TensorBoardMonitor:
                 postfix["loss"] = f"{report.loss:.3g}"
             self._bar.set_postfix(postfix, refresh=False)
         return report
+
+    def _observed_drift(self, report: ProbeReport, step: int) -> dict[str, float]:
+        """The parameters' displacement since the previous probe along that probe's
+        -P_T grad reg direction, per step; kept: the parameters and direction of this probe."""
+        model = getattr(self.probe, "model", None)
+        if model is None or report.manifold_grad is None:
+            return {}
+        with torch.no_grad():
+            theta = torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
+        values = {}
+        if self._previous is not None and step > self._previous[0]:
+            previous_step, previous_theta, direction = self._previous
+            if direction.norm() > 0 and previous_theta.shape == theta.shape:
+                moved = -(theta - previous_theta).to(direction.dtype).dot(direction) / direction.norm()
+                values["observed_drift_per_step"] = float(moved) / (step - previous_step)
+        self._previous = (step, theta.clone(), report.manifold_grad)
+        return values
 
     def _batch_size(self) -> int | None:
         """B: as given, else the samples the label noise saw in the last step (summed over
@@ -254,10 +282,9 @@ class TensorBoardMonitor:
                 if self._batch_size() is None:  # (at attach(), before a step showed B)
                     return values
                 step_size = lr / (1.0 - float(group.get("momentum", 0.0) or 0.0))
-                k = report.outputs_per_sample
-                values["predicted_drift_per_step"] = (
-                    step_size**2 * sigma**2 / (self._batch_size() * k**2) * report.manifold_grad_norm
-                )
+                scale = step_size * sigma**2 / (self._batch_size() * report.outputs_per_sample**2)
+                values["predicted_drift_per_step"] = step_size * scale * report.manifold_grad_norm
+                values["predicted_probe_loss"] = scale * report.reg
             elif not self._said_no_drift:
                 self._said_no_drift = True
                 warnings.warn(
@@ -279,11 +306,12 @@ class TensorBoardMonitor:
                         "Multiline", t("reg_grad_norm", "manifold_grad_norm", "normal_grad_norm")],
                     "manifold / total": ["Multiline", t("manifold_fraction")],
                     "numerical rank of J (the projection's)": ["Multiline", t("jacobian_rank")],
-                    "predicted drift per step along the manifold": [
-                        "Multiline", t("predicted_drift_per_step")],
+                    "drift per step along the manifold: predicted, observed": [
+                        "Multiline", t("predicted_drift_per_step", "observed_drift_per_step")],
                 },
                 "training": {
-                    "clean probe loss": ["Multiline", t("probe_loss")],
+                    "clean probe loss, and its Ornstein-Uhlenbeck prediction": [
+                        "Multiline", t("probe_loss", "predicted_probe_loss")],
                     "learning rate and noise std": ["Multiline", t("lr", "noise_std")],
                     "probe seconds": ["Multiline", t("probe_seconds")],
                 },

@@ -38,14 +38,19 @@ def test_every_tag_is_logged_at_multiples_of_every_with_the_probe_values(tmp_pat
     opt = LabelNoiseSGD(model.parameters(), lr=0.05, momentum=0.5, noise_std=0.3)
     x, y = batch(99)
     probe = RegularizerProbe(model, x, y)
-    expected = {}
+    expected, thetas = {}, {}
+    flat_parameters = lambda: torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+
+    def at_the_same_parameters(step):  # the probe directly, and the parameters
+        expected[step], thetas[step] = probe(), flat_parameters()
+
     # training batches of 4 samples, a probe set of 16: the drift prediction must use 4
     with TensorBoardMonitor(probe, log_dir=tmp_path, every=3, batch_size=4) as monitor:
         monitor.attach(opt)  # logs the starting point
-        expected[0] = probe()
-        # a hook after the monitor's: the probe at the same parameters, directly
+        at_the_same_parameters(0)
+        # a hook after the monitor's
         opt.register_step_post_hook(
-            lambda o, a, k: expected.__setitem__(opt.label_noise.step, probe()) if opt.label_noise.step % 3 == 0 else None)
+            lambda o, a, k: at_the_same_parameters(opt.label_noise.step) if opt.label_noise.step % 3 == 0 else None)
         train_noisy(model, opt, 10)
     acc = read_events(tmp_path)
     tags = set(acc.Tags()["scalars"])
@@ -53,6 +58,7 @@ def test_every_tag_is_logged_at_multiples_of_every_with_the_probe_values(tmp_pat
                  "probe_loss", "lr", "noise_std", "predicted_drift_per_step", "probe_seconds"):
         assert f"{PREFIX}/{name}" in tags, name
     assert f"{PREFIX}/per_sample_sq_grad_norm" in acc.Tags()["histograms"]
+    assert expected[3].manifold_grad.norm().item() == pytest.approx(expected[3].manifold_grad_norm, rel=1e-12)
     for name in ("reg", "reg_grad_norm", "manifold_grad_norm", "normal_grad_norm", "probe_loss"):
         events = acc.Scalars(f"{PREFIX}/{name}")
         assert [e.step for e in events] == [0, 3, 6, 9]
@@ -63,6 +69,15 @@ def test_every_tag_is_logged_at_multiples_of_every_with_the_probe_values(tmp_pat
         # eta_eff^2 sigma^2 / (B k^2) |P_T grad reg| with eta_eff = 0.05 / (1 - 0.5) = 0.1,
         # sigma = 0.3, B = 4, k = 3: 0.01 * 0.09 / 36 = 2.5e-5
         assert math.isclose(e.value, 2.5e-5 * expected[e.step].manifold_grad_norm, rel_tol=FLOAT32_EVENT_RTOL)
+    for e in acc.Scalars(f"{PREFIX}/predicted_probe_loss"):
+        # eta_eff sigma^2 / (B k^2) reg = 0.1 * 0.09 / 36 reg = 2.5e-4 reg
+        assert math.isclose(e.value, 2.5e-4 * expected[e.step].reg, rel_tol=FLOAT32_EVENT_RTOL)
+    observed = acc.Scalars(f"{PREFIX}/observed_drift_per_step")
+    assert [e.step for e in observed] == [3, 6, 9]
+    for e in observed:  # the move along the previous probe's -P_T grad reg, per step
+        direction = expected[e.step - 3].manifold_grad
+        moved = -(thetas[e.step] - thetas[e.step - 3]).dot(direction) / direction.norm()
+        assert math.isclose(e.value, float(moved) / 3, rel_tol=FLOAT32_EVENT_RTOL)
     assert [e.value for e in acc.Scalars(f"{PREFIX}/lr")] == pytest.approx([0.05] * 4)
     assert [e.value for e in acc.Scalars(f"{PREFIX}/jacobian_rank")] == [expected[s].jacobian_rank for s in (0, 3, 6, 9)]
     hist = acc.Histograms(f"{PREFIX}/per_sample_sq_grad_norm")
