@@ -65,3 +65,23 @@ def test_relu_1d_seed_chooses_the_initialisations(tmp_path):
         assert (out / f"seed{seed + 1}" / "with_noise").is_dir()
     lengths = {seed: [r["curve_length"] for r in s["per_seed"]] for seed, s in summaries.items()}
     assert lengths[0] != lengths[7]
+
+
+def test_theory_check_quick_run_reports_each_prediction_beside_its_measurement(tmp_path):
+    out = tmp_path / "theory"
+    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, "theory_check.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    setting = json.loads((out / "summary.json").read_text())["tanh_single_point"]
+    for section, keys in {"timescale": ("spread_steps", "spread_rescaled"),
+                          "drift": ("mean_cosine", "median_length_ratio"), "ou": ("measured", "predicted")}.items():
+        for key in keys:
+            assert isinstance(setting[section][key], float), (section, key)
+    assert setting["drift"]["windows"] >= 3 and setting["ou"]["predicted"] > 0
+    assert -1 <= setting["drift"]["mean_cosine"] <= 1
+    assert set(setting["checks"]) == {"timescale.spread_rescaled", "timescale.spread_steps", "drift.mean_cosine",
+                                      "drift.median_length_ratio", "ou.relative_error"}
+    runs = glob.glob(str(out / "tanh_single_point" / "*" / "events.out.tfevents.*"))
+    assert len(runs) == 4  # one TensorBoard run per (lr, std) pair
+    png = out / "theory_check.png"
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
