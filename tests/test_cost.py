@@ -87,3 +87,17 @@ def test_accelerator_choices_dispatch_whole_layers_and_give_the_same_numbers():
         norms = per_sample_sq_grad_norms(model, x)
     assert accelerator.operations < cpu.operations and abs(accelerator.flops - cpu.flops) <= 0.01 * cpu.flops
     assert_rel_close(norms, brute_sq_norms(model, x[:4]).repeat(32))
+
+
+@pytest.mark.parametrize("name", ["mlp_multi_output", "cnn_groupnorm", "transformer_encoder_layer"])
+def test_the_dense_projection_and_its_rank_report_sync_nothing(name):
+    # K from closed forms (the MLP) or J from the trace (CNN, transformer): the rank and the
+    # smallest kept singular value are reductions, read by the probe with its other numbers
+    from helpers import make, random_vector
+    from noisy_label_sgd import tangent_projection
+
+    model, x = make(name)
+    x = torch.cat([x] * 20)  # past the small-J path
+    v = random_vector(model)
+    tangent_projection(model, x, v)
+    assert cost(lambda: tangent_projection(model, x, v)).syncs == 0

@@ -148,14 +148,14 @@ def project_on_gram(products: Products, K: torch.Tensor, v: torch.Tensor, rcond:
     keep = eigenvalues > (rcond**2) * eigenvalues.max().clamp_min(0)
     inverse = torch.where(keep, 1.0 / eigenvalues.where(keep, torch.ones_like(eigenvalues)), 0.0)
     u = Q @ (inverse * (Q.T @ products.J_times(v)))
-    return Projection(v - products.J_transpose_times(u), *kept(eigenvalues.clamp_min(0).sqrt().flip(0), keep.flip(0)))
+    return Projection(v - products.J_transpose_times(u), *kept(eigenvalues.clamp_min(0).sqrt(), keep))
 
 
 def kept(s: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rank (singular values kept) and the smallest kept over the largest, for singular
-    values ``s`` in decreasing order."""
+    """The rank (singular values kept) and the smallest kept over the largest (reductions
+    only: indexing by the rank would be a host sync)."""
     rank = keep.sum()
-    smallest = s[(rank - 1).clamp_min(0)] / s[0].clamp_min(torch.finfo(s.dtype).tiny)
+    smallest = torch.where(keep, s, torch.inf).min() / s.max().clamp_min(torch.finfo(s.dtype).tiny)
     return rank, torch.where(rank > 0, smallest, 0.0)
 
 
