@@ -445,8 +445,8 @@ CASES = {
     "embedding_with_padding_index": (lambda: seeded(35, BagOfTokens), lambda: randn(5, 6, seed=6)),
     "lstm_two_layers_batch_first": (lambda: seeded(28, lambda: Recurrent(nn.LSTM, num_layers=2, batch_first=True)),
                                     lambda: randn(4, 3, 3)),
-    "gru_bidirectional_state_head": (lambda: seeded(29, lambda: Recurrent(nn.GRU, head_on_state=True,
-                                                                           bidirectional=True)), lambda: randn(3, 3, 3)),
+    "gru_bidirectional_state_head": (
+        lambda: seeded(29, lambda: Recurrent(nn.GRU, head_on_state=True, bidirectional=True)), lambda: randn(3, 3, 3)),
     "rnn_relu_initial_state_no_bias": (lambda: seeded(30, lambda: Recurrent(
         nn.RNN, initial_state=True, nonlinearity="relu", bias=False, num_layers=2)), lambda: randn(4, 3, 3)),
     "lstm_projection_bidirectional_initial_state": (lambda: seeded(31, lambda: Recurrent(

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import (FLOAT32_RTOL, FLOAT64_RTOL, assert_rel_close, brute_jacobian, brute_reg_grad, brute_sq_norms, seeded,
-                     svd_tangent_projection)
+from helpers import (FLOAT32_RTOL, FLOAT64_RTOL, assert_rel_close, brute_jacobian, brute_reg_grad, brute_sq_norms,
+                     seeded, svd_tangent_projection)
 from noisy_label_sgd import RegularizerProbe, per_sample_sq_grad_norms, regularizer_grad
 
 transformers = pytest.importorskip("transformers")

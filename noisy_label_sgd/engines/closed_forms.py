@@ -5,7 +5,8 @@ parameters its recorded input ``a`` and the output gradients ``g`` = [c, *output
 output directions; a closed form turns them into that module's part of every sample's
 :math:`\|J_i\|_F^2`, summed over the c directions, without a per-sample gradient of the model:
 
-* ``nn.Linear`` (and Hugging Face's ``Conv1D``, its weight transposed), :math:`y_t = W a_t + b` over positions t (none for 2-D inputs):
+* ``nn.Linear`` (and Hugging Face's ``Conv1D``, its weight transposed), :math:`y_t = W a_t + b`
+  over positions t (none for 2-D inputs):
   :math:`\|\nabla_W h_{ij}\|^2 = \sum_{t,s} (a_{it}\cdot a_{is})(g_{ijt}\cdot g_{ijs})` (for one
   position :math:`\|g_{ij}\|^2\|a_i\|^2`), :math:`\|\nabla_b h_{ij}\|^2 = \|\sum_t g_{ijt}\|^2`;
   the projections of ``nn.MultiheadAttention`` and the maps of ``nn.RNN`` / ``nn.LSTM`` /
@@ -330,7 +331,9 @@ def embedding_sq_norms(module: nn.Embedding, a: torch.Tensor, g: torch.Tensor, t
     index = a.reshape(n, -1)  # [n, T]
     g = g.reshape(k, n, index.shape[1], -1)  # [k, n, T, d]
     if "pairs" not in memo:  # which positions share a row, per sample (the same for every direction)
-        counted = index != module.padding_idx if module.padding_idx is not None else torch.ones_like(index, dtype=torch.bool)
+        counted = torch.ones_like(index, dtype=torch.bool)
+        if module.padding_idx is not None:
+            counted = index != module.padding_idx
         same = (index.unsqueeze(2) == index.unsqueeze(1)) & counted.unsqueeze(2) & counted.unsqueeze(1)
         memo["pairs"] = same.to(g.dtype)
     return (memo["pairs"] * (g @ g.transpose(2, 3))).sum((0, 2, 3))

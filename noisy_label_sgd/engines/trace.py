@@ -8,9 +8,13 @@ forwards written out (:mod:`~noisy_label_sgd.engines.attention`,
 out_proj; a recurrent layer's input and recurrent maps) become owners of their own whose output
 gradients the model's own backward reaches.
 
+Each recorded output's sample dim comes from a forward of one sample and of two
+(:func:`one_sample_layout`, cached); an output shared by all samples ([1, ...], broadcast) is
+traced expanded to the batch where that leaves the model's output unchanged.
+
 Whole-model refusals (:class:`FastPathUnsupported`): a parameter owned by two modules, a module
-with parameters that is never called (its weight used by a parent's functional code), or a
-module returning a non-tensor.
+with parameters that is never called (its weight used by a parent's functional code), a module
+returning a non-tensor, or an output with no single sample dim.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .functional import Batch, per_sample_outputs
 from .attention import self_attention_forward
+from .functional import Batch, per_sample_outputs
 from .recurrent import is_stock_recurrent, unrolled_forward
+
 
 class FastPathUnsupported(RuntimeError):
     """The model needs the whole-model torch.func path (the message says why)."""
