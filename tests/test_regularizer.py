@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import (CG_RTOL, FD_ATOL, FLOAT64_RTOL, IDS, FrozenAndBuffers, assert_rel_close, brute_jacobian,
-                     brute_reg_grad, brute_sq_norms, finite_difference_grad, make, mlp, random_vector, randn, seeded,
-                     svd_tangent_projection)
+from helpers import (CG_RTOL, FD_ATOL, FLOAT32_PROJECTION_RTOL, FLOAT64_RTOL, IDS, FrozenAndBuffers, assert_rel_close,
+                     brute_jacobian, brute_reg_grad, brute_sq_norms, finite_difference_grad, make, mlp, random_vector,
+                     randn, seeded, svd_tangent_projection)
 from noisy_label_sgd import (RegularizerProbe, implicit_regularizer, per_sample_sq_grad_norms, regularizer_grad,
                              tangent_projection)
 from noisy_label_sgd.paper_models import MatrixSensing
@@ -384,6 +384,22 @@ def test_each_solver_is_reached_where_it_should_be(name, kwargs, ran, monkeypatc
     assert solved == [f"project_{ran}"]
     assert_rel_close(actual, svd_tangent_projection(brute_jacobian(model, x), flat(v)),
                      rtol=CG_RTOL if ran == "cg" else FLOAT64_RTOL)
+
+
+def test_a_float32_jacobian_is_solved_through_k_in_float64(monkeypatch):
+    # its own rounding exceeds what K adds above the cutoff; the QR on J costs 2.4-3x more
+    from noisy_label_sgd.engines import tangent
+
+    solved = []
+    for solver in ("project_on_gram", "project_on_jacobian"):
+        original = getattr(tangent, solver)
+        monkeypatch.setattr(tangent, solver, lambda *a, s=solver, original=original: solved.append(s) or original(*a))
+    model, x = make("cnn_groupnorm")
+    v = random_vector(model)
+    expected = svd_tangent_projection(brute_jacobian(model, x), flat(v))
+    actual = flat(tangent_projection(model.float(), x.float(), {n: t.float() for n, t in v.items()}))
+    assert solved == ["project_on_gram"]
+    assert_rel_close(actual.double(), expected, rtol=FLOAT32_PROJECTION_RTOL)
 
 
 def test_matrix_sensing_theory_check():

@@ -4,14 +4,17 @@ Written only against the engine interface (:class:`~noisy_label_sgd.engines.engi
 ``jacobian``, ``gram``, ``J_times``, ``J_transpose_times``), so a solver never knows which
 engine answers:
 
-* dense on J: where J is formed (the jacobian and vmap engines hold it; otherwise torch.func
-  forms it when it fits), the row space of J from J itself in float64: a QR factorisation of
-  :math:`J^\top` and an SVD of its small triangular factor, backward stable on J (relative
-  errors of :math:`\varepsilon_{64}` in the singular values, not of
-  :math:`\varepsilon_{64}\,\mathrm{cond}(J)^2` as through :math:`JJ^\top`);
+* dense on J, for a J formed in float64 (the jacobian and vmap engines hold it, the fast engine
+  forms it from its trace, torch.func otherwise, when it fits): the row space of J from J itself:
+  a QR factorisation of :math:`J^\top` and an SVD of its small triangular factor, backward
+  stable on J (relative errors of :math:`\varepsilon_{64}` in the singular values, not of
+  :math:`\varepsilon_{64}\,\mathrm{cond}(J)^2` as through :math:`JJ^\top`), at 2.4-3x the
+  time of forming K and its eigendecomposition;
 * dense on K: where the engine forms :math:`K = JJ^\top` in closed form without J (the fast
-  engine on Linear/LayerNorm/GroupNorm models), :math:`K^+` from K's eigenvalues in float64,
-  with J v and J^T u as a jvp and a vjp;
+  engine on Linear/LayerNorm/GroupNorm models), or from a J of lower precision (float32: its own
+  rounding, :math:`\varepsilon_{32}\,\mathrm{cond}(J)`, exceeds what K in float64 adds,
+  :math:`\varepsilon_{64}\,\mathrm{cond}(J)^2`, for every singular value above the cutoff),
+  :math:`K^+` from K's eigenvalues in float64, with J v and J^T u from J or as a jvp and a vjp;
 * conjugate gradients on :math:`Ku = Jv`, matrix-free (jvp/vjp products; J never formed);
 * distributed: conjugate gradients whose inner products and :math:`J^\top u` are summed over
   ranks (each rank holds the rows of J of its shard of the probe set).
@@ -106,8 +109,11 @@ def project(engine: Engine, v: torch.Tensor, *, solver: str = "auto", rcond: flo
             return project_on_gram(products, K, v64, rcond).to(v.dtype)
         if solver == "dense" or engine.jacobian_fits():
             J = engine.jacobian()
-    if J is not None:
+    if J is not None and J.dtype == torch.float64:
         return project_on_jacobian(J, v64, rcond).to(v.dtype)
+    if J is not None:
+        J64 = J.double()
+        return project_on_gram(products, J64 @ J64.T, v64, rcond).to(v.dtype)
     return Projection(project_cg(products, v64, tol, max_iter).to(v.dtype))
 
 
