@@ -1,5 +1,5 @@
 """Models people bring, built from configs (no weights downloaded): Hugging Face BERT, GPT-2 and
-Llama with padding masks, and torch's own RMSNorm, each against the brute-force loops."""
+Llama with padding masks, a ViT, and torch's own RMSNorm, each against the brute-force loops."""
 
 import pytest
 import torch
@@ -89,3 +89,31 @@ def test_torch_rmsnorm_has_a_closed_form_exact_against_the_loop():
     names = [n for n, p in model.named_parameters()]
     grad = regularizer_grad(model, x, method="fast")
     assert_rel_close(torch.cat([grad[n].reshape(-1) for n in names]), brute_reg_grad(model, x))
+
+
+class ViTWithHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=WIDTH,
+                                        num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        self.body, self.head = transformers.ViTModel(config, add_pooling_layer=False), nn.Linear(WIDTH, 2)
+
+    def forward(self, x):
+        return self.head(self.body(pixel_values=x).last_hidden_state[:, 0])
+
+
+@pytest.mark.parametrize("method", ["auto", "fast", "vmap"])
+def test_a_vision_transformer_is_probed_exactly_in_every_method(method):
+    # its embeddings own bare parameters (the class token, the position embeddings): "fast"
+    # takes them by a per-module fallback (grad reg then by torch.func), "auto" takes vmap
+    model = seeded(42, ViTWithHead).eval()
+    x = torch.randn(40, 3, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    report = RegularizerProbe(model, x, method=method)()
+    assert report.method == {"fast": "fast (per-module fallback: body.embeddings)"}.get(method, "vmap")
+    J = brute_jacobian(model, x)
+    grad = brute_reg_grad(model, x)
+    assert_rel_close(report.per_sample, J.pow(2).reshape(40, -1).sum(1))
+    assert_rel_close(report.reg_grad_norm, float(grad.norm()))
+    manifold = svd_tangent_projection(J, grad)
+    assert_rel_close(report.manifold_grad_norm, float(manifold.norm()), rtol=0, atol=FLOAT64_RTOL * float(grad.norm()))
