@@ -38,7 +38,16 @@ def parser(name: str, doc: str, **defaults) -> argparse.ArgumentParser:
                    help="fraction of the steps at the end over which the noise std falls to 0")
     p.add_argument("--quick", action="store_true", help="a few seconds, for tests")
     p.add_argument("--paper", action="store_true", help="the paper's sizes (meant for a GPU)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="at most this many steps after the presets: a smoke run of --paper")
     return p
+
+
+def cap_steps(args: argparse.Namespace) -> None:
+    """--max-steps applied after an example's presets (probing at least at the end)."""
+    if args.max_steps:
+        args.steps = min(args.steps, args.max_steps)
+        args.every = min(args.every, args.steps)
 
 
 def environment_note(device: torch.device) -> str:

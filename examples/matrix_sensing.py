@@ -24,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from common import finish, parser, print_table, save_figure, train, write_summary  # noqa: E402
+from common import cap_steps, finish, parser, print_table, save_figure, train, write_summary  # noqa: E402
 from noisy_label_sgd.paper_models import MatrixSensing  # noqa: E402
 
 args = parser("matrix_sensing", __doc__, steps=20000, lr=0.02, noise_std=3.0, every=1000, anneal=0.2)
@@ -37,6 +37,7 @@ if args.paper:
     args.steps, args.lr = max(args.steps, 50000), 0.01
 if args.quick:
     args.steps, args.every = 300, 100
+cap_steps(args)
 device = torch.device(args.device)
 os.makedirs(args.out, exist_ok=True)
 

@@ -28,7 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from common import finish, parser, save_figure, train, write_summary  # noqa: E402
+from common import cap_steps, finish, parser, save_figure, train, write_summary  # noqa: E402
 from noisy_label_sgd.paper_models import TwoLayerReLU1D  # noqa: E402
 
 LEVELS = [0, 3.5, 2, 2, 4, 3, 2, 1, 2, 3, 4, 1]
@@ -48,6 +48,7 @@ if args.paper:
     args.lr = min(args.lr, 3e-4)  # the tangent kernel grows with the width: larger steps diverge
 if args.quick:
     args.steps, args.every, args.seeds, args.width = 300, 100, 2, 20
+cap_steps(args)
 device = torch.device(args.device)
 os.makedirs(args.out, exist_ok=True)
 

@@ -25,7 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from common import finish, parser, print_table, save_figure, train, write_summary  # noqa: E402
+from common import cap_steps, finish, parser, print_table, save_figure, train, write_summary  # noqa: E402
 from noisy_label_sgd.paper_models import TwoLayerSigmoid  # noqa: E402
 
 args = parser("sigmoid_single_point", __doc__, steps=50000, lr=0.05, noise_std=1.0, every=2500, anneal=0.2)
@@ -38,6 +38,7 @@ if args.paper:
     args.width, args.steps = 100, max(args.steps, 500000)
 if args.quick:
     args.steps, args.every = 300, 100
+cap_steps(args)
 device = torch.device(args.device)
 os.makedirs(args.out, exist_ok=True)
 

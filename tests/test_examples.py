@@ -85,3 +85,20 @@ def test_theory_check_quick_run_reports_each_prediction_beside_its_measurement(t
     assert len(runs) == 4  # one TensorBoard run per (lr, std) pair
     png = out / "theory_check.png"
     assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+PAPER_SIZES = {"matrix_sensing": {"d": 100, "r": 5, "n": 2500}, "relu_1d": {"width": 1000, "seeds": 5},
+               "sigmoid_single_point": {"width": 100}}
+
+
+@pytest.mark.parametrize("name", list(PAPER_SIZES))
+def test_paper_presets_run_a_few_steps_at_the_papers_sizes(name, tmp_path):
+    out = tmp_path / name
+    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, f"{name}.py"), "--paper", "--max-steps", "3",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    config = summary["config"]
+    assert {k: config[k] for k in PAPER_SIZES[name]} == PAPER_SIZES[name] and config["steps"] == 3
+    assert {"with_noise", "without_noise"} <= set(summary)
+    assert (out / f"{name}.png").stat().st_size > 10_000
