@@ -167,7 +167,8 @@ def run(lr: float, std: float, *, windows: bool) -> dict:
                     result["windows"].append((t, flat_dict(observed), predicted))
                 window_start = (step, flat(model), copy.deepcopy(model), probe().manifold_grad)
             if windows and step > steps // 4 and step % every == 0:  # OU: K's eigenvalues now
-                a = torch.linalg.eigvalsh(jacobian(model) @ jacobian(model).T) * 2 * eta / (n * k)
+                J = jacobian(model)
+                a = torch.linalg.eigvalsh(J @ J.T) * 2 * eta / (n * k)
                 result["predicted_residual"].append(float(std**2 / (n * k) * (a / (2 - a)).sum()))
             if step == steps:
                 break

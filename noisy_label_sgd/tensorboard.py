@@ -80,8 +80,9 @@ class TensorBoardMonitor:
     Scalars (under ``prefix``/): reg, reg_grad_norm, manifold_grad_norm, normal_grad_norm,
     manifold_fraction (= manifold / total), probe_loss (clean MSE on the probe set, if the probe
     has targets), lr, noise_std, predicted_drift_per_step and observed_drift_per_step,
-    predicted_probe_loss (see the module docstring), probe_seconds, jacobian_rank (the numerical rank of J the projection used, where a dense
-    solver ran); a histogram of the per-sample :math:`\\|J_i\\|^2`; a custom-scalars layout that
+    predicted_probe_loss (see the module docstring), probe_seconds, jacobian_rank (the
+    numerical rank of J the projection used, where a dense solver ran); a histogram of the
+    per-sample :math:`\\|J_i\\|^2`; a custom-scalars layout that
     groups them; and hparams (lr, momentum, noise std, distribution, batch size) so that runs
     with and without noise compare side by side in the HPARAMS tab.
 
@@ -257,7 +258,7 @@ class TensorBoardMonitor:
             if direction.norm() > 0 and previous_theta.shape == theta.shape:
                 moved = -(theta - previous_theta).to(direction.dtype).dot(direction) / direction.norm()
                 values["observed_drift_per_step"] = float(moved) / (step - previous_step)
-        self._previous = (step, theta.clone(), report.manifold_grad)
+        self._previous = (step, theta, report.manifold_grad)  # (theta: a new tensor, from cat)
         return values
 
     def _batch_size(self) -> int | None:

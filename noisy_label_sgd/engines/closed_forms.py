@@ -46,7 +46,7 @@ from torch import nn
 
 from . import functional
 from .recurrent import is_stock_recurrent
-from .trace import FastPathUnsupported, Owner, owners_of
+from .trace import FastPathUnsupported, Owner, input_over_calls, owners_of
 
 
 @dataclass(frozen=True)
@@ -109,8 +109,8 @@ def bind(owners: list[Owner]) -> None:
         call = o.calls[0]
         if o.affine:  # (applied at several time steps: the steps are positions)
             weight, bias = (any(kind in name for name in o.params) for kind in ("weight", "bias"))
-            a = call.args[0] if len(o.calls) == 1 else torch.stack([c.args[0] for c in o.calls], 1)
-            o.closed_form = partial(affine_map_sq_norms, a, weight=weight, bias=bias, memo=call.memo)
+            o.closed_form = partial(affine_map_sq_norms, input_over_calls(o), weight=weight, bias=bias,
+                                    memo=call.memo)
             continue
         own = {n for n, p in o.module._parameters.items() if p is not None and p.requires_grad}
         form = closed_form_of(o.module)
@@ -353,9 +353,8 @@ def rms_normalized(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
 @register_closed_form("torch.nn.modules.normalization.RMSNorm", "transformers.models.llama.modeling_llama.LlamaRMSNorm",
                       samples_anywhere=True)
 def rms_norm_sq_norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor, trainable, memo: dict) -> torch.Tensor:
-    """The weight's per-sample gradient: g times the normalised input, summed over positions."""
-    if "weight" not in trainable:
-        return torch.zeros(g.shape[1], dtype=g.dtype, device=g.device)
+    """The weight's per-sample gradient: g times the normalised input, summed over positions
+    (the weight is the module's one parameter, trainable: else it owns none)."""
     k, n = g.shape[:2]
     width = module.weight.numel()
     grads = (g * rms_normalized(module, a)).reshape(k, n, -1, width).sum(2)

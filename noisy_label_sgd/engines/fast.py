@@ -35,7 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from . import closed_forms
 from .engine import Engine
 from .functional import Batch, ParamDict, chunk_slices, fused_attention
-from .trace import Call, FastPathUnsupported, Owner, fast_chunk_size, trace
+from .trace import Call, FastPathUnsupported, Owner, fast_chunk_size, grads_over_calls, input_over_calls, trace
 from .vmap import VmapEngine
 
 
@@ -278,7 +278,7 @@ def _owner_part(o: Owner, grads: list[torch.Tensor], n: int) -> torch.Tensor:
     """This module's part of every sample's squared norm, from its output gradients (one
     [c, *y.shape] per call, over c output directions)."""
     if o.closed_form:  # (an affine map applied at several time steps: the steps as positions)
-        return o.closed_form(grads[0] if len(grads) == 1 else torch.stack(grads, 2))
+        return o.closed_form(grads_over_calls(grads))
     with sdpa_kernel(SDPBackend.MATH):  # vmapped: the fused attention kernels have no batching rule
         return per_module_fallback(o, grads, n)
 
@@ -362,9 +362,8 @@ def per_sample_grads(owner: Owner, grads: list[torch.Tensor], n: int) -> dict[st
     linear = isinstance(owner.module, torch.nn.Linear) and len(owner.calls) == 1 and len(call.args) == 1
     if not (owner.affine or linear):
         return module_per_sample_grads(owner, grads, n)
-    d = call.sample_dim
-    a = call.args[0].movedim(d, 0) if len(owner.calls) == 1 else torch.stack([c.args[0] for c in owner.calls], 1)
-    g = grads[0].movedim(d + 1, 1) if len(grads) == 1 else torch.stack(grads, 2)
+    d = call.sample_dim  # (0 where several calls are stacked)
+    a, g = input_over_calls(owner).movedim(d, 0), grads_over_calls(grads).movedim(d + 1, 1)
     a = a.reshape(n, -1, a.shape[-1]).to(g.dtype)  # [n, positions, in]
     g = g.reshape(g.shape[0], n, -1, g.shape[-1])  # [c, n, positions, out]
     return {name: torch.einsum("cnto,nti->cnoi", g, a) if "weight" in name else g.sum(2)

@@ -184,8 +184,8 @@ def per_sample_outputs(out, batch: Batch) -> torch.Tensor:
 @contextmanager
 def evaluation_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode, gradients on (whatever the caller's grad mode), the math attention kernel (it
-    has double backward), no RNG side effects, and no fused fast path of nn.TransformerEncoderLayer / nn.MultiheadAttention: in eval mode in
-    float32, with no input requiring grad (as under torch.func), they take a fused kernel that
+    has double backward), no RNG side effects, and no fused fast path of
+    nn.TransformerEncoderLayer / nn.MultiheadAttention: in eval mode in float32, with no input requiring grad (as under torch.func), they take a fused kernel that
     has no forward AD (a jvp through it raises) and no double backward; recurrent layers
     written out over time steps (:mod:`~noisy_label_sgd.engines.recurrent`: torch.func has no
     batching rule for the fused ones)."""

@@ -49,14 +49,14 @@ def default_rcond(rows: int, dtype: torch.dtype) -> float:
     r"""Relative singular-value cutoff of :math:`J^+` for a J computed in ``dtype``: singular
     values of J below ``rcond`` times the largest count as zero (their directions as tangent).
 
-    J itself carries relative errors of :math:`arepsilon` of its dtype, which move its singular
-    values by about :math:`\sqrt{nk}\,arepsilon\, s_{max}`. Where K is decomposed instead of J
+    J itself carries relative errors of :math:`\varepsilon` of its dtype, which move its singular
+    values by about :math:`\sqrt{nk}\,\varepsilon\, s_{max}`. Where K is decomposed instead of J
     (its closed form, in float64), its eigenvalues :math:`\lambda = s^2` are resolved down to
-    about :math:`nk\,arepsilon_{64}\lambda_{max}`, so singular values below
-    :math:`\sqrt{nk\,arepsilon_{64}}\, s_{max}` are not resolved. The cutoff is the larger of the
+    about :math:`nk\,\varepsilon_{64}\lambda_{max}`, so singular values below
+    :math:`\sqrt{nk\,\varepsilon_{64}}\, s_{max}` are not resolved. The cutoff is the larger of the
     two, for both dense solvers alike (the engines then agree): for float64,
-    :math:`\sqrt{nk\,arepsilon_{64}}` (1.5e-7 for a thousand rows); for float32,
-    :math:`\sqrt{nk}\,arepsilon_{32}` (2.9e-7 for six rows, 3.8e-6 for a thousand).
+    :math:`\sqrt{nk\,\varepsilon_{64}}` (4.7e-7 for a thousand rows); for float32,
+    :math:`\sqrt{nk}\,\varepsilon_{32}` (2.9e-7 for six rows, 3.8e-6 for a thousand).
     """
     return max(math.sqrt(rows * torch.finfo(torch.float64).eps), math.sqrt(rows) * torch.finfo(dtype).eps)
 
@@ -200,4 +200,3 @@ def project_cg(products: Products, v: torch.Tensor, tol: float | None, max_iter:
                 stacklevel=3,
             )
     return v - products.J_transpose_times(u)
-

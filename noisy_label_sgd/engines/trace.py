@@ -78,6 +78,19 @@ class Owner:
     gram: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
+def input_over_calls(owner: Owner) -> torch.Tensor:
+    """An owner's (first positional) input, its calls stacked as positions after the samples (an
+    affine map applied at several time steps)."""
+    if len(owner.calls) == 1:
+        return owner.calls[0].args[0]
+    return torch.stack([c.args[0] for c in owner.calls], 1)
+
+
+def grads_over_calls(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Output gradients [c, *y.shape] per call, stacked as positions like :func:`input_over_calls`."""
+    return grads[0] if len(grads) == 1 else torch.stack(grads, 2)
+
+
 def owners_of(model: nn.Module) -> list[Owner]:
     """The modules owning trainable parameters, in module order (no calls recorded yet)."""
     owners, seen = [], {}
