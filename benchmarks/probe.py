@@ -18,6 +18,9 @@ Methods:
   reg           per_sample_sq_grad_norms, method="auto" (the norm-only fast path where it applies);
   reg_grad      regularizer_grad, method="auto";
   projection    tangent_projection of a random vector, solver and method "auto";
+  penalty_step  a training step on MSE + 0.1 implicit_regularizer(model, x, create_graph=True)
+                (the explicit-regularizer mode; reg of the training batch);
+  penalty_probe_step  the same with reg of a probe batch: the batch's first quarter;
   opacus_reg    Opacus ghost-clipping per-sample norms (scalar outputs; optional extra);
   backpack_reg  BackPACK BatchL2Grad (scalar outputs; optional extra).
 Every reg figure is checked against the naive loop (relative difference printed).
@@ -35,9 +38,10 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import cpu_peak_allocated_bytes, environment, interleaved_median_seconds, print_table, sync, write_json  # noqa: E402
-from noisy_label_sgd import per_sample_sq_grad_norms, regularizer_grad, tangent_projection  # noqa: E402
+from noisy_label_sgd import implicit_regularizer, per_sample_sq_grad_norms, regularizer_grad, tangent_projection  # noqa: E402
 
-METHODS = ["train_step", "naive_reg", "vmap_reg", "reg", "reg_grad", "projection", "opacus_reg", "backpack_reg"]
+METHODS = ["train_step", "naive_reg", "vmap_reg", "reg", "reg_grad", "projection", "penalty_step", "penalty_probe_step",
+           "opacus_reg", "backpack_reg"]
 
 
 class SumOutputs(nn.Module):
@@ -181,14 +185,19 @@ def method_run(case: str, method: str, device: torch.device, autocast: str):
         torch.manual_seed(0)
         model = build().to(device)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
-    if method == "train_step":
+    if method in ("train_step", "penalty_step", "penalty_probe_step"):
         opt = torch.optim.SGD(model.parameters(), lr=1e-4)
         model.train()
         y = torch.zeros_like(model(x))
+        penalty = 0.0 if method == "train_step" else 0.1
+        probe = x[: len(x) // 4] if method == "penalty_probe_step" else x
 
         def run():
             opt.zero_grad()
-            nn.functional.mse_loss(model(x), y).backward()
+            loss = nn.functional.mse_loss(model(x), y)
+            if penalty:
+                loss = loss + penalty * implicit_regularizer(model, probe, create_graph=True)
+            loss.backward()
             opt.step()
     elif method == "naive_reg":
         model.eval()

@@ -186,13 +186,26 @@ def write_summary(out: str, results: dict[str, dict], extra: dict | None = None)
     return path
 
 
-def print_table(results: dict[str, dict[str, float]]) -> None:
-    keys = [k for k, v in results["with_noise"].items() if isinstance(v, (int, float))]
+def print_table(results: dict[str, dict[str, float]], columns=("without_noise", "with_noise")) -> None:
+    keys = [k for k, v in results[columns[-1]].items() if isinstance(v, (int, float))]
     width = max(len(k) for k in keys)
-    print(f"{'':{width}}  {'without noise':>14}  {'with noise':>14}")
+    print(f"{'':{width}}" + "".join(f"  {c.replace('_', ' '):>16}" for c in columns))
     for k in keys:
-        a, b = results["without_noise"][k], results["with_noise"][k]
-        print(f"{k:{width}}  {a:>14.4g}  {b:>14.4g}")
+        print(f"{k:{width}}" + "".join(f"  {results[c][k]:>16.4g}" for c in columns))
+
+
+def matrix_sensing_problem(d: int, r: int, seed: int, device: torch.device):
+    """The paper's matrix sensing data: n = 5 d r Gaussian measurements A_i [n, d, d] of
+    X* = U* U*^T (rank r, unit columns, so eigenvalues near 1 like U0 U0^T = I); returns
+    (A, y, X*)."""
+    g = torch.Generator().manual_seed(seed)
+    n = 5 * d * r
+    A = torch.randn(n, d, d, generator=g)
+    U_star = torch.randn(d, r, generator=g)
+    U_star /= U_star.norm(dim=0)
+    X_star = U_star @ U_star.T
+    y = torch.einsum("nij,ij->n", A, X_star)
+    return A.to(device), y.to(device), X_star.to(device)
 
 
 def finish(out: str, figure: str, summary: str) -> None:

@@ -24,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from common import cap_steps, finish, parser, print_table, save_figure, train, write_summary  # noqa: E402
+from common import cap_steps, finish, matrix_sensing_problem, parser, print_table, save_figure, train, write_summary  # noqa: E402
 from noisy_label_sgd.paper_models import MatrixSensing  # noqa: E402
 
 args = parser("matrix_sensing", __doc__, steps=20000, lr=0.02, noise_std=3.0, every=1000, anneal=0.2)
@@ -41,14 +41,8 @@ cap_steps(args)
 device = torch.device(args.device)
 os.makedirs(args.out, exist_ok=True)
 
-g = torch.Generator().manual_seed(args.seed)
-n = 5 * d * r
-A = torch.randn(n, d, d, generator=g)
-U_star = torch.randn(d, r, generator=g)
-U_star /= U_star.norm(dim=0)  # unit columns: X* has eigenvalues near 1, like U0 U0^T = I
-X_star = U_star @ U_star.T
-y = torch.einsum("nij,ij->n", A, X_star)
-A, y, X_star = A.to(device), y.to(device), X_star.to(device)
+A, y, X_star = matrix_sensing_problem(d, r, args.seed, device)
+n = A.shape[0]
 
 
 def evaluate(model):

@@ -15,7 +15,8 @@ and :math:`J` is the :math:`nk \times p` stack.
 Each selects an engine (:func:`~noisy_label_sgd.engines.select_engine`; the rules are in
 :mod:`noisy_label_sgd.engines.select`) and asks it. Every function evaluates the model in eval
 mode (dropout off, BatchNorm on running statistics, so samples are independent) and restores
-each submodule's mode afterwards; it never touches parameters, ``.grad`` or any random state.
+each submodule's mode afterwards; it never touches parameters, ``.grad`` or any random state (with ``create_graph`` the
+caller's backward of the result fills ``.grad``).
 Frozen parameters and buffers are constants. Work is split into chunks of samples so that what is
 held at once fits ``memory_budget``.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .engines import select_engine
 from .engines.functional import DEFAULT_MEMORY_BUDGET, Inputs, ParamDict
@@ -84,15 +86,49 @@ def implicit_regularizer(
     method: str = "auto",
     chunk_size: int | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    create_graph: bool = False,
 ) -> torch.Tensor:
     r""":math:`\mathrm{reg}(\theta) = \frac1n \sum_i \|J_i\|_F^2` (a 0-dim tensor).
 
     Equals the trace of the Gauss-Newton matrix :math:`\frac1n J^\top J`. Arguments as for
     :func:`per_sample_sq_grad_norms`.
+
+    With ``create_graph=True`` it is a differentiable penalty, the mechanism of label noise made
+    explicit and trained on directly, e.g.
+    ``loss = mse(model(x), y) + lam * implicit_regularizer(model, x_probe, create_graph=True)``:
+    ``loss.backward()`` adds ``lam`` times :func:`regularizer_grad` to the trainable parameters'
+    ``.grad``. grad reg is computed here, with the value, by the engine's exact pass (a double
+    backward through the closed forms where the fast path applies, forward-over-reverse
+    torch.func otherwise: reverse-over-reverse under vmap is wrong through LayerNorm), so the
+    backward holds one parameter-sized gradient, not a graph. It can be differentiated once (a
+    second derivative raises). reg is measured in evaluation mode as always (dropout off,
+    BatchNorm on running statistics), on a probe batch or the training batch.
     """
-    return per_sample_sq_grad_norms(
-        model, inputs, method=method, chunk_size=chunk_size, memory_budget=memory_budget
-    ).mean()
+    if not create_graph or not torch.is_grad_enabled():
+        return per_sample_sq_grad_norms(
+            model, inputs, method=method, chunk_size=chunk_size, memory_budget=memory_budget
+        ).mean()
+    engine = select_engine(model, inputs, method, chunk_size=chunk_size, memory_budget=memory_budget)
+    with engine.measuring():
+        norms, grad_reg = engine.norms_and_grad()
+    live = dict(engine.model.named_parameters())
+    return _Penalty.apply(norms.mean(), tuple(grad_reg.values()), *(live[name] for name in grad_reg))
+
+
+class _Penalty(torch.autograd.Function):
+    """reg as a function of the live parameters, with the gradient measured beside it."""
+
+    @staticmethod
+    def forward(ctx, reg: torch.Tensor, grad_reg: tuple[torch.Tensor, ...], *params: torch.Tensor) -> torch.Tensor:
+        ctx.grad_reg = grad_reg
+        ctx.save_for_backward(*params)  # (a parameter changed in place before the backward raises)
+        return reg.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: torch.Tensor):
+        ctx.saved_tensors  # noqa: B018 (the version check)
+        return (None, None, *(grad_output * g for g in ctx.grad_reg))
 
 
 def regularizer_grad(

@@ -102,3 +102,17 @@ def test_paper_presets_run_a_few_steps_at_the_papers_sizes(name, tmp_path):
     assert {k: config[k] for k in PAPER_SIZES[name]} == PAPER_SIZES[name] and config["steps"] == 3
     assert {"with_noise", "without_noise"} <= set(summary)
     assert (out / f"{name}.png").stat().st_size > 10_000
+
+
+def test_explicit_penalty_quick_run_lowers_reg_and_test_error(tmp_path):
+    out = tmp_path / "penalty"
+    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, "explicit_penalty.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    with_, without = summary["with_penalty"], summary["without_penalty"]
+    # 300 steps at d=12: the penalised run already ends lower in reg and test error
+    assert with_["reg"] < without["reg"] and with_["test_error"] < without["test_error"]
+    assert with_["train_loss"] < 0.01
+    png = out / "explicit_penalty.png"
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
