@@ -65,6 +65,22 @@ class ProbeReport:
         """manifold_grad_norm / reg_grad_norm (0 when grad reg vanishes)."""
         return self.manifold_grad_norm / self.reg_grad_norm if self.reg_grad_norm > 0 else 0.0
 
+    def scalars(self) -> dict[str, float]:
+        """The numbers a logger records, by the names every integration logs them under."""
+        values = {
+            "reg": self.reg,
+            "reg_grad_norm": self.reg_grad_norm,
+            "manifold_grad_norm": self.manifold_grad_norm,
+            "normal_grad_norm": self.normal_grad_norm,
+            "manifold_fraction": self.manifold_fraction,
+            "probe_seconds": self.seconds,
+        }
+        if self.loss is not None:
+            values["probe_loss"] = self.loss
+        if self.jacobian_rank is not None:
+            values["jacobian_rank"] = self.jacobian_rank
+        return values
+
 
 class RegularizerProbe:
     """Measures the implicit regularizer of ``model`` on a fixed probe set, on demand.

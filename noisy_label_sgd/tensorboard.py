@@ -214,18 +214,7 @@ class TensorBoardMonitor:
         step = self.global_step if step is None else step
         report = self.probe()
         tag = lambda name: f"{self.prefix}/{name}"
-        values = {
-            "reg": report.reg,
-            "reg_grad_norm": report.reg_grad_norm,
-            "manifold_grad_norm": report.manifold_grad_norm,
-            "normal_grad_norm": report.normal_grad_norm,
-            "manifold_fraction": report.manifold_fraction,
-            "probe_seconds": report.seconds,
-        }
-        if report.loss is not None:
-            values["probe_loss"] = report.loss
-        if report.jacobian_rank is not None:
-            values["jacobian_rank"] = report.jacobian_rank
+        values = report.scalars()
         values.update(self._training_values(report))
         values.update(self._observed_drift(report, step))
         self.last_report = report

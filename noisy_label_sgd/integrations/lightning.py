@@ -1,0 +1,60 @@
+"""PyTorch Lightning: the probe's report through the Trainer's own loggers.
+
+Label noise needs nothing Lightning-specific: give the optimizer that ``configure_optimizers``
+builds a stream with :func:`~noisy_label_sgd.add_label_noise` and wrap the loss with
+:func:`~noisy_label_sgd.noisy_loss`. Lightning steps with a closure that runs
+``training_step``; the stream advances once per optimizer step and a closure evaluated twice
+sees the same noise. ``optimizer.state_dict()`` carries the stream, so Lightning's checkpoints
+resume it. See the README for a complete module.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from ..probe import ProbeReport
+
+__all__ = ["ProbeCallback"]
+
+
+class ProbeCallback(Callback):
+    """Runs ``probe`` at the start of training and after every ``every``-th optimizer step, and
+    logs its :meth:`~noisy_label_sgd.ProbeReport.scalars` (as ``prefix/name``) to every logger of
+    the Trainer at the global step, from global rank zero only. Under DDP every rank calls the
+    probe (a distributed probe is a collective: each rank passes its shard).
+
+    Args:
+        probe: a :class:`~noisy_label_sgd.RegularizerProbe` of the module being trained (or its
+            inner network: the same parameters).
+        every: optimizer steps between probes (gradient accumulation: once per optimizer step).
+        prefix: metric name prefix.
+    """
+
+    def __init__(self, probe: Callable[[], ProbeReport], every: int = 100, prefix: str = "implicit_reg") -> None:
+        if not callable(probe):
+            raise TypeError(f"probe must be a RegularizerProbe, got {type(probe).__name__}")
+        if int(every) != every or every < 1:
+            raise ValueError(f"Invalid every: {every} (must be an int >= 1)")
+        self.probe, self.every, self.prefix = probe, int(every), prefix
+        self.last_report: ProbeReport | None = None
+        self._logged_step: int | None = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._log(trainer)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # (with gradient accumulation several batches end at one global step: probe once)
+        if trainer.global_step % self.every == 0 and trainer.global_step != self._logged_step:
+            self._log(trainer)
+
+    def _log(self, trainer: Trainer) -> None:
+        step = trainer.global_step
+        self.last_report = self.probe()
+        self._logged_step = step
+        if trainer.is_global_zero:
+            metrics = {f"{self.prefix}/{name}": value for name, value in self.last_report.scalars().items()}
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
