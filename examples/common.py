@@ -99,8 +99,10 @@ class History:
 
 
 def log_spaced_steps(steps: int, points: int = 80) -> set[int]:
+    """A log-spaced grid of steps, with 0, the last step and three quarters of the way (where
+    the last quarter, for a plateau check, begins)."""
     grid = torch.logspace(0, torch.log10(torch.tensor(float(steps))), points)
-    return {int(s) for s in grid.round().tolist()} | {0, steps}
+    return {int(s) for s in grid.round().tolist()} | {0, 3 * steps // 4, steps}
 
 
 def train(
@@ -194,12 +196,10 @@ def print_table(results: dict[str, dict[str, float]], columns=("without_noise", 
         print(f"{k:{width}}" + "".join(f"  {results[c][k]:>16.4g}" for c in columns))
 
 
-def matrix_sensing_problem(d: int, r: int, seed: int, device: torch.device):
-    """The paper's matrix sensing data: n = 5 d r Gaussian measurements A_i [n, d, d] of
-    X* = U* U*^T (rank r, unit columns, so eigenvalues near 1 like U0 U0^T = I); returns
-    (A, y, X*)."""
+def matrix_sensing_problem(d: int, r: int, n: int, seed: int, device: torch.device):
+    """The paper's matrix sensing data: n Gaussian measurements A_i [n, d, d] of X* = U* U*^T
+    (rank r, unit columns, so eigenvalues near 1 like U0 U0^T = I); returns (A, y, X*)."""
     g = torch.Generator().manual_seed(seed)
-    n = 5 * d * r
     A = torch.randn(n, d, d, generator=g)
     U_star = torch.randn(d, r, generator=g)
     U_star /= U_star.norm(dim=0)

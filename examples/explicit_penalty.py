@@ -6,7 +6,7 @@ Label noise drives the iterates down grad reg along the zero-error manifold (Bla
 here reg(U) = (1/n) sum_i ||(A_i + A_i^T) U||_F^2 is added to the mean squared error as a
 penalty through ``implicit_regularizer(model, A, create_graph=True)`` (its backward adds lam
 grad reg to .grad) and trained by plain full-batch gradient descent, beside gradient descent on
-the loss alone, from the same U0 = I on the data of ``matrix_sensing.py`` (d=50, r=3, n=750).
+the loss alone, from the same U0 = I on the data of ``matrix_sensing.py`` (d=50, r=3, n = 4 d r = 600).
 lam falls linearly to 0 over the last --anneal of the steps, as the noise does there, so that
 the run ends on the zero-error manifold and not at the penalised optimum. The penalty does
 directly, in a few thousand steps, what label noise does through its fluctuations.
@@ -46,8 +46,8 @@ if args.quick:
     args.steps = 300
 device = torch.device(args.device)
 os.makedirs(args.out, exist_ok=True)
-A, y, X_star = matrix_sensing_problem(d, r, args.seed, device)
-n = A.shape[0]
+n = 4 * d * r
+A, y, X_star = matrix_sensing_problem(d, r, n, args.seed, device)
 lam_at = annealed(args.lam, args.steps, args.anneal)
 
 

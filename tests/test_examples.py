@@ -162,3 +162,18 @@ def test_flip_classification_flips_lower_reg_at_full_training_accuracy(tmp_path)
     assert with_["train_accuracy"] == without["train_accuracy"] == 1.0
     assert with_["reg"] < 0.1 * without["reg"]
     assert with_["gauss_newton_top_eigenvalue"] < 0.1 * without["gauss_newton_top_eigenvalue"]
+
+
+def test_matrix_sensing_noiseless_run_plateaus_while_label_noise_reaches_the_truth(tmp_path):
+    # the default setting (d=50, r=3, n = 4 d r) at 6000 steps (about 15 s): plain gradient
+    # descent is at zero error within about 3000 steps, far from X*, and stays there
+    out = tmp_path / "ms"
+    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, "matrix_sensing.py"), "--steps", "6000",
+                           "--every", "3000", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    without, with_ = summary["without_noise"], summary["with_noise"]
+    assert without["train_loss"] <= 1e-6 and without["test_error_rel_change_last_quarter"] <= 0.02
+    assert without["test_error"] > 1.0
+    assert with_["test_error"] <= 0.05 and with_["train_loss"] <= 1e-3
+    assert summary["config"]["n"] == 600
