@@ -65,6 +65,13 @@ def save_figure(fig, title: str, device: torch.device, path: str, dpi: int = 110
     return path
 
 
+def style_axes(axes) -> None:
+    """Legend and light grid on every panel, as every figure here has them."""
+    for ax in axes:
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+
+
 def annealed(std: float, steps: int, fraction: float) -> Callable[[int], float]:
     """Constant std, then a linear decay to 0 over the last ``fraction`` of the steps."""
     start = (1.0 - fraction) * steps

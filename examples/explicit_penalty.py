@@ -24,7 +24,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from common import annealed, log_spaced_steps, matrix_sensing_problem, print_table, save_figure, write_summary  # noqa: E402
+from common import (annealed, log_spaced_steps, matrix_sensing_problem, print_table, save_figure,  # noqa: E402
+                    style_axes, write_summary)
 from noisy_label_sgd import implicit_regularizer  # noqa: E402
 from noisy_label_sgd.paper_models import MatrixSensing  # noqa: E402
 
@@ -95,9 +96,7 @@ for key, style in (("without_penalty", "--"), ("with_penalty", "-")):
 axes[0].axvline((1 - args.anneal) * args.steps, color="gray", lw=0.8, ls=":", label="lam starts falling")
 axes[0].set(xlabel="step", title="train loss and test error ||UU^T - X*||_F / ||X*||_F")
 axes[1].set(xlabel="step", ylabel="reg(U)", title="the penalised quantity, reg")
-for ax in axes:
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
+style_axes(axes)
 figure = save_figure(fig, f"Matrix sensing d={d}, r={r}, n={n}: gradient descent with and without the explicit penalty "
                      f"{args.lam:g} reg (no label noise)", device, os.path.join(args.out, "explicit_penalty.png"))
 summary = write_summary(args.out, results, {"config": {k: getattr(args, k) for k in ("steps", "lr", "lam", "anneal", "seed")}

@@ -23,7 +23,6 @@ falls with the confidence, not with the geometry; with flips p stays near 0.8 on
 """
 
 import argparse
-import json
 import os
 
 import matplotlib
@@ -35,7 +34,7 @@ from sklearn.datasets import load_digits  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from common import log_spaced_steps, print_table, save_figure  # noqa: E402
+from common import log_spaced_steps, print_table, save_figure, style_axes, write_summary  # noqa: E402
 from noisy_label_sgd import RegularizerProbe, add_label_noise, implicit_regularizer, noisy_loss  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -155,14 +154,9 @@ axes[1].set(xlabel="step", ylabel="accuracy on the clean training labels", title
 names = {"test_accuracy": "test acc", "reg": "reg", "sharpness": "sharpness", "gauss_newton_top_eigenvalue": "GN top eig"}
 text = "\n".join(f"{label:>10}: {w[k]:.4g} without, {f[k]:.4g} with flips" for k, label in names.items())
 axes[0].text(0.02, 0.02, text, transform=axes[0].transAxes, fontsize=7, family="monospace", va="bottom")
-for ax in axes:
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
+style_axes(axes)
 figure = save_figure(fig, f"Digits, small CNN with GroupNorm, cross-entropy: label flips p={args.flip} against none "
                      f"({args.steps} steps)", device, os.path.join(args.out, "flip_classification.png"))
-summary = os.path.join(args.out, "summary.json")
-with open(summary, "w") as fh:
-    json.dump({**results, "checks": checks,
-               "config": {k: getattr(args, k) for k in ("steps", "lr", "momentum", "batch_size", "flip", "seed")}},
-              fh, indent=2)
+summary = write_summary(args.out, results, {
+    "checks": checks, "config": {k: getattr(args, k) for k in ("steps", "lr", "momentum", "batch_size", "flip", "seed")}})
 print(f"figure:  {figure}\nsummary: {summary}")

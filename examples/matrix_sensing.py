@@ -31,7 +31,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from common import cap_steps, finish, matrix_sensing_problem, parser, print_table, save_figure, train, write_summary  # noqa: E402
+from common import (cap_steps, finish, matrix_sensing_problem, parser, print_table, save_figure, style_axes,  # noqa: E402
+                    train, write_summary)
 from noisy_label_sgd.paper_models import MatrixSensing  # noqa: E402
 
 args = parser("matrix_sensing", __doc__, steps=20000, lr=0.02, noise_std=3.0, every=1000, anneal=0.2)
@@ -88,9 +89,7 @@ axes[0].axvspan(3 * args.steps // 4, args.steps, color="gray", alpha=0.12, label
 axes[0].set(xlabel="step", title="train loss and test error ||UU^T - X*||_F / ||X*||_F")
 axes[1].set(xlabel="step", ylabel="||U||_F^2 = nuclear norm of UU^T",
             title=f"nuclear norm falls with noise (||X*||_* = {float(torch.linalg.matrix_norm(X_star, 'nuc')):.2f})")
-for ax in axes:
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
+style_axes(axes)
 figure = save_figure(fig, f"Matrix sensing, d={d}, r={r}, n={n}, lr {args.lr}, label noise N(0, {args.noise_std}^2) "
                      f"annealed over the last {args.anneal:.0%}", device, os.path.join(args.out, "matrix_sensing.png"), dpi=120)
 summary = write_summary(args.out, results, {"config": {"d": d, "r": r, "n": n, "steps": args.steps, "lr": args.lr,

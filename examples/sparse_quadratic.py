@@ -23,7 +23,6 @@ parameter noise keeps kicking every coordinate.
 """
 
 import argparse
-import json
 import os
 
 import matplotlib
@@ -34,7 +33,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from common import annealed, log_spaced_steps, print_table, save_figure  # noqa: E402
+from common import annealed, log_spaced_steps, print_table, save_figure, style_axes, write_summary  # noqa: E402
 from noisy_label_sgd import LabelNoiseSGD  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -123,13 +122,9 @@ for kind, r in runs.items():
     axes[1].plot(torch.arange(d) + offsets[kind], r["w"], "o", ms=3, color=colors[kind], label=kind.replace("_", " "))
 axes[1].plot(torch.arange(d), w_star.cpu(), "k_", ms=8, mew=1.5, label="truth w*")
 axes[1].set(xlabel="coordinate j", ylabel="w_j = theta_j^2", title="learned weights against the truth")
-for ax in axes:
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
+style_axes(axes)
 figure = save_figure(fig, f"Quadratically parametrised linear model (HaoChen et al. 2021): d={d}, n={n}, theta0={args.init}, "
                      f"lr {args.lr}, {args.steps} steps", device, os.path.join(args.out, "sparse_quadratic.png"))
-summary = os.path.join(args.out, "summary.json")
-with open(summary, "w") as f:
-    json.dump({**results, "config": {**{k: getattr(args, k) for k in ("steps", "lr", "noise_std", "anneal", "init", "seed")},
-                                     "d": d, "n": n, "support": support}}, f, indent=2)
+summary = write_summary(args.out, results, {"config": {
+    **{k: getattr(args, k) for k in ("steps", "lr", "noise_std", "anneal", "init", "seed")}, "d": d, "n": n, "support": support}})
 print(f"figure:  {figure}\nsummary: {summary}")

@@ -82,6 +82,16 @@ class ProbeReport:
         return values
 
 
+def check_probe_and_period(probe: object, every: int) -> int:
+    """What every logger of the probe takes (the monitor, the trainer callbacks): a callable
+    probe and a period of at least one optimizer step; returns the period as an int."""
+    if not callable(probe):
+        raise TypeError(f"probe must be a RegularizerProbe, got {type(probe).__name__}")
+    if int(every) != every or every < 1:
+        raise ValueError(f"Invalid every: {every} (must be an int >= 1)")
+    return int(every)
+
+
 class RegularizerProbe:
     """Measures the implicit regularizer of ``model`` on a fixed probe set, on demand.
 

@@ -37,7 +37,7 @@ from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from .distributed import rank as process_rank
 from .optim import label_noise_of
-from .probe import ProbeReport, RegularizerProbe
+from .probe import ProbeReport, RegularizerProbe, check_probe_and_period
 
 __all__ = ["TensorBoardMonitor"]
 
@@ -129,12 +129,9 @@ class TensorBoardMonitor:
         progress: Any = False,
         total_steps: int | None = None,
     ) -> None:
-        if not callable(probe):
-            raise TypeError(f"probe must be a RegularizerProbe, got {type(probe).__name__}")
+        every = check_probe_and_period(probe, every)
         if (log_dir is None) == (writer is None):
             raise ValueError("pass exactly one of log_dir and writer")
-        if int(every) != every or every < 1:
-            raise ValueError(f"Invalid every: {every} (must be an int >= 1)")
         if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
             raise ValueError(f"Invalid batch_size: {batch_size}")
         self.probe = probe

@@ -16,7 +16,7 @@ from transformers import Trainer, TrainerCallback
 
 from ..noise import LabelNoise
 from ..optim import add_label_noise, label_noise_of
-from ..probe import ProbeReport
+from ..probe import ProbeReport, check_probe_and_period
 
 __all__ = ["LabelNoiseTrainer", "ProbeCallback"]
 
@@ -68,11 +68,7 @@ class ProbeCallback(TrainerCallback):
     """
 
     def __init__(self, probe: Callable[[], ProbeReport], every: int = 100, prefix: str = "implicit_reg") -> None:
-        if not callable(probe):
-            raise TypeError(f"probe must be a RegularizerProbe, got {type(probe).__name__}")
-        if int(every) != every or every < 1:
-            raise ValueError(f"Invalid every: {every} (must be an int >= 1)")
-        self.probe, self.every, self.prefix = probe, int(every), prefix
+        self.probe, self.every, self.prefix = probe, check_probe_and_period(probe, every), prefix
         self.trainer: Trainer | None = None
         self.last_report: ProbeReport | None = None
 

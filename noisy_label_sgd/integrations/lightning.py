@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from ..probe import ProbeReport
+from ..probe import ProbeReport, check_probe_and_period
 
 __all__ = ["ProbeCallback"]
 
@@ -33,11 +33,7 @@ class ProbeCallback(Callback):
     """
 
     def __init__(self, probe: Callable[[], ProbeReport], every: int = 100, prefix: str = "implicit_reg") -> None:
-        if not callable(probe):
-            raise TypeError(f"probe must be a RegularizerProbe, got {type(probe).__name__}")
-        if int(every) != every or every < 1:
-            raise ValueError(f"Invalid every: {every} (must be an int >= 1)")
-        self.probe, self.every, self.prefix = probe, int(every), prefix
+        self.probe, self.every, self.prefix = probe, check_probe_and_period(probe, every), prefix
         self.last_report: ProbeReport | None = None
         self._logged_step: int | None = None
 
