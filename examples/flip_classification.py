@@ -60,7 +60,7 @@ labels = torch.tensor(labels)
 order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))
 x_train, y_train = images[order[:1000]].to(device), labels[order[:1000]].to(device)
 x_test, y_test = images[order[1000:]].to(device), labels[order[1000:]].to(device)
-x_probe = x_train[:200]
+x_probe = x_train[: 40 if args.quick else 200]
 
 
 def network() -> nn.Module:

@@ -3,7 +3,11 @@ Face Trainer train a few steps with label noise and log the probe's report throu
 loggers, which the tests read back."""
 
 import csv
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -82,6 +86,18 @@ def test_lightning_trains_with_label_noise_and_logs_the_probe_through_its_logger
     assert_rel_close(logged[STEPS], float(implicit_regularizer(module.net, x)), rtol=1e-6)
     assert logged[0] != logged[STEPS]
     assert {"implicit_reg/manifold_grad_norm", "implicit_reg/probe_loss"} <= set(rows[0])
+
+
+def test_lightning_under_ddp_logs_each_probe_once_from_rank_zero(tmp_path):
+    # two gloo processes (ddp_spawn): every rank runs the distributed probe, one row per probe
+    pytest.importorskip("lightning.pytorch")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lightning_workers.py")
+    proc = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    steps = [step for step, _ in result["logged"]]
+    assert steps == list(range(0, STEPS + 1, EVERY))
+    assert_rel_close(result["logged"][-1][1], result["final_reg"], rtol=1e-6)
 
 
 def test_lightning_callback_probes_on_every_rank_and_logs_from_rank_zero_only():
