@@ -36,10 +36,10 @@ class ProbeReport:
         outputs_per_sample: k, the number of output entries per sample.
         jacobian_rank: the numerical rank of J the projection used (singular values kept
             above the cutoff, :func:`~noisy_label_sgd.engines.tangent.default_rcond`); ``None``
-            where conjugate gradients ran (no spectrum formed).
+            where LSQR ran (no spectrum formed).
         smallest_kept_singular_ratio: the smallest singular value kept over the largest: how
             close the answer sits to the cutoff (near it, the manifold gradient depends on
-            where the cutoff is); ``None`` with conjugate gradients.
+            where the cutoff is); ``None`` with LSQR.
         method: the path that computed the norms: "jacobian" (a small J formed whole, which
             also gives grad reg and the projection), "fast", "fast (per-module fallback: ...)"
             or "vmap" (torch.func per sample; where J fits the dense solver, the J that grad
@@ -98,7 +98,7 @@ class RegularizerProbe:
     The probe keeps a reference to the model and reads its current parameters at every call.
     Under torch.distributed (a DistributedDataParallel model, or any model once a process group
     is initialised) every rank passes its own shard of the probe set and must call the probe
-    together: reg, grad reg, the projection (distributed conjugate gradients) and the loss are
+    together: reg, grad reg, the projection (distributed LSQR) and the loss are
     those of the union of the shards, identical on every rank, and ``per_sample`` holds the
     union in rank order.
     The model is evaluated in eval mode (BatchNorm on running statistics, dropout off: samples
@@ -109,7 +109,7 @@ class RegularizerProbe:
         inputs: probe inputs, a tensor [n, ...] or a sequence of tensors (the model's args).
         targets: optional targets [n, ...] for the clean probe loss (mean squared error).
         method, chunk_size, memory_budget: see :func:`per_sample_sq_grad_norms`.
-        solver: tangent projection solver, ``"auto"``, ``"dense"`` or ``"cg"``.
+        solver: tangent projection solver, ``"auto"``, ``"dense"`` or ``"lsqr"``.
 
     Example:
         >>> probe = RegularizerProbe(model, x_train, y_train)
@@ -186,7 +186,7 @@ class RegularizerProbe:
         if self._engine is None:
             self._engine = select_engine(
                 self.model, self.inputs, self.method, chunk_size=self.chunk_size, memory_budget=self.memory_budget,
-                dense_projection=self.solver != "cg" and not is_distributed())
+                dense_projection=self.solver != "lsqr" and not is_distributed())
         return self._engine
 
     def __call__(self) -> ProbeReport:

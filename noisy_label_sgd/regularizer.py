@@ -181,16 +181,19 @@ def tangent_projection(
             engine holds it), or, where the fast engine has :math:`K = JJ^\top` (the empirical
             NTK, :math:`nk \times nk`) in closed form (Linear on 2-D inputs, LayerNorm,
             GroupNorm), :math:`K^+` from K's eigenvalues in float64 with J v, J^T u as a jvp and
-            a vjp, never forming J; ``"cg"`` solves :math:`K u = Jv` by conjugate gradients with
-            jvp/vjp products, never forming J; ``"auto"``: dense where K has a closed form or J
-            is held or fits ``memory_budget``, with :math:`nk \le 8192`; else cg.
+            a vjp, never forming J; ``"lsqr"``: :math:`P_T v` as the residual of
+            :math:`\min_u \|J^\top u - v\|` by LSQR on jvp/vjp products, never forming J
+            (accurate to cond(J), the row-space basis kept orthogonal within ``memory_budget``);
+            ``"auto"``: dense where K has a closed form or J is held or fits ``memory_budget``,
+            with :math:`nk \le 8192`; else lsqr.
         rcond: relative singular-value cutoff of :math:`J^+` (dense): singular values of J below
             ``rcond`` times the largest count as zero; default
             :func:`~noisy_label_sgd.engines.tangent.default_rcond`: :math:`\sqrt{nk\,\varepsilon_{64}}`
             for float64 models, :math:`\sqrt{nk}\,\varepsilon_{32}` for float32 (the solver works
             in float64; the cutoff follows J's precision).
-        tol: CG relative residual tolerance; default 1e-10 (float64) or sqrt(eps).
-        max_iter: CG iteration cap; default :math:`4nk + 100`. CG warns if it stops unconverged.
+        tol: LSQR stops at :math:`\|J r\| \le tol\,\|J\|\,\|r\|` (r the result); default
+            1e-14 (float64) or sqrt(eps).
+        max_iter: LSQR iteration cap; default :math:`nk + 10`. It warns if it stops unconverged.
 
     Returns:
         :math:`P_T v` as a dict name -> tensor.

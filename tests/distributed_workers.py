@@ -102,6 +102,24 @@ def probe(rank, world, init_file, out_dir, x, y, bounds):
         teardown()
 
 
+def tanh_net():
+    """The 3-16-1 tanh net of issue 14 (seeded), float64."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1)).double()
+
+
+def probe_manifold_grad(rank, world, init_file, out_dir, x, bounds):
+    """The distributed probe's manifold gradient (LSQR over the ranks' shards of J)."""
+    setup(rank, world, init_file)
+    try:
+        lo, hi = bounds[rank], bounds[rank + 1]
+        report = RegularizerProbe(DDP(tanh_net()), x[lo:hi])()
+        torch.save(report.manifold_grad, os.path.join(out_dir, f"manifold_rank{rank}.pt"))
+    finally:
+        teardown()
+
+
 def one_rank_fails(rank, world, init_file, out_dir):
     """Rank 1 gets bad input (NaN targets) while rank 0 waits in a collective."""
     setup(rank, world, init_file)

@@ -12,9 +12,9 @@ from noisy_label_sgd.paper_models import MatrixSensing, TwoLayerReLU1D, TwoLayer
 # float64, an exact path against the brute-force loop or SVD (every path agrees to about 1e-15;
 # the margin covers sums in another order over a few thousand terms)
 FLOAT64_RTOL = 1e-10
-# float64 conjugate gradients (stopped at relative residual 1e-10) against an exact reference;
-# the solution error is the residual times the condition number of K on range(J)
-CG_RTOL = 1e-7
+# float64 LSQR (stopped at ||J r|| <= 1e-14 ||J|| ||r||) against an exact reference; the
+# result's error is about that times cond(J), and the products' own rounding
+LSQR_RTOL = 1e-9
 # central finite differences in float64 with step FD_STEP: truncation ~ h^2, rounding ~ eps / h
 FD_STEP = 1e-5
 FD_ATOL = 1e-8

@@ -31,7 +31,7 @@ from torch.func import jacrev, vmap
 from .functional import Batch, FunctionalModel, ParamDict, chunks_of, evaluation_mode
 
 # Above this many rows of J an eigendecomposition of K = J J^T costs too much: J is not formed
-# for the dense solver, and the projection runs conjugate gradients instead.
+# for the dense solver, and the projection runs LSQR instead.
 JACOBIAN_MAX_ROWS = 8192
 
 

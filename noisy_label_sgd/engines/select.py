@@ -4,7 +4,7 @@
 the module types first and running the model only when it must:
 
 0. a caller that will ask everything of one measurement, the projection by the dense solver
-   included (``dense_projection``: the probe, unless its solver is "cg" or it runs distributed),
+   included (``dense_projection``: the probe, unless its solver is "lsqr" or it runs distributed),
    gets the jacobian engine for a small J (at most 64 rows n k and 2^18 entries), whatever the
    layers: one J then answers the norms, grad reg and the projection.
 1. every module owning trainable parameters has a closed form (or is

@@ -15,15 +15,17 @@ engine answers:
   rounding, :math:`\varepsilon_{32}\,\mathrm{cond}(J)`, exceeds what K in float64 adds,
   :math:`\varepsilon_{64}\,\mathrm{cond}(J)^2`, for every singular value above the cutoff),
   :math:`K^+` from K's eigenvalues in float64, with J v and J^T u from J or as a jvp and a vjp;
-* conjugate gradients on :math:`Ku = Jv`, matrix-free (jvp/vjp products; J never formed);
-* distributed: conjugate gradients whose inner products and :math:`J^\top u` are summed over
-  ranks (each rank holds the rows of J of its shard of the probe set).
+* LSQR on :math:`\min_u \|J^\top u - v\|`, matrix-free (jvp/vjp products; J never formed),
+  whose residual is :math:`P_T v`; accurate to cond(J), with the row-space basis kept
+  orthogonal;
+* distributed: LSQR whose inner products and :math:`J^\top u` are summed over ranks (each rank
+  holds the rows of J of its shard of the probe set).
 
 Both dense solvers keep the singular values of J above ``rcond`` times the largest
 (:func:`default_rcond`: one rule, so that the engines agree) and say how many they kept
 (:class:`Projection`). ``solver="auto"`` takes dense when J is at hand, K has a closed form, or
 J fits the memory budget, with :math:`nk \le` :data:`~noisy_label_sgd.engines.engine.JACOBIAN_MAX_ROWS`;
-else conjugate gradients.
+else LSQR.
 """
 
 from __future__ import annotations
@@ -37,10 +39,13 @@ import torch
 
 from .engine import JACOBIAN_MAX_ROWS, Engine
 
-SOLVERS = ("auto", "dense", "cg")
+SOLVERS = ("auto", "dense", "lsqr")
 
 
 def check_solver(solver: str) -> None:
+    if solver == "cg":
+        raise ValueError("solver='cg' was replaced by 'lsqr': least squares on J itself, accurate to cond(J) "
+                         "where conjugate gradients on J J^T lost cond(J)^2")
     if solver not in SOLVERS:
         raise ValueError(f"Invalid solver: {solver!r} (choose one of {SOLVERS})")
 
@@ -61,17 +66,18 @@ def default_rcond(rows: int, dtype: torch.dtype) -> float:
     return max(math.sqrt(rows * torch.finfo(torch.float64).eps), math.sqrt(rows) * torch.finfo(dtype).eps)
 
 
-def default_cg_tol(dtype: torch.dtype) -> float:
-    """CG stops at ||K u - J v|| <= tol ||J v||: 1e-10 in float64, sqrt(eps) in lower precision
-    (where the jvp/vjp products themselves carry relative errors of order 1e-5 and more)."""
-    return 1e-10 if torch.finfo(dtype).eps < 1e-15 else math.sqrt(torch.finfo(dtype).eps)
+def default_lsqr_tol(dtype: torch.dtype) -> float:
+    r"""LSQR stops when :math:`\|J r\| \le tol\,\|J\|\,\|r\|` for the residual r = P_T v (r
+    orthogonal to the row space of J), which leaves r about tol cond(J) off: 1e-14 in float64,
+    16 eps in lower precision (where the jvp/vjp products themselves carry relative errors of
+    eps: once the row space is exhausted, the next direction is their rounding)."""
+    return 1e-14 if torch.finfo(dtype).eps < 1e-15 else 16 * torch.finfo(dtype).eps
 
 
 def default_max_iter(rows: int) -> int:
-    """Iterations of conjugate gradients: 4 nk + 100. In exact arithmetic nk suffice; in floating
-    point, lost orthogonality stretches an ill-conditioned J's solve (cond(J) = 6.5e3, 32 rows,
-    float64: 6.9e-2 relative error after 74 iterations, 1.7e-2 after 100, 3.8e-9 after 200)."""
-    return 4 * rows + 100
+    """Iterations of LSQR: nk + 10. With the row-space basis kept orthogonal, nk iterations span
+    the whole row space, so the solve ends by then at the latest."""
+    return rows + 10
 
 
 @dataclass
@@ -94,14 +100,14 @@ def project(engine: Engine, v: torch.Tensor, *, solver: str = "auto", rcond: flo
 
     The solvers' own arithmetic runs in float64 whatever the model's dtype; J, J v and J^T u come
     from the engine in the model's dtype. The vector is returned in v's dtype. With
-    ``all_reduce`` (this rank holds a shard of the rows of J) it always runs conjugate gradients,
-    the solver whose only cross-rank need is a sum.
+    ``all_reduce`` (this rank holds a shard of the rows of J) it always runs LSQR, the solver
+    whose only cross-rank need is a sum.
     """
     check_solver(solver)
     rcond = default_rcond(engine.rows, v.dtype) if rcond is None else rcond
     products = Products(engine, v.dtype, all_reduce)
     v64 = v.double()
-    dense = all_reduce is None and solver != "cg"
+    dense = all_reduce is None and solver != "lsqr"
     J = engine.measurement.jacobian if dense else None
     if dense and J is None:
         K = engine.gram() if engine.rows <= JACOBIAN_MAX_ROWS else None
@@ -114,7 +120,7 @@ def project(engine: Engine, v: torch.Tensor, *, solver: str = "auto", rcond: flo
     if J is not None:
         J64 = J.double()
         return project_on_gram(products, J64 @ J64.T, v64, rcond).to(v.dtype)
-    return Projection(project_cg(products, v64, tol, max_iter).to(v.dtype))
+    return Projection(project_lsqr(products, v64, tol, max_iter, engine.memory_budget).to(v.dtype))
 
 
 class Products:
@@ -165,38 +171,68 @@ def kept(s: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return rank, torch.where(rank > 0, smallest, 0.0)
 
 
-def project_cg(products: Products, v: torch.Tensor, tol: float | None, max_iter: int | None) -> torch.Tensor:
-    """P_T v = v - J^T u with K u = J v solved by conjugate gradients, J never formed.
+def project_lsqr(products: Products, v: torch.Tensor, tol: float | None, max_iter: int | None,
+                 basis_budget: int) -> torch.Tensor:
+    """P_T v as the residual of the least-squares problem min_u ||J^T u - v|| (r = v - J^T u*
+    is orthogonal to the row space of J), solved by LSQR (Paige & Saunders 1982) on J itself:
+    its accuracy follows cond(J), not cond(J)^2 as conjugate gradients on K = J J^T did. The
+    Golub-Kahan vectors in row space (nk entries each) are kept orthogonal by reorthogonalising
+    each new one against all before it (one-sided, which suffices: Simon & Zha 2000), as long
+    as they fit ``basis_budget`` bytes; without it, lost orthogonality stretched an
+    ill-conditioned solve far beyond nk iterations.
 
-    CG started at 0 stays in range(K) = range(J), so it finds K^+ J v even though K is singular.
-    Distributed: J^T u and every inner product are summed over ranks, so all ranks run the same
-    iteration.
+    Distributed: J^T u and every inner product over rows are summed over ranks (each rank holds
+    its rows of J and of the row-space vectors), so all ranks run the same iteration.
     """
-    dot = products.dot
-    b = products.J_times(v)
-    tol = default_cg_tol(products.dtype) if tol is None else tol
+    tol = default_lsqr_tol(products.dtype) if tol is None else tol
+    b = products.J_times(v)  # (only for its size and device)
     rows = int(products.reduce(torch.tensor(float(b.numel()), dtype=b.dtype, device=b.device)).item())
     max_iter = default_max_iter(rows) if max_iter is None else max_iter  # the same on every rank
-    u = torch.zeros_like(b)
-    r, d = b.clone(), b.clone()
-    rr = dot(r, r)
-    target = tol**2 * rr
+    capacity = max(1, basis_budget // max(1, 8 * b.numel()))  # row-space vectors kept for reorthogonalising
+    beta = v.norm()
+    if beta == 0:
+        return v.clone()
+    u = v / beta
+    w_row = products.J_times(u)
+    alpha = products.dot(w_row, w_row).sqrt()
+    if alpha == 0:  # v is orthogonal to the row space already
+        return v.clone()
+    row = w_row / alpha
+    basis = [row]
+    w = row.clone()
+    x = torch.zeros_like(row)
+    phibar, rhobar = beta, alpha
+    norm_J_sq = alpha**2  # ||J||_F estimate from the bidiagonal
+    converged = False
     for _ in range(max_iter):
-        if rr <= target:
+        u = products.J_transpose_times(row) - alpha * u
+        beta = u.norm()
+        u = u / beta.clamp_min(torch.finfo(u.dtype).tiny)
+        row = products.J_times(u) - beta * row
+        if len(basis) < capacity:
+            stacked = torch.stack(basis, 1)
+            for _ in range(2):  # twice is enough (Giraud et al.)
+                row = row - stacked @ products.reduce(stacked.T @ row)
+        alpha = products.dot(row, row).sqrt()
+        norm_J_sq = norm_J_sq + alpha**2 + beta**2
+        rho = torch.sqrt(rhobar**2 + beta**2)
+        c, s = rhobar / rho, beta / rho
+        theta, rhobar = s * alpha, -c * alpha
+        phi, phibar = c * phibar, s * phibar
+        x = x + (phi / rho) * w
+        # ||J r|| / (||J|| ||r||) = alpha |c| / ||J||; alpha ~ 0: the row space is exhausted
+        if alpha * c.abs() <= tol * norm_J_sq.sqrt():
+            converged = True
             break
-        Kd = products.J_times(products.J_transpose_times(d))
-        alpha = rr / dot(d, Kd)
-        u += alpha * d
-        r -= alpha * Kd
-        rr_new = dot(r, r)
-        d = r + (rr_new / rr) * d
-        rr = rr_new
-    else:
-        if rr > target:
-            warnings.warn(
-                f"tangent_projection: CG stopped after {max_iter} iterations at relative residual "
-                f"{float((rr / dot(b, b)).sqrt()):.2e} > tol {tol:.1e}; J is ill-conditioned, try "
-                "solver='dense'",
-                stacklevel=3,
-            )
-    return v - products.J_transpose_times(u)
+        row = row / alpha
+        w = row - (theta / rho) * w
+        if len(basis) < capacity:
+            basis.append(row)
+    if not converged:
+        warnings.warn(
+            f"tangent_projection: LSQR stopped after {max_iter} iterations at ||J r|| / (||J|| ||r||) = "
+            f"{float(alpha * c.abs() / norm_J_sq.sqrt()):.2e} > tol {tol:.1e}; try solver='dense' or a larger "
+            "max_iter",
+            stacklevel=3,
+        )
+    return v - products.J_transpose_times(x)
