@@ -263,6 +263,24 @@ class SharedInput(nn.Module):
         return self.head(torch.tanh(h).mean(1))
 
 
+class BatchNormNet(nn.Module):
+    """BatchNorm2d and BatchNorm1d in eval mode, with running statistics away from 0 and 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm2d = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.head, self.norm1d, self.out = nn.Linear(16, 5), nn.BatchNorm1d(5), nn.Linear(5, 2)
+        for norm in (self.norm2d, self.norm1d):
+            norm.running_mean.uniform_(-0.5, 0.5)
+            norm.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(norm.weight, 0.5, 1.5)
+            nn.init.uniform_(norm.bias, -0.5, 0.5)
+
+    def forward(self, x):
+        h = torch.tanh(self.norm2d(self.conv(x))).mean((2, 3), keepdim=True).expand(-1, -1, 2, 2).flatten(1)
+        return self.out(torch.tanh(self.norm1d(self.head(h))))
+
+
 class Recurrent(nn.Module):
     """A recurrent layer (nn.RNN, nn.LSTM or nn.GRU) and a Linear head on its last time step,
     or on its final hidden state (``head_on_state``), from an initial state read off the input
@@ -451,8 +469,15 @@ CASES = {
         nn.RNN, initial_state=True, nonlinearity="relu", bias=False, num_layers=2)), lambda: randn(4, 3, 3)),
     "lstm_projection_bidirectional_initial_state": (lambda: seeded(31, lambda: Recurrent(
         nn.LSTM, initial_state=True, proj_size=2, bidirectional=True, batch_first=True)), lambda: randn(3, 3, 3)),
-    "grouped_conv_fallback": (lambda: seeded(13, lambda: nn.Sequential(
-        nn.Conv2d(4, 4, 3, groups=2), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 2 * 2, 1))), lambda: randn(3, 4, 4, 4)),
+    # reflect padding: no closed form, a per-module fallback
+    "reflect_padded_conv_fallback": (lambda: seeded(13, lambda: nn.Sequential(
+        nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 4 * 4, 1))),
+        lambda: randn(3, 4, 4, 4)),
+    # groups 2, then depthwise (groups = channels): the samples' groups around the layer's own
+    "grouped_and_depthwise_conv": (lambda: seeded(36, lambda: nn.Sequential(
+        nn.Conv2d(4, 6, 3, groups=2), nn.Tanh(), nn.Conv2d(6, 6, 3, padding=1, groups=6, stride=2), nn.Tanh(),
+        nn.Flatten(), nn.Linear(6 * 2 * 2, 2))), lambda: randn(3, 4, 5, 5, seed=7)),
+    "batchnorm_eval": (lambda: seeded(37, BatchNormNet), lambda: randn(5, 3, 4, 4, seed=8)),
     # 16 input channels: the per-sample weight gradients as one grouped convolution's
     "wide_conv2d_strided_dilated": (lambda: seeded(16, lambda: nn.Sequential(
         nn.Conv2d(16, 2, 3, stride=2, padding=2, dilation=2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 5 * 5, 2))),

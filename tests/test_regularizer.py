@@ -182,8 +182,8 @@ def test_output_direction_groups_hold_at_most_half_the_parameters():
 
 
 # models with a torch.func fallback somewhere: "fast" has no double backward there
-NO_FAST_GRAD = {"reused_weight", "cross_attention_fallback", "grouped_conv_fallback", "matrix_sensing", "relu_1d",
-                "sigmoid_single_point_tanh", "sigmoid_single_point_logistic", "frozen_params_and_buffers"}
+NO_FAST_GRAD = {"reused_weight", "cross_attention_fallback", "reflect_padded_conv_fallback", "matrix_sensing", "relu_1d",
+                "sigmoid_single_point_tanh", "sigmoid_single_point_logistic"}
 
 
 @pytest.mark.parametrize("method", ["auto", "fast", "vmap"])
@@ -489,10 +489,11 @@ def test_fast_path_handles_closed_forms_without_fallback_and_reports_fallbacks()
                  "transformer_encoder_layer", "attention_sequence_first", "attention_causal_and_padding_masks",
                  "attention_weights_returned", "encoder_causal_and_padding_masks", "lstm_two_layers_batch_first",
                  "encoder_layer_sequence_first", "shared_input_and_positions",
-                 "gru_bidirectional_state_head", "lstm_projection_bidirectional_initial_state"):
+                 "gru_bidirectional_state_head", "lstm_projection_bidirectional_initial_state",
+                 "grouped_and_depthwise_conv", "batchnorm_eval"):
         model, x = make(name)
         assert RegularizerProbe(model, x, method="fast")().method == "fast", name
-    model, x = make("grouped_conv_fallback")
+    model, x = make("reflect_padded_conv_fallback")
     assert RegularizerProbe(model, x, method="fast")().method == "fast (per-module fallback: 0)"
     model, x = make("cross_attention_fallback")
     assert RegularizerProbe(model, x, method="fast")().method == "fast (per-module fallback: attn)"

@@ -12,11 +12,12 @@ output directions; a closed form turns them into that module's part of every sam
   the projections of ``nn.MultiheadAttention`` and the maps of ``nn.RNN`` / ``nn.LSTM`` /
   ``nn.GRU`` (traced as affine maps; a recurrent map's time steps are its positions) take the
   same formula;
-* ``nn.Conv1d`` / ``nn.Conv2d`` (groups 1, zero padding): a Linear over output positions applied
-  to the input patches (a few samples at a time); with many positions and at least 16 input
-  channels, the per-sample weight gradients instead as the weight gradient of one convolution
-  grouped by sample (the batch folded into channels);
-* ``nn.LayerNorm`` / ``nn.GroupNorm`` affine parameters: :math:`\nabla_\gamma = \sum g\,\hat{x}`,
+* ``nn.Conv1d`` / ``nn.Conv2d`` (zero padding): a Linear over output positions applied to the
+  input patches (a few samples at a time); with many positions and at least 16 input channels,
+  and for grouped and depthwise convolutions, the per-sample weight gradients instead as the
+  weight gradient of one convolution grouped by sample (the batch folded into channels);
+* ``nn.LayerNorm`` / ``nn.GroupNorm`` affine parameters, and BatchNorm's in eval mode (its
+  running statistics: an affine map per channel): :math:`\nabla_\gamma = \sum g\,\hat{x}`,
   :math:`\nabla_\beta = \sum g` over the positions that share a parameter;
 * ``nn.RMSNorm`` and Llama's RMSNorm: :math:`\nabla_w = \sum g\,\hat{x}` over positions;
 * ``nn.Embedding`` (no ``max_norm``, no ``scale_grad_by_freq``): :math:`\|\nabla_W h_{ij}\|^2 =
@@ -187,7 +188,7 @@ def affine_map_sq_norms(a: torch.Tensor, g: torch.Tensor, weight: bool, bias: bo
 
 
 def _plain_convolution(module: nn.Module) -> bool:
-    return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+    return module.padding_mode == "zeros" and not isinstance(module.padding, str)
 
 
 @register_closed_form(nn.Conv1d, nn.Conv2d, applies=_plain_convolution)
@@ -201,7 +202,7 @@ def conv_sq_norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor, trainable
         kernel, stride, padding, dilation = module.kernel_size, module.stride, module.padding, module.dilation
     count = g.shape[3] * g.shape[4]  # output positions
     width = module.in_channels * kernel[0] * kernel[1] * module.out_channels
-    if count * count > width and module.in_channels >= GROUPED_MIN_IN_CHANNELS:
+    if module.groups > 1 or count * count > width and module.in_channels >= GROUPED_MIN_IN_CHANNELS:
         return conv_grouped(module, a, g, kernel, stride, padding, dilation, trainable)
     return conv_patches(module, a, g, kernel, stride, padding, dilation, trainable)
 
@@ -260,8 +261,9 @@ GROUPED_MIN_IN_CHANNELS = 16
 
 
 def conv_grouped(module, a, g, kernel, stride, padding, dilation, trainable) -> torch.Tensor:
-    """The samples as groups of one convolution: its weight gradient is [n * out, in, *kernel],
-    the per-sample gradients stacked, for each output direction."""
+    """The samples as groups of one convolution: its weight gradient is
+    [n * out, in / groups, *kernel], the per-sample gradients stacked, for each output direction
+    (a grouped or depthwise convolution's own groups nest inside the samples')."""
     k, n, out_channels = g.shape[:3]
     # under autocast the recorded input and the output gradient can differ in dtype, and the
     # weight gradient's kernel (no autocast rule) needs one: the wider
@@ -273,8 +275,9 @@ def conv_grouped(module, a, g, kernel, stride, padding, dilation, trainable) -> 
     for g_j in g:  # one weight gradient per output direction
         if "weight" in trainable:
             weight = torch.nn.grad.conv2d_weight(
-                x, (n * out_channels, module.in_channels, *kernel), g_j.reshape(1, n * out_channels, *g.shape[3:]),
-                stride=stride, padding=padding, dilation=dilation, groups=n)
+                x, (n * out_channels, module.in_channels // module.groups, *kernel),
+                g_j.reshape(1, n * out_channels, *g.shape[3:]),
+                stride=stride, padding=padding, dilation=dilation, groups=n * module.groups)
             total = total + weight.reshape(n, -1).pow(2).sum(1)
         if "bias" in trainable:
             total = total + g_j.sum((-1, -2)).pow(2).sum(-1)
@@ -291,9 +294,13 @@ def norm_affine_grads(module: nn.Module, a: torch.Tensor, g: torch.Tensor, train
     if isinstance(module, nn.LayerNorm):
         x_hat = nn.functional.layer_norm(a, module.normalized_shape, eps=module.eps)
         shared = tuple(range(2, g.dim() - len(module.normalized_shape)))  # positions per sample
-    else:
+    elif isinstance(module, nn.GroupNorm):
         x_hat = nn.functional.group_norm(a, module.num_groups, eps=module.eps)
         shared = tuple(range(3, g.dim()))  # spatial positions; parameters are per channel
+    else:  # BatchNorm in eval mode: normalised by its running statistics, an affine map per channel
+        shape = (1, -1) + (1,) * (a.dim() - 2)
+        x_hat = (a - module.running_mean.view(shape)) * torch.rsqrt(module.running_var.view(shape) + module.eps)
+        shared = tuple(range(3, g.dim()))
     over_shared = (lambda t: t.sum(shared)) if shared else (lambda t: t)  # sum(()) would sum all
     parts = []
     if "weight" in trainable:
@@ -309,8 +316,13 @@ def norm_affine_gram(module: nn.Module, a: torch.Tensor, g: torch.Tensor, traina
     return V @ V.T
 
 
+def _running_statistics(module: nn.Module) -> bool:
+    return module.track_running_stats and module.running_mean is not None
+
+
 @register_closed_form(nn.LayerNorm, gram=norm_affine_gram, samples_anywhere=True)
 @register_closed_form(nn.GroupNorm, gram=norm_affine_gram)
+@register_closed_form(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, gram=norm_affine_gram, applies=_running_statistics)
 def norm_affine_sq_norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor, trainable, memo: dict) -> torch.Tensor:
     return norm_affine_grads(module, a, g, trainable).pow(2).sum((0, -1))
 

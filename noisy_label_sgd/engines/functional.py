@@ -181,6 +181,29 @@ def per_sample_outputs(out, batch: Batch) -> torch.Tensor:
     return out.reshape(b, -1)
 
 
+def _hardsigmoid(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """F.hardsigmoid as a composite: the same values in every dtype (computed in float32 below
+    it, as the kernel does) and the same first derivative, and differentiable twice, forward and reverse, where
+    the kernel's backward has no derivative at all (double backward and jvp both raise)."""
+    wide = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
+    inside = (wide > -3) & (wide < 3)  # (the kernel's backward: slope 1/6 strictly inside)
+    out = torch.where(inside, (wide + 3) / 6, (wide >= 3).to(wide.dtype)).to(input.dtype)
+    return input.copy_(out) if inplace else out
+
+
+@contextmanager
+def twice_differentiable() -> Iterator[None]:
+    """Functions whose backward PyTorch cannot differentiate, swapped for equal composites for
+    the duration (grad reg differentiates the model twice): ``F.hardsigmoid``
+    (MobileNetV3's squeeze-excitation; ``nn.Hardsigmoid`` calls it)."""
+    original = nn.functional.hardsigmoid
+    nn.functional.hardsigmoid = _hardsigmoid
+    try:
+        yield
+    finally:
+        nn.functional.hardsigmoid = original
+
+
 @contextmanager
 def evaluation_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode, gradients on (whatever the caller's grad mode), the math attention kernel (it
@@ -188,7 +211,7 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
     nn.TransformerEncoderLayer / nn.MultiheadAttention: in eval mode in float32, with no input requiring grad (as under torch.func), they take a fused kernel that
     has no forward AD (a jvp through it raises) and no double backward; recurrent layers
     written out over time steps (:mod:`~noisy_label_sgd.engines.recurrent`: torch.func has no
-    batching rule for the fused ones)."""
+    batching rule for the fused ones); hardsigmoid as a composite (:func:`twice_differentiable`)."""
     modes = [(module, module.training) for module in model.modules()]
     cuda_devices = sorted(
         {t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"}
@@ -200,7 +223,7 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
         # the caller's torch.no_grad() or inference_mode() is for its own code: the
         # measurement differentiates (and returns tensors without a graph)
         with torch.inference_mode(False), torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), \
-                torch.random.fork_rng(devices=cuda_devices), unrolled_recurrences(model):
+                torch.random.fork_rng(devices=cuda_devices), unrolled_recurrences(model), twice_differentiable():
             yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
