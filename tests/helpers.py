@@ -230,6 +230,51 @@ class BagOfTokens(nn.Module):
         return self.head(torch.tanh(self.embedding(ids)).mean(1))
 
 
+class TiedLanguageModel(nn.Module):
+    """A token embedding tied to the output head (one weight [V, d], as GPT-2 and Llama), token
+    ids read off the float input, a padding index, two scalar outputs from the last positions."""
+
+    def __init__(self, vocabulary=7, width=4):
+        super().__init__()
+        self.embedding = nn.Embedding(vocabulary, width, padding_idx=0)
+        self.mix = nn.Linear(width, width)
+        self.head = nn.Linear(width, vocabulary, bias=False)
+        self.head.weight = self.embedding.weight
+
+    def forward(self, x):  # x: [n, T] floats -> ids in 0..6
+        ids = (x.abs() * 3).long().clamp(max=6)
+        return self.head(torch.tanh(self.mix(self.embedding(ids))))[:, -2:].logsumexp(-1)
+
+
+class TiedLinears(nn.Module):
+    """One weight in two Linear layers (an autoencoder's tied square maps), and, with
+    ``custom``, also in a module without a closed form (its cross terms from per-sample
+    gradients)."""
+
+    def __init__(self, custom=False):
+        super().__init__()
+        self.first, self.second, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+        self.second.weight = self.first.weight
+        self.custom = ScaledLinear(self.first.weight) if custom else None
+
+    def forward(self, x):
+        h = torch.tanh(self.second(torch.tanh(self.first(x))))
+        if self.custom is not None:
+            h = torch.tanh(self.custom(h))
+        return self.head(h)
+
+
+class ScaledLinear(nn.Module):
+    """x W^T times a learned scale: no closed form."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight, self.scale = weight, nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, x):
+        return self.scale * (x @ self.weight.T)
+
+
 class SequenceFirstEncoder(nn.Module):
     """nn.TransformerEncoderLayer in its default layout, sequence first: its Linear and
     LayerNorm layers see [T, n, d], samples along dim 1."""
@@ -478,6 +523,10 @@ CASES = {
         nn.Conv2d(4, 6, 3, groups=2), nn.Tanh(), nn.Conv2d(6, 6, 3, padding=1, groups=6, stride=2), nn.Tanh(),
         nn.Flatten(), nn.Linear(6 * 2 * 2, 2))), lambda: randn(3, 4, 5, 5, seed=7)),
     "batchnorm_eval": (lambda: seeded(37, BatchNormNet), lambda: randn(5, 3, 4, 4, seed=8)),
+    # tied parameters: each use's own part plus the cross terms between them
+    "tied_embedding_and_head": (lambda: seeded(38, TiedLanguageModel), lambda: randn(5, 4, seed=9)),
+    "tied_linears": (lambda: seeded(39, TiedLinears), lambda: randn(5, 4, seed=10)),
+    "tied_linear_and_custom_module": (lambda: seeded(40, lambda: TiedLinears(custom=True)), lambda: randn(5, 4, seed=11)),
     # 16 input channels: the per-sample weight gradients as one grouped convolution's
     "wide_conv2d_strided_dilated": (lambda: seeded(16, lambda: nn.Sequential(
         nn.Conv2d(16, 2, 3, stride=2, padding=2, dilation=2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 5 * 5, 2))),

@@ -117,3 +117,44 @@ def test_a_vision_transformer_is_probed_exactly_in_every_method(method):
     assert_rel_close(report.reg_grad_norm, float(grad.norm()))
     manifold = svd_tangent_projection(J, grad)
     assert_rel_close(report.manifold_grad_norm, float(manifold.norm()), rtol=0, atol=FLOAT64_RTOL * float(grad.norm()))
+
+
+class LastLogits(nn.Module):
+    """A language model's logits at the last two positions, their logsumexp (2 outputs)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids, mask):
+        return self.lm(input_ids=ids, attention_mask=mask).logits[:, -2:].logsumexp(-1)
+
+
+def gpt2_lm():
+    return transformers.GPT2LMHeadModel(gpt2().config)
+
+
+def llama_lm():
+    config = llama().config
+    config.tie_word_embeddings = True
+    return transformers.LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize("name,build", [("gpt2", gpt2_lm), ("llama", llama_lm)])
+def test_a_language_model_with_tied_embedding_and_head_is_exact_on_the_fast_path(name, build):
+    # one weight in the token embedding and the output head: the cross terms of its two uses
+    # in closed form (issue 14: "parameter shared by two modules" sent these to vmap, which
+    # cannot run them)
+    model = seeded(45, lambda: LastLogits(build())).eval()
+    embedding = model.lm.get_input_embeddings()
+    assert model.lm.get_output_embeddings().weight is embedding.weight
+    inputs = tokens(40, seed=3)
+    report = RegularizerProbe(model, inputs)()
+    assert report.method == "fast"
+    J = brute_jacobian(model, inputs)
+    assert_rel_close(report.per_sample, J.pow(2).reshape(40, -1).sum(1))
+    grad = brute_reg_grad(model, inputs)
+    rtol = FLOAT32_RTOL if name == "llama" else FLOAT64_RTOL  # (RMSNorm in float32, as above)
+    assert_rel_close(report.reg_grad_norm, float(grad.norm()), rtol=rtol)
+    manifold = svd_tangent_projection(J, grad)
+    assert_rel_close(report.manifold_grad_norm, float(manifold.norm()), rtol=0, atol=rtol * float(grad.norm()))

@@ -183,7 +183,7 @@ def test_output_direction_groups_hold_at_most_half_the_parameters():
 
 # models with a torch.func fallback somewhere: "fast" has no double backward there
 NO_FAST_GRAD = {"reused_weight", "cross_attention_fallback", "reflect_padded_conv_fallback", "matrix_sensing", "relu_1d",
-                "sigmoid_single_point_tanh", "sigmoid_single_point_logistic"}
+                "sigmoid_single_point_tanh", "sigmoid_single_point_logistic", "tied_linear_and_custom_module"}
 
 
 @pytest.mark.parametrize("method", ["auto", "fast", "vmap"])
@@ -517,25 +517,31 @@ def test_probe_on_a_small_jacobian_matches_brute_force(name):
     assert_rel_close(report.normal_grad_norm, float((grad - manifold).norm()), atol=FLOAT64_RTOL * float(grad.norm()))
 
 
-def test_tied_weights_across_modules_need_the_vmap_path():
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Linear(4, 3, bias=False)
-            self.out = nn.Linear(3, 4, bias=False)
-            self.out.weight = nn.Parameter(self.embed.weight.T.contiguous())
-            self.out.weight = self.embed.weight  # one parameter, two modules (shapes 3x4 used twice)
-            self.head = nn.Linear(4, 1)
+@pytest.mark.parametrize("name", ["tied_embedding_and_head", "tied_linears", "tied_linear_and_custom_module"])
+def test_tied_parameters_on_the_fast_path_past_the_small_jacobian(name, monkeypatch):
+    # 40 samples: past the small-J path; the cross terms of the tied uses make the fast engine
+    # exact, the embedding-head pair in closed form, the others from per-sample gradients
+    from noisy_label_sgd.engines import ties
 
-        def forward(self, x):
-            return self.head(torch.tanh(nn.functional.linear(torch.tanh(self.embed(x)), self.out.weight.T))).squeeze(-1)
-
-    model = seeded(12, Tied)
-    x = randn(5, 4)
-    with pytest.raises(ValueError, match="method='fast' cannot handle this model: parameter shared"):
-        per_sample_sq_grad_norms(model, x, method="fast")
-    expected = brute_jacobian(model, x).pow(2).sum(1)
-    assert_rel_close(per_sample_sq_grad_norms(model, x), expected)  # auto -> vmap
+    model, x = make(name)
+    x = randn(40, *x.shape[1:], seed=12)
+    pairs = []
+    original = ties.embedding_linear_inner
+    monkeypatch.setattr(ties, "embedding_linear_inner", lambda *a: pairs.append(1) or original(*a))
+    custom = name == "tied_linear_and_custom_module"  # ("auto" takes vmap for it: J fits)
+    report = RegularizerProbe(model, x, method="fast" if custom else "auto")()
+    assert report.method == ("fast (per-module fallback: custom)" if custom else "fast")
+    assert bool(pairs) == (name == "tied_embedding_and_head")
+    J = brute_jacobian(model, x)
+    grad = brute_reg_grad(model, x)
+    assert_rel_close(report.per_sample, J.pow(2).reshape(40, -1).sum(1))
+    assert_rel_close(report.reg_grad_norm, float(grad.norm()))
+    assert_rel_close(report.manifold_grad_norm, float(svd_tangent_projection(J, grad).norm()),
+                     rtol=0, atol=FLOAT64_RTOL * float(grad.norm()))
+    if not custom:  # grad reg by double backward through the cross terms too
+        names = [n for n, p in model.named_parameters()]
+        fast = regularizer_grad(model, x, method="fast")
+        assert_rel_close(torch.cat([fast[n].reshape(-1) for n in names]), grad)
 
 
 def test_invalid_method():

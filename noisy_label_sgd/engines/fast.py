@@ -15,7 +15,8 @@ a registered closed form (or is ``nn.MultiheadAttention`` or a recurrent layer).
 called more than once (a reused weight: its per-sample gradient is the sum over the calls), falls
 back, for that module only, to torch.func per-sample gradients of its own parameters (a vmapped
 vjp of the module at its recorded input); the method is then named
-"fast (per-module fallback: ...)". Where the model needs the whole-model path
+"fast (per-module fallback: ...)". A parameter tied between two modules adds the cross terms of
+its two uses (:mod:`~noisy_label_sgd.engines.ties`). Where the model needs the whole-model path
 (:class:`~noisy_label_sgd.engines.trace.FastPathUnsupported`), ``"auto"`` turns to the vmap
 engine from then on and ``"fast"`` raises.
 
@@ -29,13 +30,14 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
-from torch.func import functional_call, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import closed_forms
 from .engine import Engine
 from .functional import Batch, ParamDict, chunk_slices, fused_attention
-from .trace import Call, FastPathUnsupported, Owner, fast_chunk_size, grads_over_calls, input_over_calls, trace
+from .per_sample import module_per_sample_grads, per_sample_grads
+from .ties import cross_terms, ties_of
+from .trace import Call, FastPathUnsupported, Owner, fast_chunk_size, grads_over_calls, trace
 from .vmap import VmapEngine
 
 
@@ -102,7 +104,7 @@ class FastEngine(Engine):
             owners, h = traced(self.model, self.batch)
         except FastPathUnsupported:
             return None
-        if not all(o.gram is not None for o in owners):
+        if not all(o.gram is not None for o in owners) or ties_of(owners):  # (a tie's cross terms: none)
             return None
         by_owner = grads_by_owner(owners, h, range(h.shape[1]), create_graph=False)
         try:
@@ -138,7 +140,9 @@ class FastEngine(Engine):
             for o in owners:
                 with sdpa_kernel(SDPBackend.MATH):  # (vmapped where a module's own vjp runs)
                     grads = per_sample_grads(o, by_owner.pop(id(o)), n)
-                blocks.update((name_of[id(o.params[name])], g.detach()) for name, g in grads.items())
+                for name, g in grads.items():  # (a tied parameter: the sum of its uses)
+                    key = name_of[id(o.params[name])]
+                    blocks[key] = g.detach() + blocks[key] if key in blocks else g.detach()
             rows.append(torch.cat([blocks[name].transpose(0, 1).reshape(n * k, -1) for name in fm.params], 1))
         return torch.cat(rows)
 
@@ -253,16 +257,18 @@ def fast_sq_norms(model, batch: Batch, *, create_graph: bool = False, stream: bo
     n, k = h.shape
     if create_graph and not all(o.closed_form for o in owners):
         raise FastPathUnsupported("a module needs a per-module fallback, which has no double backward")
+    ties = ties_of(owners)
     total = torch.zeros(n, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
     for directions in direction_groups(owners, k):
         part = None
         with torch.set_grad_enabled(create_graph):  # the parts' own graph only for double backward
-            if stream and len(directions) == 1 and not create_graph:
+            # (a tie's cross terms need both uses' gradients at once: held)
+            if stream and len(directions) == 1 and not create_graph and not ties:
                 part = streamed_part(owners, h, directions.start, retain_graph=directions.stop < k)
                 if part is None:  # (its graph may be gone)
                     return fast_sq_norms(model, batch, stream=False)
             if part is None:
-                part = held_part(owners, h, directions, create_graph)
+                part = held_part(owners, h, directions, create_graph, ties)
         total = total + part
     return total, [o.name for o in owners if not o.closed_form]
 
@@ -283,11 +289,12 @@ def _owner_part(o: Owner, grads: list[torch.Tensor], n: int) -> torch.Tensor:
         return per_module_fallback(o, grads, n)
 
 
-def held_part(owners: list[Owner], h: torch.Tensor, directions: range, create_graph: bool) -> torch.Tensor:
+def held_part(owners: list[Owner], h: torch.Tensor, directions: range, create_graph: bool,
+              ties=()) -> torch.Tensor:
     """The modules' parts for ``directions`` from one (batched) backward that returns every
-    module's output gradients together."""
+    module's output gradients together, and the cross terms of parameters tied between them."""
     by_owner = grads_by_owner(owners, h, directions, create_graph)
-    total = 0
+    total = cross_terms(ties, by_owner, h.shape[0], create_graph) if ties else 0
     # closed forms first: their gradients are freed before the per-module fallbacks, which need
     # working memory of their own
     for o in sorted(owners, key=lambda o: not o.closed_form):
@@ -352,58 +359,3 @@ def per_module_fallback(owner: Owner, grads: list[torch.Tensor], n: int) -> torc
     parameters (:func:`module_per_sample_grads`)."""
     per_sample = module_per_sample_grads(owner, grads, n)
     return sum(v.reshape(*v.shape[:2], -1).pow(2).sum(-1) for v in per_sample.values()).sum(0)
-
-
-def per_sample_grads(owner: Owner, grads: list[torch.Tensor], n: int) -> dict[str, torch.Tensor]:
-    """The per-sample gradients of the owner's parameters, name -> [c, n, *param.shape] over c
-    output directions: an affine map (a Linear, or a written-out map; its calls are positions)
-    from its input and output gradients, any other module by :func:`module_per_sample_grads`."""
-    call = owner.calls[0]
-    linear = isinstance(owner.module, torch.nn.Linear) and len(owner.calls) == 1 and len(call.args) == 1
-    if not (owner.affine or linear):
-        return module_per_sample_grads(owner, grads, n)
-    d = call.sample_dim  # (0 where several calls are stacked)
-    a, g = input_over_calls(owner).movedim(d, 0), grads_over_calls(grads).movedim(d + 1, 1)
-    a = a.reshape(n, -1, a.shape[-1]).to(g.dtype)  # [n, positions, in]
-    g = g.reshape(g.shape[0], n, -1, g.shape[-1])  # [c, n, positions, out]
-    return {name: torch.einsum("cnto,nti->cnoi", g, a) if "weight" in name else g.sum(2)
-            for name in owner.params}
-
-
-def module_per_sample_grads(owner: Owner, grads: list[torch.Tensor], n: int) -> dict[str, torch.Tensor]:
-    """Per-sample gradients of this module's own parameters, summed over its calls, by a
-    vmapped vjp of the module at its recorded inputs: name -> [c, n, *param.shape].
-
-    Samples must run along dim 0 of the module's output; a tensor argument (positional or
-    keyword) whose dim 0 has n entries is taken per sample, any other as shared by all samples.
-    """
-    attention = isinstance(owner.module, torch.nn.MultiheadAttention)
-    if attention and (not owner.module.batch_first or any(
-            isinstance(c.kwargs.get("attn_mask"), torch.Tensor) and c.kwargs["attn_mask"].dim() == 3
-            for c in owner.calls)) or any(c.shape[0] != n or c.sample_dim != 0 for c in owner.calls):
-        # (a 3-D attention mask is [n * heads, T, S]: per sample, but not along dim 0 alone)
-        raise FastPathUnsupported(f"module {owner.name!r} does not put samples first")
-    params = {name: p.detach() for name, p in owner.params.items()}
-    summed: dict[str, torch.Tensor] | None = None
-    for call, g in zip(owner.calls, grads):
-        names = list(call.kwargs)
-        values = [*call.args, *call.kwargs.values()]
-        batched = [isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n
-                   and not (attention and name == "attn_mask")  # ([T, S]: shared, even where T = n)
-                   for t, name in zip(values, [None] * len(call.args) + names)]
-
-        def sample_output(p, *values):
-            full = [t.unsqueeze(0) if b else t for t, b in zip(values, batched)]
-            split = len(full) - len(names)
-            out = functional_call(owner.module, p, tuple(full[:split]), dict(zip(names, full[split:])))
-            return (out[0] if isinstance(out, tuple) else out)[0]
-
-        def sample_grads(cotangent, *values):
-            return vjp(lambda p: sample_output(p, *values), params)[1](cotangent)[0]
-
-        in_dims = (0,) + tuple(0 if b else None for b in batched)
-        per_direction = vmap(vmap(sample_grads, in_dims=in_dims), in_dims=(0,) + (None,) * len(batched))
-        grads_call = per_direction(g.detach(), *[t.detach() if isinstance(t, torch.Tensor) else t for t in values])
-        summed = grads_call if summed is None else {k: summed[k] + v for k, v in grads_call.items()}
-    assert summed is not None
-    return summed

@@ -12,9 +12,9 @@ Each recorded output's sample dim comes from a forward of one sample and of two
 (:func:`one_sample_layout`, cached); an output shared by all samples ([1, ...], broadcast) is
 traced expanded to the batch where that leaves the model's output unchanged.
 
-Whole-model refusals (:class:`FastPathUnsupported`): a parameter owned by two modules, a module
-with parameters that is never called (its weight used by a parent's functional code), a module
-returning a non-tensor, or an output with no single sample dim.
+Whole-model refusals (:class:`FastPathUnsupported`): a module with parameters that is never
+called (its weight used by a parent's functional code), a module returning a non-tensor, or an
+output with no single sample dim.
 """
 
 from __future__ import annotations
@@ -92,14 +92,11 @@ def grads_over_calls(grads: list[torch.Tensor]) -> torch.Tensor:
 
 
 def owners_of(model: nn.Module) -> list[Owner]:
-    """The modules owning trainable parameters, in module order (no calls recorded yet)."""
-    owners, seen = [], {}
+    """The modules owning trainable parameters, in module order (no calls recorded yet); a
+    parameter shared by two modules (tied weights) is in both (:mod:`~noisy_label_sgd.engines.ties`)."""
+    owners = []
     for name, module in model.named_modules():
         params = {n: p for n, p in module._parameters.items() if p is not None and p.requires_grad}
-        for p in params.values():
-            if id(p) in seen:
-                raise FastPathUnsupported(f"parameter shared by modules {seen[id(p)]!r} and {name!r}")
-            seen[id(p)] = name
         if params:
             owners.append(Owner(name or type(module).__name__, module, params))
     return owners
@@ -336,7 +333,10 @@ class ParameterUses(TorchFunctionMode):
 
     def __init__(self, model: nn.Module, owners: list[Owner]) -> None:
         super().__init__()
-        self.owner_of = {id(p): o.name for o in owners for p in o.params.values()}
+        self.owners_of: dict[int, set[str]] = {}  # (a tied parameter has two)
+        for o in owners:
+            for p in o.params.values():
+                self.owners_of.setdefault(id(p), set()).add(o.name)
         self.name_of = {id(o.module): o.name for o in owners}
         self.running: list[str] = []
         self.outside: set[str] = set()
@@ -370,7 +370,7 @@ class ParameterUses(TorchFunctionMode):
                 isinstance(r, torch.Tensor) for r in result)):
             for t in (*args, *kwargs.values()):
                 for tensor in (t if isinstance(t, (list, tuple)) else (t,)):
-                    name = self.owner_of.get(id(tensor))
-                    if name is not None and name not in self.running:
-                        self.outside.add(name)
+                    names = self.owners_of.get(id(tensor), ())
+                    if names and not names.intersection(self.running):
+                        self.outside.update(names)
         return result

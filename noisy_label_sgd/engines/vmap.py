@@ -17,6 +17,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+from torch import nn
 from torch.func import grad, jvp, vmap
 
 from .engine import Engine, per_sample_jacobians
@@ -29,7 +30,8 @@ class VmapEngine(Engine):
     def measuring(self):
         """As every engine's, with autocast off: torch.func's vmapped backward formulas mix the
         autocast dtypes (LayerNorm raised "expected scalar type BFloat16 but found Float"), so
-        this path computes in the parameters' dtype."""
+        this path computes in the parameters' dtype; and embeddings' padding rows as constants
+        in forward mode too (:func:`padding_rows_constant`)."""
         return _without_autocast(super().measuring(), self.batch[0].device.type)
 
     def sq_norms(self) -> torch.Tensor:
@@ -86,5 +88,30 @@ def hessian_gradient_products(fm: FunctionalModel, batch: Batch, k: int) -> tupl
 
 @contextmanager
 def _without_autocast(inner, device_type: str):
-    with torch.autocast(device_type, enabled=False), inner as engine:
+    with torch.autocast(device_type, enabled=False), padding_rows_constant(), inner as engine:
         yield engine
+
+
+@contextmanager
+def padding_rows_constant():
+    """``F.embedding`` with the padding row of its weight detached, for the duration.
+
+    Reverse mode gives the padding row no gradient through the lookup, forward mode (a jvp)
+    still carries its tangent: grad reg's forward-over-reverse then mixed the two, 5% off where
+    the row also gets gradient elsewhere (a weight tied to an output head). Detached, the row is
+    a constant of the lookup in both modes, as autograd's double backward has it; the values
+    are unchanged."""
+    original = nn.functional.embedding
+
+    def embedding(input, weight, padding_idx=None, *args, **kwargs):
+        if padding_idx is not None and weight.requires_grad:
+            row = torch.zeros(weight.shape[0], 1, dtype=torch.bool, device=weight.device)
+            row[padding_idx] = True
+            weight = torch.where(row, weight.detach(), weight)
+        return original(input, weight, padding_idx, *args, **kwargs)
+
+    nn.functional.embedding = embedding
+    try:
+        yield
+    finally:
+        nn.functional.embedding = original
