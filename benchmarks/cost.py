@@ -107,7 +107,7 @@ def as_accelerator(enabled: bool = True) -> Iterator[None]:
 def case_runs(case: str, device: torch.device, build_and_shape=None) -> dict[str, Callable[[], object]]:
     """The calls measured for a case: train_step, sgd_step, label_noise_step, reg, reg_grad,
     projection, each on a fresh copy of the case's model."""
-    from probe import CASES
+    from probe import CASES, case_input
 
     from noisy_label_sgd import LabelNoiseSGD, per_sample_sq_grad_norms, regularizer_grad, tangent_projection
 
@@ -118,7 +118,7 @@ def case_runs(case: str, device: torch.device, build_and_shape=None) -> dict[str
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = build().to(device)
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
+    x = case_input(shape, torch.Generator().manual_seed(1)).to(device)
     y = torch.zeros_like(model(x))
     g = torch.Generator().manual_seed(2)
     v = {n: torch.randn(p.shape, generator=g).to(device) for n, p in model.named_parameters()}
@@ -151,7 +151,7 @@ def case_costs(case: str, device: torch.device, methods=None, build_and_shape=No
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cases", default="mlp,mlp_b8,mlp10,cnn,resnet18,transformer4,transformer,relu1d")
+    p.add_argument("--cases", default="mlp,mlp_b8,mlp10,cnn,resnet18,transformer4,transformer,relu1d,gpt2,llama")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--cpu-choices", action="store_true",
                    help="count the CPU's own choices (cache-sized pieces), not an accelerator's")

@@ -119,6 +119,39 @@ def resnet18_gn():
     return nn.Sequential(*layers)
 
 
+class LanguageModelScore(nn.Module):
+    """A Hugging Face causal language model built from a config (no weights downloaded; token
+    embedding tied to the output head), scalar output: the logsumexp of the last position's
+    logits (the head applied at that position only)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids):
+        return self.lm(input_ids=ids, logits_to_keep=1).logits[:, -1].logsumexp(-1)
+
+
+def gpt2_4x256():
+    import transformers
+
+    config = transformers.GPT2Config(n_embd=256, n_layer=4, n_head=4, n_positions=64, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0)  # GPT-2's vocabulary, 50257
+    return LanguageModelScore(transformers.GPT2LMHeadModel(config))
+
+
+def llama_4x256():
+    import transformers
+
+    config = transformers.LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    return LanguageModelScore(transformers.LlamaForCausalLM(config))  # vocabulary 32000
+
+
+def token_ids(vocabulary):
+    return lambda shape, generator: torch.randint(0, vocabulary, shape, generator=generator)
+
+
 CASES = {
     "mlp": ("MLP 784-512-512-10, scalar, batch 256", lambda: SumOutputs(mlp()), (256, 784)),
     "mlp_4096": ("MLP 784-512-512-10, scalar, batch 4096", lambda: SumOutputs(mlp()), (4096, 784)),
@@ -130,7 +163,17 @@ CASES = {
     "cnn": ("CNN 3x32x32 (3 conv + linear), scalar, batch 128", lambda: SumOutputs(cnn()), (128, 3, 32, 32)),
     "transformer": ("Transformer 2x(d=64), seq 32, scalar, batch 32", PooledTransformer, (32, 32, 64)),
     "relu1d": ("1-D two-layer ReLU, width 1000, n = 12", ReLU1D, (12, 1)),
+    "gpt2": ("GPT-2 4x(d=256), tied head, seq 64, scalar, batch 16", gpt2_4x256, ((16, 64), token_ids(50257))),
+    "llama": ("Llama 4x(d=256), GQA, tied head, seq 64, scalar, batch 16", llama_4x256, ((16, 64), token_ids(32000))),
 }
+
+
+def case_input(shape, generator: torch.Generator) -> torch.Tensor:
+    """A case's probe batch: standard normal of ``shape``, or (shape, draw) for other inputs."""
+    if isinstance(shape[0], tuple):
+        shape, draw = shape
+        return draw(shape, generator)
+    return torch.randn(shape, generator=generator)
 
 
 def naive_reg(model, x):
@@ -184,7 +227,7 @@ def method_run(case: str, method: str, device: torch.device, autocast: str):
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = build().to(device)
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
+    x = case_input(shape, torch.Generator().manual_seed(1)).to(device)
     if method in ("train_step", "penalty_step", "penalty_probe_step"):
         opt = torch.optim.SGD(model.parameters(), lr=1e-4)
         model.train()

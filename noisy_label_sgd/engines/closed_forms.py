@@ -161,27 +161,35 @@ def linear_sq_norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor, trainab
 
 def affine_map_sq_norms(a: torch.Tensor, g: torch.Tensor, weight: bool, bias: bool, memo: dict) -> torch.Tensor:
     """sum_j ||grad of (W a + b) at output gradient g_j||^2 per sample, over positions
-    (``memo``: the call's store of what other output directions reuse)."""
+    (``memo``: the call's store of what other output directions reuse). Batched products by
+    ``torch.bmm`` on 3-D views: ``@`` on them dispatches expands and reshapes around its bmm,
+    operations a GPU pays for in host time."""
     k, n = g.shape[:2]
     a = a.reshape(n, -1, a.shape[-1])  # [n, T, in]
-    g = g.reshape(k, n, -1, g.shape[-1])  # [k, n, T, out]
+    g = g.reshape(k * n, -1, g.shape[-1])  # [k n, T, out]
     positions = a.shape[1]
     if positions == 1:  # ||g||^2 (||a||^2 + 1)
         if weight and "input_sq_norms" not in memo:
             memo["input_sq_norms"] = a.pow(2).sum((-1, -2))
         factor = (memo["input_sq_norms"] if weight else 0) + (1 if bias else 0)
-        return (g.pow(2).sum((-1, -2)) * factor).sum(0)
-    total = torch.zeros(k, n, dtype=g.dtype, device=g.device)
+        sq = g.pow(2).sum((-1, -2))  # [k n]
+        return (sq if k == 1 else sq.view(k, n).sum(0)) * factor
+    parts = []
     if weight:
         if positions * positions <= a.shape[-1] * g.shape[-1]:
-            gram_a = a @ a.transpose(1, 2)  # [n, T, T]
-            total = total + (gram_a * (g @ g.transpose(2, 3))).sum((-1, -2))
+            if "input_gram" not in memo:
+                memo["input_gram"] = torch.bmm(a, a.transpose(1, 2))  # [n, T, T]
+            gram_g = torch.bmm(g, g.transpose(1, 2))  # [k n, T, T]
+            if k > 1:  # summed over the directions first: one product with the input's Gram
+                gram_g = gram_g.view(k, n, positions, positions).sum(0)
+            parts.append((memo["input_gram"] * gram_g).sum((-1, -2)))
         else:  # long sequences: the per-sample weight gradient is smaller than the Gram matrices
-            total = total + torch.einsum("knto,nti->knoi", g, a).pow(2).sum((-1, -2))
+            g4 = g.view(k, n, positions, -1)
+            parts.append(torch.einsum("knto,nti->knoi", g4, a.to(g.dtype)).pow(2).sum((0, -1, -2)))
     if bias:
-        total = total + g.sum(2).pow(2).sum(-1)
-    return total.sum(0)
-
+        bias_sq = g.sum(1).pow(2).sum(-1)  # [k n]
+        parts.append(bias_sq if k == 1 else bias_sq.view(k, n).sum(0))
+    return parts[0] if len(parts) == 1 else parts[0] + parts[1]
 
 
 # -- convolutions ---------------------------------------------------------------------------

@@ -27,6 +27,7 @@ layers on 2-D inputs and LayerNorm/GroupNorm; for other models :meth:`FastEngine
 
 from __future__ import annotations
 
+import functools
 from contextlib import nullcontext
 
 import torch
@@ -258,7 +259,8 @@ def fast_sq_norms(model, batch: Batch, *, create_graph: bool = False, stream: bo
     if create_graph and not all(o.closed_form for o in owners):
         raise FastPathUnsupported("a module needs a per-module fallback, which has no double backward")
     ties = ties_of(owners)
-    total = torch.zeros(n, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
+    dtype = torch.promote_types(h.dtype, torch.float32)  # (the norms accumulate in float32 at least)
+    total = None
     for directions in direction_groups(owners, k):
         part = None
         with torch.set_grad_enabled(create_graph):  # the parts' own graph only for double backward
@@ -269,7 +271,8 @@ def fast_sq_norms(model, batch: Batch, *, create_graph: bool = False, stream: bo
                     return fast_sq_norms(model, batch, stream=False)
             if part is None:
                 part = held_part(owners, h, directions, create_graph, ties)
-        total = total + part
+        part = part.to(dtype)
+        total = part if total is None else total + part
     return total, [o.name for o in owners if not o.closed_form]
 
 
@@ -294,12 +297,12 @@ def held_part(owners: list[Owner], h: torch.Tensor, directions: range, create_gr
     """The modules' parts for ``directions`` from one (batched) backward that returns every
     module's output gradients together, and the cross terms of parameters tied between them."""
     by_owner = grads_by_owner(owners, h, directions, create_graph)
-    total = cross_terms(ties, by_owner, h.shape[0], create_graph) if ties else 0
+    parts = [cross_terms(ties, by_owner, h.shape[0], create_graph)] if ties else []
     # closed forms first: their gradients are freed before the per-module fallbacks, which need
     # working memory of their own
     for o in sorted(owners, key=lambda o: not o.closed_form):
-        total = total + _owner_part(o, by_owner.pop(id(o)), h.shape[0])
-    return total
+        parts.append(_owner_part(o, by_owner.pop(id(o)), h.shape[0]))
+    return sum_of(parts, h)
 
 
 def streamed_part(owners: list[Owner], h: torch.Tensor, j: int, retain_graph: bool) -> torch.Tensor | None:
@@ -351,7 +354,19 @@ def streamed_part(owners: list[Owner], h: torch.Tensor, j: int, retain_graph: bo
             mine = [torch.zeros(c.shape, dtype=c.dtype, device=c.device) if g is None else g
                     for g, c in zip(mine, o.calls)]
             parts.append(_owner_part(o, [g.unsqueeze(0) for g in mine], n))
-    return sum(parts, torch.zeros(n, dtype=h.dtype, device=h.device))
+    return sum_of(parts, h)
+
+
+def sum_of(parts: list[torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+    """The modules' parts [n] added: one stack and one sum, not an add for each (operations a GPU
+    pays for in host time)."""
+    if not parts:
+        return torch.zeros(h.shape[0], dtype=h.dtype, device=h.device)
+    if len(parts) == 1:
+        return parts[0]
+    if len({p.dtype for p in parts}) > 1:  # (under autocast: promoted pairwise)
+        return functools.reduce(torch.add, parts)
+    return torch.stack(parts).sum(0)
 
 
 def per_module_fallback(owner: Owner, grads: list[torch.Tensor], n: int) -> torch.Tensor:
