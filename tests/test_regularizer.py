@@ -805,9 +805,9 @@ AUTOCAST_CASES = ["mlp_multi_output", "cnn_groupnorm", "transformer_encoder_laye
 @pytest.mark.parametrize("name", AUTOCAST_CASES)
 def test_every_method_runs_under_bfloat16_autocast_near_float32(name):
     # what mixed-precision training probes with (CPU bfloat16 here; CUDA's autocast follows the
-    # same casting rules). The fast engine computes in autocast's dtypes: norms within 3e-2 of
-    # float32 (measured at most 6.2e-3), grad reg within 0.15 (measured up to 8.6e-2 on the
-    # transformer: a second derivative of a bfloat16 forward); the vmap engine turns autocast off
+    # same casting rules). The fast engine's norms compute in autocast's dtypes, within 3e-2 of
+    # float32 (measured at most 6.2e-3); grad reg (a second derivative of a bfloat16 forward was
+    # 8.6e-2 off on the transformer) and the vmap engine turn autocast off
     import copy
 
     model, x = make(name)
@@ -826,4 +826,4 @@ def test_every_method_runs_under_bfloat16_autocast_near_float32(name):
         grad32 = regularizer_grad(model, x, method=method)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             grad = regularizer_grad(model, x, method=method)
-        assert_rel_close(flat(grad), flat(grad32), rtol=0.15)
+        assert_rel_close(flat(grad), flat(grad32), rtol=3e-2)

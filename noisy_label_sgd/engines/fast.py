@@ -165,7 +165,13 @@ class FastEngine(Engine):
         return torch.cat(parts).detach()
 
     def _double_backward(self) -> tuple[torch.Tensor, ParamDict]:
-        """Per-sample norms and grad reg from one pass: double backward through the closed forms."""
+        """Per-sample norms and grad reg from one pass: double backward through the closed forms,
+        in the parameters' dtype under autocast too (a second derivative of a bfloat16 forward
+        was 8.6% off float32 on a transformer; the norms alone stay in autocast's dtypes)."""
+        with torch.autocast(self.batch[0].device.type, enabled=False):
+            return self._double_backward_in_own_dtype()
+
+    def _double_backward_in_own_dtype(self) -> tuple[torch.Tensor, ParamDict]:
         fm = self.fm
         named = {name: p for name, p in self.model.named_parameters() if name in fm.params}
         total = {name: torch.zeros_like(p) for name, p in fm.params.items()}
