@@ -10,7 +10,11 @@ growth of peak RSS. Then one more subprocess per case times every method that ra
 in turn with a training step: "vs train step" is the ratio of medians taken in the same process
 and moments, so a row's methods compare with each other as well as with the step (on a shared
 machine the speed of a process varies by tens of percent). The slow ones (the naive loop, vmap
-of the 10-output MLP) are timed once each in their own process, in turn with a step.
+of the 10-output MLP) are timed once each in their own process, in turn with a step. With
+``--one-process`` (the default on CUDA, where every process start costs seconds of a short
+lease) a case's methods all run in one process, the peak memory still around each first call
+(no RSS growth), a failing method recorded and skipped. The JSON is written after every case,
+so a run cut off keeps what it measured.
 Methods:
   train_step    forward + backward + SGD step on the batch (the baseline);
   naive_reg     reg by a per-sample, per-output loop of torch.autograd.grad;
@@ -255,10 +259,12 @@ def method_run(case: str, method: str, device: torch.device, autocast: str):
         run = (opacus_reg if method == "opacus_reg" else backpack_reg)(model, x)
     elif method == "reg_grad":
         run = lambda: regularizer_grad(model, x)
-    else:
+    elif method == "projection":
         g = torch.Generator().manual_seed(2)
         v = {n: torch.randn(p.shape, generator=g).to(device) for n, p in model.named_parameters()}
         run = lambda: tangent_projection(model, x, v)
+    else:
+        raise ValueError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
     if autocast == "bf16":  # mixed precision as users train with it; fp32 parameters
         plain_run = run
 
@@ -273,9 +279,10 @@ def is_slow(case: str, method: str) -> bool:
     return method == "naive_reg" or (method == "vmap_reg" and case == "mlp10")
 
 
-def worker(case: str, method: str, device: torch.device, autocast: str) -> dict:
+def worker(case: str, method: str, device: torch.device, autocast: str, own_process: bool = True) -> dict:
     """Peak memory of the method's first call from a fresh model, its reg value, and for a slow
-    method its time (one call, then one training step)."""
+    method its time (one call, then one training step). The growth of peak RSS only in a process
+    of its own (``own_process``; RSS peaks never fall)."""
     run = method_run(case, method, device, autocast)
     slow = is_slow(case, method)
     # peak memory over the first call, from a fresh model
@@ -295,7 +302,7 @@ def worker(case: str, method: str, device: torch.device, autocast: str) -> dict:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     result = {"peak_mb": peak / 2**20 if device.type == "cuda" else allocated,
-              "rss_growth_mb": None if device.type == "cuda" else peak / 2**20}
+              "rss_growth_mb": None if device.type == "cuda" or not own_process else peak / 2**20}
     if slow:
         step = method_run(case, "train_step", device, autocast)
         step()
@@ -316,6 +323,35 @@ def timing_worker(case: str, methods: list[str], repeats: int, device: torch.dev
     return dict(zip(["train_step", *methods], seconds))
 
 
+def one_process_case(case: str, methods: list[str], repeats: int, device: torch.device, autocast: str) -> dict:
+    """Every method of a case in this process, as :func:`worker` and :func:`timing_worker` do in
+    processes of their own (on a GPU lease each process's start-up cost about 9 s on the H200):
+    peak memory around each first call (CUDA: from ``reset_peak_memory_stats``), then all timed
+    in turn with a training step. A method that fails (out of memory, a peer that cannot run
+    the model) is recorded and the others go on."""
+    by_method = {}
+    for method in methods:
+        try:
+            by_method[method] = worker(case, method, device, autocast, own_process=False)
+        except Exception as error:
+            by_method[method] = {"error": f"{type(error).__name__}: {error}".splitlines()[0][:200]}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    timed = [m for m in methods if "error" not in by_method[m] and not is_slow(case, m) and m != "train_step"]
+    try:
+        seconds = timing_worker(case, timed, repeats, device, autocast)
+    except Exception as error:
+        seconds = {"error": f"{type(error).__name__}: {error}".splitlines()[0][:200]}
+    for method in ["train_step", *timed]:
+        if method not in by_method or "error" in by_method[method]:
+            continue
+        if "error" in seconds:
+            by_method[method] = {"error": f"timing: {seconds['error']}"}
+        else:
+            by_method[method].update(seconds=seconds[method], step_seconds=seconds["train_step"])
+    return by_method
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", default="mlp,mlp10,cnn,transformer,relu1d",
@@ -325,6 +361,10 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--name", help="results file name (default probe_<device>, _bf16 under autocast)")
+    p.add_argument("--json", help="results file path (instead of benchmarks/results/<name>.json)")
+    p.add_argument("--one-process", action=argparse.BooleanOptionalAction, default=None,
+                   help="every method of a case in this process (default on CUDA: a short GPU lease); "
+                        "else one process per (case, method) for its own peak memory")
     p.add_argument("--worker", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
     p.add_argument("--timing-worker", metavar="CASE", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -344,7 +384,19 @@ def main():
     from tqdm import tqdm
 
     cases, methods = args.cases.split(","), args.methods.split(",")
+    one_process = device.type == "cuda" if args.one_process is None else args.one_process
     results = {}
+    env = environment(device)
+    suffix = "" if args.autocast == "none" else f"_{args.autocast}"
+    name = args.name or f"probe_{device.type}{suffix}"
+
+    def save() -> str:  # after every case: a run cut off keeps what it measured
+        payload = {"environment": env, "autocast": args.autocast, "one_process": one_process, "results": results}
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(payload, f, indent=2)
+            return args.json
+        return write_json(name, payload)
 
     def subprocess_json(*worker_args: str) -> dict:
         cmd = [sys.executable, __file__, *worker_args, "--repeats", str(args.repeats), "--device", args.device,
@@ -356,6 +408,11 @@ def main():
 
     with tqdm(total=len(cases) * (len(methods) + 1), desc="probe benchmark", unit="run") as bar:
         for case in cases:
+            if one_process:
+                results[case] = one_process_case(case, methods, args.repeats, device, args.autocast)
+                bar.update(len(methods) + 1)
+                save()
+                continue
             by_method = results.setdefault(case, {})
             for method in methods:
                 by_method[method] = subprocess_json("--worker", case, method)
@@ -368,6 +425,7 @@ def main():
                     by_method[method] = {"error": f"timing: {seconds['error']}"}
                 else:
                     by_method[method].update(seconds=seconds[method], step_seconds=seconds["train_step"])
+            save()
 
     rows = []
     for case, by_method in results.items():
@@ -383,12 +441,9 @@ def main():
             peak = f"{r['peak_mb']:.1f}" if r["peak_mb"] is not None else "-"
             rss = f"{r['rss_growth_mb']:.0f}" if r.get("rss_growth_mb") is not None else "-"
             rows.append([CASES[case][0], method, f"{1e3 * r['seconds']:.1f}", ratio, peak, rss, agree])
-    env = environment(device)
     print(f"# {env}")
     print_table(["case", "method", "ms", "vs train step", "peak MB", "RSS growth MB", "check vs naive"], rows)
-    suffix = "" if args.autocast == "none" else f"_{args.autocast}"
-    print("wrote", write_json(args.name or f"probe_{device.type}{suffix}", {"environment": env, "autocast": args.autocast,
-                                                                "results": results}))
+    print("wrote", save())
 
 
 if __name__ == "__main__":

@@ -28,3 +28,23 @@ def test_cpu_peak_allocation_sees_a_short_lived_tensor_and_not_what_was_held_bef
 def test_cpu_peak_allocation_of_a_call_that_allocates_nothing_is_zero():
     x = torch.ones(10)
     assert cpu_peak_allocated_bytes(lambda: x.add_(x)) == 0  # in place: nothing new
+
+
+def test_the_probe_benchmark_runs_a_case_in_one_process_and_writes_its_json(tmp_path):
+    # what benchmarks/gpu.sh runs on a GPU lease, here on the CPU with one small case
+    import json
+    import subprocess
+
+    out = tmp_path / "probe.json"
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "probe.py")
+    proc = subprocess.run([sys.executable, script, "--one-process", "--cases", "relu1d", "--methods",
+                           "train_step,naive_reg,reg,reg_grad,projection,no_such_method", "--repeats", "1",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    payload = json.loads(out.read_text())
+    assert payload["one_process"] is True
+    relu = payload["results"]["relu1d"]
+    for method in ("train_step", "naive_reg", "reg", "reg_grad", "projection"):
+        assert relu[method]["seconds"] > 0 and relu[method]["step_seconds"] > 0, method
+    assert abs(relu["reg"]["reg"] - relu["naive_reg"]["reg"]) <= 1e-5 * relu["naive_reg"]["reg"]
+    assert "error" in relu["no_such_method"]  # recorded; the others went on
