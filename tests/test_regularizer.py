@@ -827,3 +827,36 @@ def test_every_method_runs_under_bfloat16_autocast_near_float32(name):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             grad = regularizer_grad(model, x, method=method)
         assert_rel_close(flat(grad), flat(grad32), rtol=3e-2)
+
+
+@pytest.mark.parametrize("outputs", [1, 2])
+def test_a_jacobian_too_large_to_form_gets_k_layer_by_layer_with_convolutions_in_channel_slices(outputs, monkeypatch):
+    # J (40 k x 6722, 2.2-4.3 MB) over a 2 MB budget, the batch's trace within it: K accumulated
+    # from each layer's per-sample gradients, a convolution's in slices of output channels (at
+    # most a quarter of the budget each; one output: taken as the backward passes each layer),
+    # then solved densely (issue 15: ResNet-18's projection ran LSQR, a jvp and a vjp per
+    # iteration)
+    from noisy_label_sgd.engines import closed_forms, fast, tangent
+
+    model = seeded(46, lambda: nn.Sequential(nn.Conv2d(6, 24, 3, padding=1), nn.Tanh(), nn.Conv2d(24, 24, 3), nn.Tanh(),
+                                             nn.Flatten(), nn.Linear(96, outputs)))
+    x = randn(40, 6, 4, 4, seed=13)
+    slices, solved = [], []
+    grouped = closed_forms.grouped_weight_grads
+
+    def spy(module, a, g, kernel, stride, padding, dilation, channels=slice(None)):
+        slices.append((module.in_channels, channels))
+        return grouped(module, a, g, kernel, stride, padding, dilation, channels)
+
+    monkeypatch.setattr("noisy_label_sgd.engines.per_sample.grouped_weight_grads", spy)
+    original = fast.FastEngine.gram_by_layers
+    monkeypatch.setattr(fast.FastEngine, "gram_by_layers", lambda self: solved.append(1) or original(self))
+    lsqr = tangent.project_lsqr
+    monkeypatch.setattr(tangent, "project_lsqr", lambda *a: pytest.fail("LSQR ran") or lsqr(*a))
+    v = random_vector(model)
+    budget = 2 << 20 if outputs == 2 else 1 << 20
+    actual = flat(tangent_projection(model, x, v, memory_budget=budget))
+    assert solved == [1]
+    conv2 = [c for cin, c in slices if cin == 24 and c != slice(None)]
+    assert len(conv2) >= 4 and all(c.stop - c.start <= 3 * outputs for c in conv2), slices
+    assert_rel_close(actual, svd_tangent_projection(brute_jacobian(model, x), flat(v)), rtol=1e-8)

@@ -199,15 +199,19 @@ def _plain_convolution(module: nn.Module) -> bool:
     return module.padding_mode == "zeros" and not isinstance(module.padding, str)
 
 
+def conv_geometry(module: nn.Module, a: torch.Tensor, g: torch.Tensor):
+    """Input, output gradients [c, n, out, H, W] and kernel, stride, padding, dilation as a 2-D
+    convolution's (a Conv1d as one of height 1)."""
+    if isinstance(module, nn.Conv1d):
+        return (a.unsqueeze(2), g.unsqueeze(3), (1, module.kernel_size[0]), (1, module.stride[0]),
+                (0, module.padding[0]), (1, module.dilation[0]))
+    return a, g, module.kernel_size, module.stride, module.padding, module.dilation
+
+
 @register_closed_form(nn.Conv1d, nn.Conv2d, applies=_plain_convolution)
 def conv_sq_norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor, trainable, memo: dict) -> torch.Tensor:
     """A convolution is a Linear over output positions on the input patches."""
-    if isinstance(module, nn.Conv1d):  # as a 2-D convolution of height 1
-        a, g = a.unsqueeze(2), g.unsqueeze(3)
-        kernel, stride, padding, dilation = ((1, module.kernel_size[0]), (1, module.stride[0]),
-                                             (0, module.padding[0]), (1, module.dilation[0]))
-    else:
-        kernel, stride, padding, dilation = module.kernel_size, module.stride, module.padding, module.dilation
+    a, g, kernel, stride, padding, dilation = conv_geometry(module, a, g)
     count = g.shape[3] * g.shape[4]  # output positions
     width = module.in_channels * kernel[0] * kernel[1] * module.out_channels
     if module.groups > 1 or count * count > width and module.in_channels >= GROUPED_MIN_IN_CHANNELS:
@@ -272,25 +276,34 @@ def conv_grouped(module, a, g, kernel, stride, padding, dilation, trainable) -> 
     """The samples as groups of one convolution: its weight gradient is
     [n * out, in / groups, *kernel], the per-sample gradients stacked, for each output direction
     (a grouped or depthwise convolution's own groups nest inside the samples')."""
-    k, n, out_channels = g.shape[:3]
-    # under autocast the recorded input and the output gradient can differ in dtype, and the
-    # weight gradient's kernel (no autocast rule) needs one: the wider
-    if a.dtype != g.dtype:
-        dtype = torch.promote_types(a.dtype, g.dtype)
-        a, g = a.to(dtype), g.to(dtype)
-    x = a.reshape(1, n * a.shape[1], *a.shape[2:])
-    total = torch.zeros(n, dtype=g.dtype, device=g.device)
+    n = g.shape[1]
+    total = torch.zeros(n, dtype=torch.promote_types(a.dtype, g.dtype), device=g.device)
     for g_j in g:  # one weight gradient per output direction
         if "weight" in trainable:
-            weight = torch.nn.grad.conv2d_weight(
-                x, (n * out_channels, module.in_channels // module.groups, *kernel),
-                g_j.reshape(1, n * out_channels, *g.shape[3:]),
-                stride=stride, padding=padding, dilation=dilation, groups=n * module.groups)
+            weight = grouped_weight_grads(module, a, g_j, kernel, stride, padding, dilation)
             total = total + weight.reshape(n, -1).pow(2).sum(1)
         if "bias" in trainable:
             total = total + g_j.sum((-1, -2)).pow(2).sum(-1)
     return total
 
+
+def grouped_weight_grads(module, a, g_j, kernel, stride, padding, dilation, channels: slice = slice(None)):
+    """Per-sample weight gradients [n, out, in / groups, *kernel] for one output direction g_j
+    [n, out, H, W], of the output channels ``channels`` (whole groups: a slice only for
+    groups 1)."""
+    # under autocast the recorded input and the output gradient can differ in dtype, and the
+    # weight gradient's kernel (no autocast rule) needs one: the wider
+    if a.dtype != g_j.dtype:
+        dtype = torch.promote_types(a.dtype, g_j.dtype)
+        a, g_j = a.to(dtype), g_j.to(dtype)
+    n = g_j.shape[0]
+    g_j = g_j[:, channels]
+    out = g_j.shape[1]
+    weight = torch.nn.grad.conv2d_weight(
+        a.reshape(1, n * a.shape[1], *a.shape[2:]), (n * out, module.in_channels // module.groups, *kernel),
+        g_j.reshape(1, n * out, *g_j.shape[2:]), stride=stride, padding=padding, dilation=dilation,
+        groups=n * module.groups)
+    return weight.view(n, out, *weight.shape[1:])
 
 
 # -- LayerNorm and GroupNorm affine parameters ----------------------------------------------

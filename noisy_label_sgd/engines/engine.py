@@ -10,7 +10,8 @@ parameters read as they are now), any of:
 * :meth:`Engine.J_times` / :meth:`Engine.J_transpose_times`: :math:`Jv` and :math:`J^\top u`
   (matrix-free, or with a J the measurement already formed);
 * :meth:`Engine.gram`: :math:`K = JJ^\top` (float64) where the engine has it in closed form
-  without J, else None; :meth:`Engine.jacobian` forms J [n k, p] by torch.func and keeps it
+  without J, else None; :meth:`Engine.gram_by_layers`: K from each layer's per-sample
+  gradients, a block at a time (for a J too large to form); :meth:`Engine.jacobian` forms J [n k, p] by torch.func and keeps it
   (``measurement.jacobian``: a J the engine formed anyway).
 
 What an engine learns about the model and the probe set (the outputs per sample k, the fast
@@ -140,6 +141,11 @@ class Engine:
     def gram(self) -> torch.Tensor | None:
         """K = J J^T in float64 (whatever the model's dtype: the solver decomposes it) where the
         engine has it in closed form without forming J, else None."""
+        return None
+
+    def gram_by_layers(self) -> torch.Tensor | None:
+        """K = J J^T in float64 accumulated layer by layer from per-sample gradients, never
+        holding J, where the engine can (the fast engine), else None."""
         return None
 
     def J_times(self, v: torch.Tensor) -> torch.Tensor:

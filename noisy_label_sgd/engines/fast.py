@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 from contextlib import nullcontext
+from typing import Callable
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -36,7 +37,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from . import closed_forms
 from .engine import Engine
 from .functional import Batch, ParamDict, chunk_slices, fused_attention
-from .per_sample import module_per_sample_grads, per_sample_grads
+from .per_sample import module_per_sample_grads, per_sample_direct, per_sample_gradient_blocks, per_sample_grads
 from .ties import cross_terms, ties_of
 from .trace import Call, FastPathUnsupported, Owner, fast_chunk_size, grads_over_calls, trace
 from .vmap import VmapEngine
@@ -113,6 +114,58 @@ class FastEngine(Engine):
             return sum(o.gram(by_owner[id(o)][0].double()) for o in owners).detach()
         except FastPathUnsupported:  # (a Linear on sequence inputs)
             return None
+
+    def gram_by_layers(self) -> torch.Tensor | None:
+        """K = sum over layers of G G^T in float64, G a layer's per-sample gradients [n k, p_layer]
+        (:func:`~noisy_label_sgd.engines.per_sample.per_sample_gradient_blocks`: a convolution's
+        in slices of output channels), at most a quarter of the memory budget at a time: the
+        dense projection for a J too large to form (ResNet-18 at batch 128: 5.6 GB), one trace
+        and one backward instead of LSQR's jvp and vjp per iteration. For one output per sample
+        each layer's blocks are taken as the backward passes it (:func:`streamed_part`), so the
+        trace of the whole batch is what must fit; for several, all output gradients at once.
+        None where that does not fit, parameters are tied, or a layer's block cannot fit."""
+        if self.unsupported is not None:
+            return None
+        try:
+            fitting, k = fast_chunk_size(self.model, self.batch, self.memory_budget)
+            # (its sizing counts the trace and k + 1 copies of the output gradients)
+            if (fitting * (k + 2) if k == 1 else fitting) < self.num_samples:
+                return None
+            owners, h = traced(self.model, self.batch)
+        except FastPathUnsupported:
+            return None
+        if ties_of(owners):
+            return None
+        n = h.shape[0]
+        K = torch.zeros(n * k, n * k, dtype=torch.float64, device=h.device)
+        fits = True
+
+        def take(o: Owner, grads: list[torch.Tensor]) -> None:
+            nonlocal fits
+            if o.gram is not None:
+                try:
+                    K.add_(o.gram(grads_over_calls(grads).double()).detach())
+                    return None
+                except FastPathUnsupported:  # (a Linear on sequence inputs: its blocks instead)
+                    pass
+            with sdpa_kernel(SDPBackend.MATH):  # (vmapped where a module's own vjp runs)
+                for block in per_sample_gradient_blocks(o, grads, n, self.memory_budget // 4):
+                    if block is None:
+                        fits = False
+                        return None
+                    block = block.detach().double()
+                    K.addmm_(block, block.T)
+            return None
+
+        if k == 1:
+            direct = lambda o: bool(o.closed_form) and (o.gram is not None or per_sample_direct(o))
+            if streamed_part(owners, h, 0, retain_graph=False, take=take, hookable=direct) is None:
+                return None
+        else:
+            by_owner = grads_by_owner(owners, h, range(k), create_graph=False)
+            for o in owners:
+                take(o, by_owner.pop(id(o)))
+        return K if fits else None
 
     def jacobian(self) -> torch.Tensor:
         """J from the traced forward (:meth:`_traced_jacobian`: no torch.func over the whole
@@ -311,30 +364,35 @@ def held_part(owners: list[Owner], h: torch.Tensor, directions: range, create_gr
     return sum_of(parts, h)
 
 
-def streamed_part(owners: list[Owner], h: torch.Tensor, j: int, retain_graph: bool) -> torch.Tensor | None:
+def streamed_part(owners: list[Owner], h: torch.Tensor, j: int, retain_graph: bool,
+                  take: Callable[[Owner, list[torch.Tensor]], torch.Tensor] | None = None,
+                  hookable: Callable[[Owner], bool] = lambda o: bool(o.closed_form)) -> torch.Tensor | None:
     """The modules' parts for output direction j from one plain backward that never holds all
     output gradients at once: a hook on each closed-form module's output node (attention's
     projections included) takes its part as the backward passes through. Modules whose inputs
     need no gradient (the backward ends there) and per-module fallbacks get their gradients as
-    the backward's results instead.
+    the backward's results instead. ``take(owner, grads)`` (default: the owner's part of the
+    norms) is handed each owner's output gradients, [1, *y] per call; ``hookable`` says which
+    owners may take them inside the backward.
 
     None when a hooked node was not reached (a module whose output reaches h only through
     parameters used outside any module, or inputs that require grad): the caller then takes
     :func:`held_part` on a fresh trace.
     """
     n, k = h.shape
+    take = take or (lambda o, grads: _owner_part(o, grads, n))
     parts, reached, handles, ended = [], set(), [], []
     for o in owners:
         call = o.calls[0]
         needs_grad = any(isinstance(t, torch.Tensor) and t.requires_grad for t in call.args)
-        if not o.closed_form or not needs_grad or len(o.calls) > 1:
+        if not hookable(o) or not needs_grad or len(o.calls) > 1:
             ended.append(o)
             continue
 
         def hook(grad_outputs, o=o, call=call):
             g = grad_outputs[call.edge.output_nr]
             if g is not None:
-                parts.append(o.closed_form(g.unsqueeze(0)))
+                parts.append(take(o, [g.unsqueeze(0)]))
             reached.add(id(o))
 
         handles.append(call.edge.node.register_prehook(hook))
@@ -359,8 +417,8 @@ def streamed_part(owners: list[Owner], h: torch.Tensor, j: int, retain_graph: bo
         if any(g is not None for g in mine):
             mine = [torch.zeros(c.shape, dtype=c.dtype, device=c.device) if g is None else g
                     for g, c in zip(mine, o.calls)]
-            parts.append(_owner_part(o, [g.unsqueeze(0) for g in mine], n))
-    return sum_of(parts, h)
+            parts.append(take(o, [g.unsqueeze(0) for g in mine]))
+    return sum_of([p for p in parts if p is not None], h)
 
 
 def sum_of(parts: list[torch.Tensor], h: torch.Tensor) -> torch.Tensor:

@@ -1,15 +1,19 @@
 """Per-sample gradients of one traced module's own parameters, from its recorded inputs and
 output gradients: materialised where the closed forms (norms only) do not suffice, for the
-fast engine's J (:meth:`~noisy_label_sgd.engines.fast.FastEngine.jacobian`), its per-module
-fallbacks and the cross terms of a parameter shared by two modules
-(:mod:`~noisy_label_sgd.engines.ties`).
+fast engine's J (:meth:`~noisy_label_sgd.engines.fast.FastEngine.jacobian`) and K by layers
+(:meth:`~noisy_label_sgd.engines.fast.FastEngine.gram_by_layers`), its per-module fallbacks
+and the cross terms of a parameter shared by two modules (:mod:`~noisy_label_sgd.engines.ties`).
 """
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
+from torch import nn
 from torch.func import functional_call, vjp, vmap
 
+from .closed_forms import _plain_convolution, conv_geometry, grouped_weight_grads
 from .trace import FastPathUnsupported, Owner, grads_over_calls, input_over_calls
 
 
@@ -19,6 +23,8 @@ def per_sample_grads(owner: Owner, grads: list[torch.Tensor], n: int) -> dict[st
     from its input and output gradients, any other module by :func:`module_per_sample_grads`."""
     call = owner.calls[0]
     linear = isinstance(owner.module, torch.nn.Linear) and len(owner.calls) == 1 and len(call.args) == 1
+    if _plain_conv_owner(owner):
+        return conv_per_sample_grads(owner, grads[0])
     if not (owner.affine or linear):
         return module_per_sample_grads(owner, grads, n)
     d = call.sample_dim  # (0 where several calls are stacked)
@@ -27,6 +33,65 @@ def per_sample_grads(owner: Owner, grads: list[torch.Tensor], n: int) -> dict[st
     g = g.reshape(g.shape[0], n, -1, g.shape[-1])  # [c, n, positions, out]
     return {name: torch.einsum("cnto,nti->cnoi", g, a) if "weight" in name else g.sum(2)
             for name in owner.params}
+
+
+def per_sample_direct(owner: Owner) -> bool:
+    """Whether the owner's per-sample gradients come without autograd (a Linear or affine map
+    by einsum, a convolution by a grouped weight gradient): safe inside a backward hook."""
+    linear = isinstance(owner.module, nn.Linear) and len(owner.calls) == 1 and len(owner.calls[0].args) == 1
+    return owner.affine or linear or _plain_conv_owner(owner)
+
+
+def _plain_conv_owner(owner: Owner) -> bool:
+    module = owner.module
+    return (isinstance(module, (nn.Conv1d, nn.Conv2d)) and _plain_convolution(module) and not owner.affine
+            and len(owner.calls) == 1 and len(owner.calls[0].args) == 1 and owner.calls[0].sample_dim == 0)
+
+
+def conv_per_sample_grads(owner: Owner, g: torch.Tensor, channels: slice = slice(None)) -> dict[str, torch.Tensor]:
+    """A convolution's per-sample gradients, name -> [c, n, *param.shape] (the weight's of the
+    output channels ``channels``): one weight gradient of a convolution grouped by sample per
+    output direction."""
+    module = owner.module
+    a, g2, kernel, stride, padding, dilation = conv_geometry(module, owner.calls[0].args[0], g)
+    out = {}
+    if "weight" in owner.params:
+        weight = torch.stack([grouped_weight_grads(module, a, g_j, kernel, stride, padding, dilation, channels)
+                              for g_j in g2])
+        out["weight"] = weight.reshape(*weight.shape[:2], *module.weight[channels].shape)
+    if "bias" in owner.params and channels == slice(None):
+        out["bias"] = g2.sum((-1, -2))
+    return out
+
+
+def per_sample_gradient_blocks(owner: Owner, grads: list[torch.Tensor], n: int,
+                               max_bytes: int) -> Iterator[torch.Tensor | None]:
+    """The owner's rows of J in column blocks of at most ``max_bytes``: [n c, columns] each,
+    rows sample-major (i, j) over the c output directions of ``grads``; a convolution's weight
+    in slices of its output channels (groups 1), any other owner whole. None where a block
+    cannot fit."""
+    c = grads[0].shape[0]
+    module = owner.module
+    if _plain_conv_owner(owner):
+        if "bias" in owner.params:
+            yield grads[0].flatten(3).sum(-1).transpose(0, 1).reshape(n * c, -1)  # [c, n, out] -> [n c, out]
+        if "weight" in owner.params:
+            itemsize = max(grads[0].element_size(), owner.calls[0].args[0].element_size())
+            per_channel = n * c * module.weight[0].numel() * itemsize
+            step = module.out_channels if module.groups > 1 else max(1, max_bytes // per_channel)
+            if step * per_channel > max_bytes:
+                yield None
+                return
+            for start in range(0, module.out_channels, step):
+                weight = conv_per_sample_grads(owner, grads[0], slice(start, start + step))["weight"]
+                yield weight.transpose(0, 1).reshape(n * c, -1)
+        return
+    size = n * c * sum(p.numel() for p in owner.params.values()) * grads[0].element_size()
+    if size > max_bytes:
+        yield None
+        return
+    for g in per_sample_grads(owner, grads, n).values():
+        yield g.transpose(0, 1).reshape(n * c, -1)
 
 
 def module_per_sample_grads(owner: Owner, grads: list[torch.Tensor], n: int) -> dict[str, torch.Tensor]:

@@ -11,7 +11,8 @@ engine answers:
   :math:`\varepsilon_{64}\,\mathrm{cond}(J)^2` as through :math:`JJ^\top`), at 2.4-3x the
   time of forming K and its eigendecomposition;
 * dense on K: where the engine forms :math:`K = JJ^\top` in closed form without J (the fast
-  engine on Linear/LayerNorm/GroupNorm models), or from a J of lower precision (float32: its own
+  engine on Linear/LayerNorm/GroupNorm models), layer by layer from per-sample gradients where
+  J is too large to form (the fast engine's convolutional models), or from a J of lower precision (float32: its own
   rounding, :math:`\varepsilon_{32}\,\mathrm{cond}(J)`, exceeds what K in float64 adds,
   :math:`\varepsilon_{64}\,\mathrm{cond}(J)^2`, for every singular value above the cutoff),
   :math:`K^+` from K's eigenvalues in float64, with J v and J^T u from J or as a jvp and a vjp;
@@ -23,9 +24,9 @@ engine answers:
 
 Both dense solvers keep the singular values of J above ``rcond`` times the largest
 (:func:`default_rcond`: one rule, so that the engines agree) and say how many they kept
-(:class:`Projection`). ``solver="auto"`` takes dense when J is at hand, K has a closed form, or
-J fits the memory budget, with :math:`nk \le` :data:`~noisy_label_sgd.engines.engine.JACOBIAN_MAX_ROWS`;
-else LSQR.
+(:class:`Projection`). ``solver="auto"`` takes dense when J is at hand, K has a closed form, J
+fits the memory budget, or K can be accumulated layer by layer, with :math:`nk \le`
+:data:`~noisy_label_sgd.engines.engine.JACOBIAN_MAX_ROWS`; else LSQR.
 """
 
 from __future__ import annotations
@@ -115,6 +116,10 @@ def project(engine: Engine, v: torch.Tensor, *, solver: str = "auto", rcond: flo
             return project_on_gram(products, K, v64, rcond).to(v.dtype)
         if solver == "dense" or engine.jacobian_fits():
             J = engine.jacobian()
+        elif engine.rows <= JACOBIAN_MAX_ROWS:  # J too large: K a layer at a time, if the engine can
+            K = engine.gram_by_layers()
+            if K is not None:
+                return project_on_gram(products, K, v64, rcond).to(v.dtype)
     if J is not None and J.dtype == torch.float64:
         return project_on_jacobian(J, v64, rcond).to(v.dtype)
     if J is not None:
