@@ -277,7 +277,8 @@ def conv_grouped(module, a, g, kernel, stride, padding, dilation, trainable) -> 
     [n * out, in / groups, *kernel], the per-sample gradients stacked, for each output direction
     (a grouped or depthwise convolution's own groups nest inside the samples')."""
     n = g.shape[1]
-    total = torch.zeros(n, dtype=torch.promote_types(a.dtype, g.dtype), device=g.device)
+    dtype = g.dtype if a.dtype == g.dtype else torch.promote_types(a.dtype, g.dtype)  # (autocast)
+    total = torch.zeros(n, dtype=dtype, device=g.device)
     for g_j in g:  # one weight gradient per output direction
         if "weight" in trainable:
             weight = grouped_weight_grads(module, a, g_j, kernel, stride, padding, dilation)
@@ -288,22 +289,22 @@ def conv_grouped(module, a, g, kernel, stride, padding, dilation, trainable) -> 
 
 
 def grouped_weight_grads(module, a, g_j, kernel, stride, padding, dilation, channels: slice = slice(None)):
-    """Per-sample weight gradients [n, out, in / groups, *kernel] for one output direction g_j
-    [n, out, H, W], of the output channels ``channels`` (whole groups: a slice only for
-    groups 1)."""
+    """Per-sample weight gradients [n * out, in / groups, *kernel] (sample-major) for one output
+    direction g_j [n, out, H, W], of the output channels ``channels`` (whole groups: a slice only
+    for groups 1)."""
     # under autocast the recorded input and the output gradient can differ in dtype, and the
     # weight gradient's kernel (no autocast rule) needs one: the wider
     if a.dtype != g_j.dtype:
         dtype = torch.promote_types(a.dtype, g_j.dtype)
         a, g_j = a.to(dtype), g_j.to(dtype)
     n = g_j.shape[0]
-    g_j = g_j[:, channels]
+    if channels != slice(None):
+        g_j = g_j[:, channels]
     out = g_j.shape[1]
-    weight = torch.nn.grad.conv2d_weight(
+    return torch.nn.grad.conv2d_weight(
         a.reshape(1, n * a.shape[1], *a.shape[2:]), (n * out, module.in_channels // module.groups, *kernel),
         g_j.reshape(1, n * out, *g_j.shape[2:]), stride=stride, padding=padding, dilation=dilation,
         groups=n * module.groups)
-    return weight.view(n, out, *weight.shape[1:])
 
 
 # -- LayerNorm and GroupNorm affine parameters ----------------------------------------------

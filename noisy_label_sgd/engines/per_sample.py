@@ -57,8 +57,8 @@ def conv_per_sample_grads(owner: Owner, g: torch.Tensor, channels: slice = slice
     out = {}
     if "weight" in owner.params:
         weight = torch.stack([grouped_weight_grads(module, a, g_j, kernel, stride, padding, dilation, channels)
-                              for g_j in g2])
-        out["weight"] = weight.reshape(*weight.shape[:2], *module.weight[channels].shape)
+                              for g_j in g2])  # [c, n * out, ...]
+        out["weight"] = weight.reshape(weight.shape[0], g.shape[1], *module.weight[channels].shape)
     if "bias" in owner.params and channels == slice(None):
         out["bias"] = g2.sum((-1, -2))
     return out
