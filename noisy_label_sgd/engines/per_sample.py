@@ -20,14 +20,13 @@ from .trace import FastPathUnsupported, Owner, grads_over_calls, input_over_call
 def per_sample_grads(owner: Owner, grads: list[torch.Tensor], n: int) -> dict[str, torch.Tensor]:
     """The per-sample gradients of the owner's parameters, name -> [c, n, *param.shape] over c
     output directions: an affine map (a Linear, or a written-out map; its calls are positions)
-    from its input and output gradients, any other module by :func:`module_per_sample_grads`."""
-    call = owner.calls[0]
-    linear = isinstance(owner.module, torch.nn.Linear) and len(owner.calls) == 1 and len(call.args) == 1
+    from its input and output gradients, a convolution by :func:`conv_per_sample_grads`, any
+    other module by :func:`module_per_sample_grads`."""
     if _plain_conv_owner(owner):
         return conv_per_sample_grads(owner, grads[0])
-    if not (owner.affine or linear):
+    if not (owner.affine or _linear_owner(owner)):
         return module_per_sample_grads(owner, grads, n)
-    d = call.sample_dim  # (0 where several calls are stacked)
+    d = owner.calls[0].sample_dim  # (0 where several calls are stacked)
     a, g = input_over_calls(owner).movedim(d, 0), grads_over_calls(grads).movedim(d + 1, 1)
     a = a.reshape(n, -1, a.shape[-1]).to(g.dtype)  # [n, positions, in]
     g = g.reshape(g.shape[0], n, -1, g.shape[-1])  # [c, n, positions, out]
@@ -37,9 +36,13 @@ def per_sample_grads(owner: Owner, grads: list[torch.Tensor], n: int) -> dict[st
 
 def per_sample_direct(owner: Owner) -> bool:
     """Whether the owner's per-sample gradients come without autograd (a Linear or affine map
-    by einsum, a convolution by a grouped weight gradient): safe inside a backward hook."""
-    linear = isinstance(owner.module, nn.Linear) and len(owner.calls) == 1 and len(owner.calls[0].args) == 1
-    return owner.affine or linear or _plain_conv_owner(owner)
+    by einsum, a convolution by a grouped weight gradient): safe inside a backward hook, and
+    differentiable once more."""
+    return owner.affine or _linear_owner(owner) or _plain_conv_owner(owner)
+
+
+def _linear_owner(owner: Owner) -> bool:
+    return isinstance(owner.module, nn.Linear) and len(owner.calls) == 1 and len(owner.calls[0].args) == 1
 
 
 def _plain_conv_owner(owner: Owner) -> bool:

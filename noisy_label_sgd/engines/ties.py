@@ -12,8 +12,8 @@ so :math:`\|G\|^2 = \|G_A\|^2 + \|G_B\|^2 + 2\langle G_A, G_B\rangle`: each owne
   Linear's positions s (input :math:`a_s`, output gradient :math:`g^L_s`), no per-sample
   gradient formed; differentiable, so grad reg stays a double backward;
 * any other pair from the two modules' per-sample gradients of the parameter
-  (:mod:`~noisy_label_sgd.engines.per_sample`): differentiable where both are affine maps,
-  else norms only (grad reg then refuses the fast path).
+  (:mod:`~noisy_label_sgd.engines.per_sample`): differentiable where both come without
+  autograd (affine maps, convolutions), else norms only (grad reg then refuses the fast path).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from itertools import combinations
 import torch
 from torch import nn
 
-from .per_sample import per_sample_grads
+from .per_sample import per_sample_direct, per_sample_grads
 from .trace import FastPathUnsupported, Owner
 
 
@@ -59,16 +59,12 @@ def inner_product(a: Owner, name_a: str, b: Owner, name_b: str, by_owner, n: int
     for first, second in ((a, b), (b, a)):
         if _embedding_and_linear(first, second):
             return embedding_linear_inner(first, second, by_owner[id(first)][0], by_owner[id(second)][0])
-    if create_graph and not (_affine(a) and _affine(b)):
+    if create_graph and not (per_sample_direct(a) and per_sample_direct(b)):
         raise FastPathUnsupported(f"the parameter tied between {a.name!r} and {b.name!r} has no differentiable "
                                   "cross term")
     ga = per_sample_grads(a, by_owner[id(a)], n)[name_a]
     gb = per_sample_grads(b, by_owner[id(b)], n)[name_b]
     return (ga * gb).flatten(2).sum(-1).sum(0)
-
-
-def _affine(o: Owner) -> bool:
-    return o.affine or (isinstance(o.module, nn.Linear) and len(o.calls) == 1 and len(o.calls[0].args) == 1)
 
 
 def _embedding_and_linear(embedding: Owner, linear: Owner) -> bool:
