@@ -87,18 +87,20 @@ def second_call_cost(fn: Callable[[], object]) -> Cost:
 
 
 @contextmanager
-def as_accelerator(enabled: bool = True) -> Iterator[None]:
-    """The engines' choices for an accelerator (whole layers, not cache-sized pieces), made on
-    whatever device runs: what a GPU would dispatch, counted on the CPU."""
+def as_accelerator(enabled: bool = True, free_memory: int = 128 << 30) -> Iterator[None]:
+    """The engines' choices for an accelerator (whole layers, not cache-sized pieces; a memory
+    budget of a quarter of ``free_memory``, by default what an H200 has free beside a small
+    model), made on whatever device runs: what a GPU would dispatch, counted on the CPU."""
     from noisy_label_sgd.engines import functional
 
-    original = functional.launch_bound
+    originals = functional.launch_bound, functional.available_memory
     if enabled:
         functional.launch_bound = lambda device: True
+        functional.available_memory = lambda device: free_memory
     try:
         yield
     finally:
-        functional.launch_bound = original
+        functional.launch_bound, functional.available_memory = originals
 
 
 # -- the cases: the benchmark's models, and a batch of 8 where the host dominates ----------------

@@ -10,7 +10,7 @@ from torch import nn
 
 from .distributed import all_gather_cat, all_reduce_sum, is_distributed
 from .engines import Engine, select_engine
-from .engines.functional import (DEFAULT_MEMORY_BUDGET, FunctionalModel, Inputs, as_input_tuple, check_chunk_size,
+from .engines.functional import (FunctionalModel, Inputs, as_input_tuple, check_chunk_size,
                                  evaluation_mode, per_sample_outputs, unwrapped)
 from .engines.select import check_method
 from .engines.tangent import check_solver, project
@@ -126,7 +126,7 @@ class RegularizerProbe:
         method: str = "auto",
         chunk_size: int | None = None,
         solver: str = "auto",
-        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        memory_budget: int | None = None,
     ) -> None:
         check_method(method)
         model = unwrapped(model)

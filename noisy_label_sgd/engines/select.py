@@ -29,7 +29,7 @@ from torch import nn
 from .closed_forms import closed_form_layers
 from .engine import Engine
 from .fast import FastEngine
-from .functional import DEFAULT_MEMORY_BUDGET, Inputs, as_input_tuple, check_chunk_size, unwrapped
+from .functional import Inputs, as_input_tuple, check_chunk_size, default_memory_budget, unwrapped
 from .jacobian import JacobianEngine, is_small_jacobian
 from .vmap import VmapEngine
 
@@ -42,7 +42,7 @@ def check_method(method: str) -> None:
 
 
 def select_engine(model: nn.Module, inputs: Inputs, method: str = "auto", *, chunk_size: int | None = None,
-                  memory_budget: int = DEFAULT_MEMORY_BUDGET, dense_projection: bool = False) -> Engine:
+                  memory_budget: int | None = None, dense_projection: bool = False) -> Engine:
     """The engine that measures ``model`` on the probe set ``inputs`` (see the module docstring).
 
     Raises:
@@ -55,6 +55,8 @@ def select_engine(model: nn.Module, inputs: Inputs, method: str = "auto", *, chu
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     model = unwrapped(model)  # DDP and torch.compile wrappers: the same parameters
+    if memory_budget is None:
+        memory_budget = default_memory_budget(batch[0].device)
     args = (model, batch, check_chunk_size(chunk_size), memory_budget)
     if method == "vmap":
         return VmapEngine(*args)

@@ -112,14 +112,12 @@ def project(engine: Engine, v: torch.Tensor, *, solver: str = "auto", rcond: flo
     J = engine.measurement.jacobian if dense else None
     if dense and J is None:
         K = engine.gram() if engine.rows <= JACOBIAN_MAX_ROWS else None
+        if K is None and engine.rows <= JACOBIAN_MAX_ROWS and not engine.jacobian_fits():
+            K = engine.gram_by_layers()  # J too large to form: K a layer at a time, if the engine can
         if K is not None:
             return project_on_gram(products, K, v64, rcond).to(v.dtype)
         if solver == "dense" or engine.jacobian_fits():
             J = engine.jacobian()
-        elif engine.rows <= JACOBIAN_MAX_ROWS:  # J too large: K a layer at a time, if the engine can
-            K = engine.gram_by_layers()
-            if K is not None:
-                return project_on_gram(products, K, v64, rcond).to(v.dtype)
     if J is not None and J.dtype == torch.float64:
         return project_on_jacobian(J, v64, rcond).to(v.dtype)
     if J is not None:
@@ -138,10 +136,17 @@ class Products:
         self.reduce = all_reduce or (lambda t: t)
 
     def J_times(self, v: torch.Tensor) -> torch.Tensor:
-        return self.engine.J_times(v.to(self.dtype)).double()
+        with self._own_dtype():
+            return self.engine.J_times(v.to(self.dtype)).double()
 
     def J_transpose_times(self, u: torch.Tensor) -> torch.Tensor:
-        return self.reduce(self.engine.J_transpose_times(u.to(self.dtype)).double())
+        with self._own_dtype():
+            return self.reduce(self.engine.J_transpose_times(u.to(self.dtype)).double())
+
+    def _own_dtype(self):
+        """Autocast off: a jvp under it met bfloat16 weights with float32 tangents (a convolution
+        raised), and the solver wants the products in the parameters' dtype anyway."""
+        return torch.autocast(self.engine.batch[0].device.type, enabled=False)
 
     def dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """An inner product of two vectors over the rows of J (summed over ranks)."""
