@@ -142,3 +142,21 @@ def test_the_dense_projection_and_its_rank_report_sync_nothing(name):
     v = random_vector(model)
     tangent_projection(model, x, v)
     assert cost(lambda: tangent_projection(model, x, v)).syncs == 0
+
+
+def test_the_default_memory_budget_follows_the_device(monkeypatch):
+    # 1 GiB on the CPU; on an accelerator a quarter of what is free (every chunk of samples
+    # repeats every operation there), at least 1 GiB
+    from noisy_label_sgd.engines import functional, select_engine
+
+    cpu = torch.device("cpu")
+    model, x = nn.Linear(3, 1), torch.randn(4, 3)
+    assert functional.default_memory_budget(cpu) == 1 << 30
+    assert select_engine(model, x).memory_budget == 1 << 30
+    assert select_engine(model, x, memory_budget=12345).memory_budget == 12345
+    monkeypatch.setattr(functional, "launch_bound", lambda device: True)
+    monkeypatch.setattr(functional, "available_memory", lambda device: 100 << 30)
+    assert functional.default_memory_budget(cpu) == 25 << 30
+    assert select_engine(model, x).memory_budget == 25 << 30
+    monkeypatch.setattr(functional, "available_memory", lambda device: 0)
+    assert functional.default_memory_budget(cpu) == 1 << 30
