@@ -165,7 +165,8 @@ def affine_map_sq_norms(a: torch.Tensor, g: torch.Tensor, weight: bool, bias: bo
     ``torch.bmm`` on 3-D views: ``@`` on them dispatches expands and reshapes around its bmm,
     operations a GPU pays for in host time."""
     k, n = g.shape[:2]
-    a = a.reshape(n, -1, a.shape[-1])  # [n, T, in]
+    if a.dim() != 3:  # (a reshape to the same shape is still an operation)
+        a = a.reshape(n, -1, a.shape[-1])  # [n, T, in]
     g = g.reshape(k * n, -1, g.shape[-1])  # [k n, T, out]
     positions = a.shape[1]
     if positions == 1:  # ||g||^2 (||a||^2 + 1)
@@ -323,13 +324,16 @@ def norm_affine_grads(module: nn.Module, a: torch.Tensor, g: torch.Tensor, train
         shape = (1, -1) + (1,) * (a.dim() - 2)
         x_hat = (a - module.running_mean.view(shape)) * torch.rsqrt(module.running_var.view(shape) + module.eps)
         shared = tuple(range(3, g.dim()))
-    over_shared = (lambda t: t.sum(shared)) if shared else (lambda t: t)  # sum(()) would sum all
+    def per_sample(t: torch.Tensor) -> torch.Tensor:  # [k, n, d]
+        t = t.sum(shared) if shared else t  # (sum(()) would sum all)
+        return t if t.dim() == 3 else t.reshape(k, n, -1)  # (a reshape to the same shape is still an operation)
+
     parts = []
     if "weight" in trainable:
-        parts.append(over_shared(g * x_hat).reshape(k, n, -1))
+        parts.append(per_sample(g * x_hat))
     if "bias" in trainable:
-        parts.append(over_shared(g).reshape(k, n, -1))
-    return torch.cat(parts, -1)
+        parts.append(per_sample(g))
+    return torch.cat(parts, -1) if len(parts) > 1 else parts[0]
 
 
 def norm_affine_gram(module: nn.Module, a: torch.Tensor, g: torch.Tensor, trainable) -> torch.Tensor:
