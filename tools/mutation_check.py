@@ -70,9 +70,9 @@ MUTANTS = [
     Mutant("conv-bias-sum-of-squares", "a convolution bias's part as a sum of squares, not the square of a sum",
            "noisy_label_sgd/engines/closed_forms.py", "total = total + g.sum(-1).pow(2).sum((0, -1))",
            "total = total + g.pow(2).sum(-1).sum((0, -1))", PROBE_TESTS),
-    Mutant("norm-weight-unnormalised", "a LayerNorm/GroupNorm weight's gradient from the raw input",
-           "noisy_label_sgd/engines/closed_forms.py", "parts.append(over_shared(g * x_hat).reshape(k, n, -1))",
-           "parts.append(over_shared(g * a).reshape(k, n, -1))", PROBE_TESTS),
+    Mutant("norm-weight-unnormalised", "a LayerNorm/GroupNorm/BatchNorm weight's gradient from the raw input",
+           "noisy_label_sgd/engines/closed_forms.py", "parts.append(per_sample(g * x_hat))",
+           "parts.append(per_sample(g * a))", PROBE_TESTS),
     # transposes and solver arithmetic
     Mutant("pinv-transposed", "K^+ b with the eigenvectors transposed",
            "noisy_label_sgd/engines/tangent.py", "u = Q @ (inverse * (Q.T @ products.J_times(v)))",
