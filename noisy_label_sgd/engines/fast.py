@@ -119,7 +119,7 @@ class FastEngine(Engine):
         """K = sum over layers of G G^T in float64, G a layer's per-sample gradients [n k, p_layer]
         (:func:`~noisy_label_sgd.engines.per_sample.per_sample_gradient_blocks`: a convolution's
         in slices of output channels), at most a quarter of the memory budget at a time: the
-        dense projection for a J too large to form (ResNet-18 at batch 128: 5.6 GB), one trace
+        dense projection for a J too large to form (ResNet-18 at batch 128: 5.7 GB), one trace
         and one backward instead of LSQR's jvp and vjp per iteration. For one output per sample
         each layer's blocks are taken as the backward passes it (:func:`streamed_part`), so the
         trace of the whole batch is what must fit; for several, all output gradients at once.
@@ -318,7 +318,9 @@ def fast_sq_norms(model, batch: Batch, *, create_graph: bool = False, stream: bo
     if create_graph and not all(o.closed_form for o in owners):
         raise FastPathUnsupported("a module needs a per-module fallback, which has no double backward")
     ties = ties_of(owners)
-    dtype = torch.promote_types(h.dtype, torch.float32)  # (the norms accumulate in float32 at least)
+    # the norms accumulate in float32 at least (as torch.promote_types(h.dtype, float32), which
+    # would be a dispatched operation)
+    dtype = h.dtype if h.dtype in (torch.float32, torch.float64) else torch.float32
     total = None
     for directions in direction_groups(owners, k):
         part = None

@@ -191,17 +191,22 @@ def _hardsigmoid(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     return input.copy_(out) if inplace else out
 
 
-@contextmanager
-def twice_differentiable() -> Iterator[None]:
+def twice_differentiable() -> AbstractContextManager:
     """Functions whose backward PyTorch cannot differentiate, swapped for equal composites for
     the duration (grad reg differentiates the model twice): ``F.hardsigmoid``
     (MobileNetV3's squeeze-excitation; ``nn.Hardsigmoid`` calls it)."""
-    original = nn.functional.hardsigmoid
-    nn.functional.hardsigmoid = _hardsigmoid
+    return swapped_functional("hardsigmoid", _hardsigmoid)
+
+
+@contextmanager
+def swapped_functional(name: str, replacement) -> Iterator[None]:
+    """``torch.nn.functional.<name>`` replaced for the duration (modules look it up at call time)."""
+    original = getattr(nn.functional, name)
+    setattr(nn.functional, name, replacement)
     try:
         yield
     finally:
-        nn.functional.hardsigmoid = original
+        setattr(nn.functional, name, original)
 
 
 @contextmanager

@@ -195,24 +195,24 @@ def project_lsqr(products: Products, v: torch.Tensor, tol: float | None, max_ite
     its rows of J and of the row-space vectors), so all ranks run the same iteration.
     """
     tol = default_lsqr_tol(products.dtype) if tol is None else tol
-    b = products.J_times(v)  # (only for its size and device)
-    rows = int(products.reduce(torch.tensor(float(b.numel()), dtype=b.dtype, device=b.device)).item())
-    max_iter = default_max_iter(rows) if max_iter is None else max_iter  # the same on every rank
-    capacity = max(1, basis_budget // max(1, 8 * b.numel()))  # row-space vectors kept for reorthogonalising
     beta = v.norm()
     if beta == 0:
         return v.clone()
     u = v / beta
-    w_row = products.J_times(u)
-    alpha = products.dot(w_row, w_row).sqrt()
+    row = products.J_times(u)
+    rows = int(products.reduce(torch.tensor(float(row.numel()), dtype=row.dtype, device=row.device)).item())
+    max_iter = default_max_iter(rows) if max_iter is None else max_iter  # the same on every rank
+    capacity = max(1, basis_budget // max(1, 8 * row.numel()))  # row-space vectors kept for reorthogonalising
+    alpha = products.dot(row, row).sqrt()
     if alpha == 0:  # v is orthogonal to the row space already
         return v.clone()
-    row = w_row / alpha
+    row = row / alpha
     basis = [row]
     w = row.clone()
     x = torch.zeros_like(row)
     phibar, rhobar = beta, alpha
     norm_J_sq = alpha**2  # ||J||_F estimate from the bidiagonal
+    c = torch.ones_like(alpha)  # (the rotation's cosine; for the warning when max_iter is 0)
     converged = False
     for _ in range(max_iter):
         u = products.J_transpose_times(row) - alpha * u

@@ -21,7 +21,7 @@ from torch import nn
 from torch.func import grad, jvp, vmap
 
 from .engine import Engine, per_sample_jacobians
-from .functional import Batch, FunctionalModel, ParamDict
+from .functional import Batch, FunctionalModel, ParamDict, swapped_functional
 
 
 class VmapEngine(Engine):
@@ -92,7 +92,6 @@ def _without_autocast(inner, device_type: str):
         yield engine
 
 
-@contextmanager
 def padding_rows_constant():
     """``F.embedding`` with the padding row of its weight detached, for the duration.
 
@@ -110,8 +109,4 @@ def padding_rows_constant():
             weight = torch.where(row, weight.detach(), weight)
         return original(input, weight, padding_idx, *args, **kwargs)
 
-    nn.functional.embedding = embedding
-    try:
-        yield
-    finally:
-        nn.functional.embedding = original
+    return swapped_functional("embedding", embedding)
