@@ -203,7 +203,7 @@ def tangent_projection(
     engine = select_engine(model, inputs, method, chunk_size=chunk_size, memory_budget=memory_budget)
     with engine.measuring():
         fm = engine.fm
-        v = fm.flatten(check_vector(fm.params, vector))
+        v = fm.flatten(check_vector(fm.trainable, vector))
         return fm.unflatten(project(engine, v, solver=solver, rcond=rcond, tol=tol, max_iter=max_iter).vector)
 
 

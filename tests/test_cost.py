@@ -2,6 +2,7 @@
 the targets of a training step's ratio that hold (unmet ones as strict expected failures, so a
 fix shows up as an unexpected pass)."""
 
+import functools
 import os
 import sys
 
@@ -42,6 +43,14 @@ def ratios(case, build_and_shape=None):
     return {m: (c.operations / step.operations, c.flops / step.flops, c.syncs) for m, c in costs.items()}
 
 
+@functools.lru_cache(maxsize=None)
+def case_ratios(case):
+    """The ratios of the test-sized cases (the benchmark's transformer and CNN, smaller), once
+    per case for the tests below."""
+    build = {"transformer": small_transformer, "cnn": small_cnn}.get(case)
+    return ratios(case, build() if build else None)
+
+
 def small_transformer():
     from probe import PooledTransformer
 
@@ -54,22 +63,37 @@ def small_cnn():
     return CASES["cnn"][1], (16, 3, 32, 32)
 
 
+# k outputs per sample: J_i has k rows, each a backward through the activations (the 10-output
+# MLP's reg 2.08x a step's FLOPs, grad reg 5.96x); a target for the arithmetic of k = 1
+K_BACKWARDS = "a Jacobian of k = 10 rows per sample takes 10 backward passes through the activations"
+
+
+@pytest.mark.parametrize("case", ["mlp", "mlp_b8", "mlp10", "transformer", "cnn"])
+def test_reg_dispatches_at_most_1_5x_a_step_and_syncs_nothing(case):
+    # mlp 0.79x, mlp10 0.93x (its 10 directions in one batched backward), transformer 0.84x, CNN 1.41x
+    (ops, flops, syncs) = case_ratios(case)["reg"]
+    assert syncs == 0 and ops <= 1.5, ops
+
+
+@pytest.mark.parametrize("case", ["mlp", "mlp_b8", "transformer", "cnn", pytest.param(
+    "mlp10", marks=pytest.mark.xfail(strict=True, reason=K_BACKWARDS))])
+def test_reg_computes_at_most_1_3x_a_step(case):
+    assert case_ratios(case)["reg"][1] <= 1.3
+
+
+@pytest.mark.parametrize("case", ["mlp", "mlp_b8", "mlp10", "transformer", "cnn"])
+def test_grad_reg_dispatches_at_most_4x_a_step_and_syncs_nothing(case):
+    # mlp 2.21x, mlp10 2.45x, transformer 3.97x (at 4.5x before the Linear's bias joined its
+    # weight's product), CNN 3.86x
+    (ops, flops, syncs) = case_ratios(case)["reg_grad"]
+    assert syncs == 0 and ops <= 4, ops
+
+
 @pytest.mark.parametrize("case", ["mlp", "mlp_b8", "transformer", pytest.param(
-    "cnn", marks=pytest.mark.xfail(strict=True, reason="issue 15: the CNN's reg dispatches 2.2x a step's operations"))])
-def test_reg_dispatches_at_most_1_5x_and_computes_at_most_1_3x_a_step(case):
-    build = {"transformer": small_transformer, "cnn": small_cnn}.get(case)
-    (ops, flops, syncs) = ratios(case, build() if build else None)["reg"]
-    assert syncs == 0
-    assert ops <= 1.5 and flops <= 1.3, (ops, flops)
-
-
-@pytest.mark.parametrize("case", ["mlp", "mlp_b8", pytest.param(
-    "transformer", marks=pytest.mark.xfail(strict=True, reason="issue 15: grad reg dispatches 4.5x a step's operations"))])
-def test_grad_reg_dispatches_at_most_4x_and_computes_at_most_3x_a_step(case):
-    build = {"transformer": small_transformer}.get(case)
-    (ops, flops, syncs) = ratios(case, build() if build else None)["reg_grad"]
-    assert syncs == 0
-    assert ops <= 4 and flops <= 3, (ops, flops)
+    "cnn", marks=pytest.mark.xfail(strict=True, reason="issue 15: the CNN's grad reg computes 3.18x a step")), pytest.param(
+    "mlp10", marks=pytest.mark.xfail(strict=True, reason=K_BACKWARDS))])
+def test_grad_reg_computes_at_most_3x_a_step(case):
+    assert case_ratios(case)["reg_grad"][1] <= 3
 
 
 def small_language_model(name):
@@ -102,13 +126,14 @@ def test_language_models_reg_and_grad_reg_compute_within_their_flop_targets_with
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_language_models_reg_dispatches_at_most_1_5x_a_step(name):
-    # GPT-2 1.48x (its tied head's cross terms held with the output gradients), Llama 1.25x
+    # GPT-2 1.30x (its tied head's cross terms held with the output gradients), Llama 1.17x
     assert ratios(name, small_language_model(name))["reg"][0] <= 1.5
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15: grad reg dispatches 6.1x (GPT-2) and 4.3x (Llama) a step's operations")
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("name", ["llama", pytest.param("gpt2", marks=pytest.mark.xfail(
+    strict=True, reason="issue 15: GPT-2's grad reg dispatches 5.5x a step's operations"))])
 def test_language_models_grad_reg_dispatches_at_most_4x_a_step(name):
+    # Llama 4.00x (q, k, v and gate, up share their input's Gram matrix; 4.3x before)
     assert ratios(name, small_language_model(name))["reg_grad"][0] <= 4
 
 

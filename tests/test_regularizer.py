@@ -31,7 +31,7 @@ def test_fast_path_in_groups_of_output_directions_matches_the_loop(name, size, m
     from noisy_label_sgd.engines import fast
 
     monkeypatch.setattr(fast, "direction_groups",
-                        lambda owners, k: [range(s, min(s + size, k)) for s in range(0, k, size)])
+                        lambda owners, k, device: [range(s, min(s + size, k)) for s in range(0, k, size)])
     model, x = make(name)
     J = brute_jacobian(model, x)
     assert_rel_close(per_sample_sq_grad_norms(model, x, method="fast"), J.pow(2).reshape(x.shape[0], -1).sum(1))
@@ -69,7 +69,7 @@ def test_one_direction_at_a_time_streams_through_the_backward(name, monkeypatch)
         raise AssertionError("took the held path")
 
     monkeypatch.setattr(fast, "held_part", held)
-    monkeypatch.setattr(fast, "direction_groups", lambda owners, k: [range(j, j + 1) for j in range(k)])
+    monkeypatch.setattr(fast, "direction_groups", lambda owners, k, device: [range(j, j + 1) for j in range(k)])
     model, x = make(name)
     J = brute_jacobian(model, x)
     assert_rel_close(per_sample_sq_grad_norms(model, x, method="fast"), J.pow(2).reshape(x.shape[0], -1).sum(1))
@@ -173,12 +173,12 @@ def test_output_direction_groups_hold_at_most_half_the_parameters():
     # per direction 6 n + 4 n floats of output gradients: as many directions as fit in 41 floats
     for n, size in ((1, 4), (2, 2), (3, 1)):
         owners, h = traced(model, (randn(n, 8),))
-        groups = direction_groups(owners, h.shape[1])
+        groups = direction_groups(owners, h.shape[1], h.device)
         assert [list(g) for g in groups] == [list(range(s, min(s + size, 4))) for s in range(0, 4, size)]
         assert size * 10 * n <= params / 2 < (size + 1) * 10 * n or size == 4  # the most that fit
     # one direction's gradients over half the parameters: still one direction at a time
     owners, h = traced(model, (randn(10, 8),))
-    assert [list(g) for g in direction_groups(owners, 4)] == [[0], [1], [2], [3]]
+    assert [list(g) for g in direction_groups(owners, 4, h.device)] == [[0], [1], [2], [3]]
 
 
 # models with a torch.func fallback somewhere: "fast" has no double backward there
@@ -860,3 +860,18 @@ def test_a_jacobian_too_large_to_form_gets_k_layer_by_layer_with_convolutions_in
     conv2 = [c for cin, c in slices if cin == 24 and c != slice(None)]
     assert len(conv2) >= 4 and all(c.stop - c.start <= 3 * outputs for c in conv2), slices
     assert_rel_close(actual, svd_tangent_projection(brute_jacobian(model, x), flat(v)), rtol=1e-8)
+
+
+@pytest.mark.parametrize("name", IDS)
+def test_an_accelerators_choices_give_the_same_numbers(name, monkeypatch):
+    # launch_bound: whole layers, all output directions in one batched backward (also with the
+    # double backward of grad reg), made here on the CPU
+    from noisy_label_sgd.engines import functional
+
+    monkeypatch.setattr(functional, "launch_bound", lambda device: True)
+    model, x = make(name)
+    J = brute_jacobian(model, x)
+    assert_rel_close(per_sample_sq_grad_norms(model, x), J.pow(2).reshape(x.shape[0], -1).sum(1))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    grad = regularizer_grad(model, x)
+    assert_rel_close(torch.cat([grad[n].reshape(-1) for n in names]), brute_reg_grad(model, x))

@@ -26,7 +26,9 @@ output directions; a closed form turns them into that module's part of every sam
 
 To add a layer: write ``sq_norms(module, a, g, trainable, memo) -> [n]`` (``trainable``: the
 names of the module's own trainable parameters; ``memo``: a dict shared by the output
-directions of one call) and register it in this file, with a Gram closed form if there is one::
+directions of one call and by every call on the same input tensor (Llama's q, k and v
+projections share their input's Gram matrix), so key what you store by what it depends on
+besides the input) and register it in this file, with a Gram closed form if there is one::
 
     @register_closed_form(MyLayer, gram=my_layer_gram, applies=lambda m: m.mode == "plain")
     def my_layer_sq_norms(module, a, g, trainable, memo): ...
@@ -39,13 +41,14 @@ falls back, for that module only, to torch.func per-sample gradients of its own 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
+from functools import partial, reduce
 from typing import Callable
 
 import torch
 from torch import nn
 
 from . import functional
+from .functional import cat_or_one
 from .recurrent import is_stock_recurrent
 from .trace import FastPathUnsupported, Owner, input_over_calls, owners_of
 
@@ -58,6 +61,9 @@ class ClosedForm:
     # the formula treats every leading dim of input and output alike (positions), so the samples
     # may run along any of them (moved first for it): Linear, LayerNorm
     samples_anywhere: bool = False
+    # sq_norms also takes one direction's output gradient bare, [*y] instead of [1, *y]: the
+    # streamed backward hands them so (an unsqueeze is an operation, paid per layer in host time)
+    bare: bool = False
 
 
 # by class, or by the qualified name of a class from a library that is not imported here
@@ -65,13 +71,14 @@ class ClosedForm:
 CLOSED_FORMS: dict[type[nn.Module] | str, ClosedForm] = {}
 
 
-def register_closed_form(*types: type[nn.Module] | str, gram=None, applies=None, samples_anywhere=False):
+def register_closed_form(*types: type[nn.Module] | str, gram=None, applies=None, samples_anywhere=False,
+                         bare=False):
     """Register ``sq_norms`` (the decorated function) as the closed form of ``types`` (classes,
     or qualified class names ``"module.Class"`` of optional libraries)."""
 
     def register(sq_norms):
         for t in types:
-            CLOSED_FORMS[t] = ClosedForm(sq_norms, gram, applies or (lambda module: True), samples_anywhere)
+            CLOSED_FORMS[t] = ClosedForm(sq_norms, gram, applies or (lambda module: True), samples_anywhere, bare)
         return sq_norms
 
     return register
@@ -105,13 +112,17 @@ def closed_form_layers(model: nn.Module) -> bool:
 def bind(owners: list[Owner]) -> None:
     """Set each traced owner's ``closed_form`` and ``gram`` (None where it has none): a
     registered type in the formula's scope, called once on one positional input, every own
-    trainable parameter its own; attention's projections as affine maps."""
+    trainable parameter its own; attention's projections as affine maps. Calls on the same
+    input tensor share one memo."""
+    memos: dict[tuple[int, int], dict] = {}  # (id of the input, its sample dim) -> memo
+    memo_of = lambda call, d=0: memos.setdefault((id(call.args[0]), d), call.memo)
     for o in owners:
         call = o.calls[0]
         if o.affine:  # (applied at several time steps: the steps are positions)
             weight, bias = (any(kind in name for name in o.params) for kind in ("weight", "bias"))
             o.closed_form = partial(affine_map_sq_norms, input_over_calls(o), weight=weight, bias=bias,
-                                    memo=call.memo)
+                                    memo=memo_of(call) if len(o.calls) == 1 else call.memo)
+            o.bare = len(o.calls) == 1
             continue
         own = {n for n, p in o.module._parameters.items() if p is not None and p.requires_grad}
         form = closed_form_of(o.module)
@@ -120,13 +131,14 @@ def bind(owners: list[Owner]) -> None:
         trainable = frozenset(o.params)
         a, d = call.args[0], call.sample_dim
         if d == 0:
-            o.closed_form = partial(form.sq_norms, o.module, a, trainable=trainable, memo=call.memo)
+            o.closed_form = partial(form.sq_norms, o.module, a, trainable=trainable, memo=memo_of(call))
+            o.bare = form.bare
             if form.gram is not None:
                 o.gram = partial(form.gram, o.module, a, trainable=trainable)
         elif form.samples_anywhere and isinstance(a, torch.Tensor) and a.dim() == len(call.shape):
             # samples first for the formula: the input's dims lead as the output's do
             o.closed_form = partial(samples_moved_first, form.sq_norms, o.module, a.movedim(d, 0), d,
-                                    trainable=trainable, memo=call.memo)
+                                    trainable=trainable, memo=memo_of(call, d))
 
 
 def samples_moved_first(sq_norms, module, a, d, g, trainable, memo) -> torch.Tensor:
@@ -154,7 +166,8 @@ def linear_gram(module: nn.Linear, a: torch.Tensor, g: torch.Tensor, trainable) 
 
 
 # Hugging Face's Conv1D (GPT-2) is a Linear with its weight stored transposed: the same norms
-@register_closed_form(nn.Linear, "transformers.pytorch_utils.Conv1D", gram=linear_gram, samples_anywhere=True)
+@register_closed_form(nn.Linear, "transformers.pytorch_utils.Conv1D", gram=linear_gram, samples_anywhere=True,
+                      bare=True)
 def linear_sq_norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor, trainable, memo: dict) -> torch.Tensor:
     return affine_map_sq_norms(a, g, "weight" in trainable, "bias" in trainable, memo)
 
@@ -163,27 +176,35 @@ def affine_map_sq_norms(a: torch.Tensor, g: torch.Tensor, weight: bool, bias: bo
     """sum_j ||grad of (W a + b) at output gradient g_j||^2 per sample, over positions
     (``memo``: the call's store of what other output directions reuse). Batched products by
     ``torch.bmm`` on 3-D views: ``@`` on them dispatches expands and reshapes around its bmm,
-    operations a GPU pays for in host time."""
-    k, n = g.shape[:2]
+    operations a GPU pays for in host time. One direction may come bare ([*y], as a's dims)."""
+    k, n = (1, g.shape[0]) if g.dim() == a.dim() else g.shape[:2]
+    if a.dim() == 2:  # one position: ||g||^2 (||a||^2 + 1), summed over the directions
+        sq = g.pow(2).sum(-1 if g.dim() == 2 else (0, -1))  # [n]
+        if not weight:
+            return sq
+        key = ("input_factor", bias)  # (memo: shared by the directions and the calls on this input)
+        if key not in memo:
+            memo[key] = a.pow(2).sum(-1) + 1 if bias else a.pow(2).sum(-1)
+        return sq * memo[key]
     if a.dim() != 3:  # (a reshape to the same shape is still an operation)
         a = a.reshape(n, -1, a.shape[-1])  # [n, T, in]
     g = g.reshape(k * n, -1, g.shape[-1])  # [k n, T, out]
     positions = a.shape[1]
-    if positions == 1:  # ||g||^2 (||a||^2 + 1)
-        if weight and "input_sq_norms" not in memo:
-            memo["input_sq_norms"] = a.pow(2).sum((-1, -2))
-        factor = (memo["input_sq_norms"] if weight else 0) + (1 if bias else 0)
-        sq = g.pow(2).sum((-1, -2))  # [k n]
-        return (sq if k == 1 else sq.view(k, n).sum(0)) * factor
     parts = []
     if weight:
         if positions * positions <= a.shape[-1] * g.shape[-1]:
-            if "input_gram" not in memo:
-                memo["input_gram"] = torch.bmm(a, a.transpose(1, 2))  # [n, T, T]
+            key = ("input_gram", bias)
+            if key not in memo:
+                gram_a = memo.get(("input_gram", False))
+                if gram_a is None:
+                    gram_a = memo[("input_gram", False)] = torch.bmm(a, a.transpose(1, 2))  # [n, T, T]
+                # the bias's part, ||sum_t g_t||^2 = sum_ts g_t . g_s, in the same product:
+                # (a_t . a_s + 1)(g_t . g_s)
+                memo[key] = gram_a + 1 if bias else gram_a
             gram_g = torch.bmm(g, g.transpose(1, 2))  # [k n, T, T]
             if k > 1:  # summed over the directions first: one product with the input's Gram
                 gram_g = gram_g.view(k, n, positions, positions).sum(0)
-            parts.append((memo["input_gram"] * gram_g).sum((-1, -2)))
+            return (memo[key] * gram_g).sum((-1, -2))
         else:  # long sequences: the per-sample weight gradient is smaller than the Gram matrices
             g4 = g.view(k, n, positions, -1)
             parts.append(torch.einsum("knto,nti->knoi", g4, a.to(g.dtype)).pow(2).sum((0, -1, -2)))
@@ -201,19 +222,19 @@ def _plain_convolution(module: nn.Module) -> bool:
 
 
 def conv_geometry(module: nn.Module, a: torch.Tensor, g: torch.Tensor):
-    """Input, output gradients [c, n, out, H, W] and kernel, stride, padding, dilation as a 2-D
-    convolution's (a Conv1d as one of height 1)."""
+    """Input, output gradients [c, n, out, H, W] (or one direction's, bare: [n, out, H, W]) and
+    kernel, stride, padding, dilation as a 2-D convolution's (a Conv1d as one of height 1)."""
     if isinstance(module, nn.Conv1d):
-        return (a.unsqueeze(2), g.unsqueeze(3), (1, module.kernel_size[0]), (1, module.stride[0]),
+        return (a.unsqueeze(2), g.unsqueeze(-2), (1, module.kernel_size[0]), (1, module.stride[0]),
                 (0, module.padding[0]), (1, module.dilation[0]))
     return a, g, module.kernel_size, module.stride, module.padding, module.dilation
 
 
-@register_closed_form(nn.Conv1d, nn.Conv2d, applies=_plain_convolution)
+@register_closed_form(nn.Conv1d, nn.Conv2d, applies=_plain_convolution, bare=True)
 def conv_sq_norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor, trainable, memo: dict) -> torch.Tensor:
     """A convolution is a Linear over output positions on the input patches."""
     a, g, kernel, stride, padding, dilation = conv_geometry(module, a, g)
-    count = g.shape[3] * g.shape[4]  # output positions
+    count = g.shape[-2] * g.shape[-1]  # output positions
     width = module.in_channels * kernel[0] * kernel[1] * module.out_channels
     if module.groups > 1 or count * count > width and module.in_channels >= GROUPED_MIN_IN_CHANNELS:
         return conv_grouped(module, a, g, kernel, stride, padding, dilation, trainable)
@@ -236,35 +257,46 @@ def patch_chunk_bytes(device: torch.device) -> int:
 def conv_patches(module, a, g, kernel, stride, padding, dilation, trainable) -> torch.Tensor:
     """Per sample and output direction j, the weight gradient g_j P^T from the input patches P
     [in * kernel, positions] (or, for few positions, the Gram matrices of P and g_j)."""
-    k, n, out, out_h, out_w = g.shape
-    g = g.reshape(k, n, out, -1)  # [k, n, out, L]
+    k, n, out, out_h, out_w = g.shape if g.dim() == 5 else (1, *g.shape)
     positions, rows = out_h * out_w, a.shape[1] * kernel[0] * kernel[1]
-    total = torch.zeros(n, dtype=g.dtype, device=g.device)
+    # [n, out, L] per direction: as few dispatched operations as the arithmetic allows, since on
+    # an accelerator each is paid in host time (one view for one direction)
+    directions = [g.reshape(n, out, positions)] if k == 1 else g.reshape(k, n, out, positions).unbind(0)
+    bias = None
     if "bias" in trainable:
-        total = total + g.sum(-1).pow(2).sum((0, -1))
+        bias = reduce(torch.add, [g_j.sum(-1).pow(2).sum(-1) for g_j in directions])
     if "weight" not in trainable:
-        return total
+        return bias
     chunk = max(1, patch_chunk_bytes(a.device) // (rows * positions * a.element_size()))
     if torch.is_grad_enabled() and a.requires_grad:
         # unfold, whose backward is one fold; a strided view's scatters into zeroed patches
-        pieces = a.split(chunk)  # split, not sliced: differentiated, the pieces' backward is one cat
+        pieces = split(a, chunk)  # split, not sliced: differentiated, the pieces' backward is one cat
         patches = lambda piece: nn.functional.unfold(piece, kernel, dilation, padding, stride)
     else:
         x = nn.functional.pad(a, (padding[1], padding[1], padding[0], padding[0])) if any(padding) else a
         st = x.stride()  # any strides: the view reads the input where it lies
-        pieces = x.as_strided((n, x.shape[1], *kernel, out_h, out_w), (
-            st[0], st[1], dilation[0] * st[2], dilation[1] * st[3], stride[0] * st[2], stride[1] * st[3])).split(chunk)
+        pieces = split(x.as_strided((n, x.shape[1], *kernel, out_h, out_w), (
+            st[0], st[1], dilation[0] * st[2], dilation[1] * st[3], stride[0] * st[2], stride[1] * st[3])), chunk)
         patches = lambda piece: piece.reshape(-1, rows, positions)  # the copy
     gram = positions * positions <= rows * out
+    by_direction = [split(g_j, chunk) for g_j in directions]
     parts = []
-    for piece, g_chunk in zip(pieces, g.split(chunk, dim=1)):
+    for i, piece in enumerate(pieces):
         p = patches(piece)  # [c, in * kernel, L]
-        if gram:
-            gram_p = p.transpose(1, 2) @ p  # [c, L, L]
-            parts.append(sum((gram_p * (g_j.transpose(1, 2) @ g_j)).sum((1, 2)) for g_j in g_chunk))
-        else:
-            parts.append(sum(torch.bmm(g_j, p.transpose(1, 2)).pow(2).sum((1, 2)) for g_j in g_chunk))
-    return total + torch.cat(parts)
+        p_t = p.transpose(1, 2)
+        if gram:  # the Gram matrices over positions, [c, L, L]
+            gram_p = torch.bmm(p_t, p)
+            terms = [(gram_p * torch.bmm(g_j[i].transpose(1, 2), g_j[i])).sum((1, 2)) for g_j in by_direction]
+        else:  # the per-sample weight gradients, [c, out, in * kernel]
+            terms = [torch.bmm(g_j[i], p_t).pow(2).sum((1, 2)) for g_j in by_direction]
+        parts.append(reduce(torch.add, terms))
+    weight = cat_or_one(parts)
+    return weight if bias is None else weight + bias
+
+
+def split(t: torch.Tensor, size: int, dim: int = 0) -> list[torch.Tensor]:
+    """``t.split(size, dim)``, or ``[t]`` where one piece holds it (no dispatched split)."""
+    return [t] if t.shape[dim] <= size else list(t.split(size, dim))
 
 
 # Per-sample weight gradients as one weight gradient of a convolution grouped by sample: on CPU
@@ -277,16 +309,16 @@ def conv_grouped(module, a, g, kernel, stride, padding, dilation, trainable) -> 
     """The samples as groups of one convolution: its weight gradient is
     [n * out, in / groups, *kernel], the per-sample gradients stacked, for each output direction
     (a grouped or depthwise convolution's own groups nest inside the samples')."""
-    n = g.shape[1]
-    dtype = g.dtype if a.dtype == g.dtype else torch.promote_types(a.dtype, g.dtype)  # (autocast)
-    total = torch.zeros(n, dtype=dtype, device=g.device)
-    for g_j in g:  # one weight gradient per output direction
+    directions = [g] if g.dim() == 4 else g.unbind(0)  # (one, bare: [n, out, H, W])
+    n = directions[0].shape[0]
+    terms = []
+    for g_j in directions:  # one weight gradient per output direction
         if "weight" in trainable:
             weight = grouped_weight_grads(module, a, g_j, kernel, stride, padding, dilation)
-            total = total + weight.reshape(n, -1).pow(2).sum(1)
+            terms.append(weight.reshape(n, -1).pow(2).sum(1))
         if "bias" in trainable:
-            total = total + g_j.sum((-1, -2)).pow(2).sum(-1)
-    return total
+            terms.append(g_j.sum((-1, -2)).pow(2).sum(-1))
+    return reduce(torch.add, terms)  # (under autocast, promoted as it adds)
 
 
 def grouped_weight_grads(module, a, g_j, kernel, stride, padding, dilation, channels: slice = slice(None)):
@@ -312,21 +344,24 @@ def grouped_weight_grads(module, a, g_j, kernel, stride, padding, dilation, chan
 
 
 def norm_affine_grads(module: nn.Module, a: torch.Tensor, g: torch.Tensor, trainable) -> torch.Tensor:
-    """Per-sample gradients of the affine parameters, [k, n, d] (small: d = channels)."""
-    k, n = g.shape[:2]
+    """Per-sample gradients of the affine parameters, [k, n, d] (small: d = channels); for one
+    direction's output gradient bare ([*y]), [n, d]."""
+    lead = 1 if g.dim() == a.dim() else 2  # the dims of directions and samples
+    k, n = (1, g.shape[0]) if lead == 1 else g.shape[:2]
     if isinstance(module, nn.LayerNorm):
         x_hat = nn.functional.layer_norm(a, module.normalized_shape, eps=module.eps)
-        shared = tuple(range(2, g.dim() - len(module.normalized_shape)))  # positions per sample
+        shared = tuple(range(lead, g.dim() - len(module.normalized_shape)))  # positions per sample
     elif isinstance(module, nn.GroupNorm):
         x_hat = nn.functional.group_norm(a, module.num_groups, eps=module.eps)
-        shared = tuple(range(3, g.dim()))  # spatial positions; parameters are per channel
+        shared = tuple(range(lead + 1, g.dim()))  # spatial positions; parameters are per channel
     else:  # BatchNorm in eval mode: normalised by its running statistics, an affine map per channel
         shape = (1, -1) + (1,) * (a.dim() - 2)
         x_hat = (a - module.running_mean.view(shape)) * torch.rsqrt(module.running_var.view(shape) + module.eps)
-        shared = tuple(range(3, g.dim()))
-    def per_sample(t: torch.Tensor) -> torch.Tensor:  # [k, n, d]
+        shared = tuple(range(lead + 1, g.dim()))
+    def per_sample(t: torch.Tensor) -> torch.Tensor:  # [k, n, d], or [n, d]
         t = t.sum(shared) if shared else t  # (sum(()) would sum all)
-        return t if t.dim() == 3 else t.reshape(k, n, -1)  # (a reshape to the same shape is still an operation)
+        # (a reshape to the same shape is still an operation)
+        return t if t.dim() == lead + 1 else t.reshape(n, -1) if lead == 1 else t.reshape(k, n, -1)
 
     parts = []
     if "weight" in trainable:
@@ -346,11 +381,13 @@ def _running_statistics(module: nn.Module) -> bool:
     return module.track_running_stats and module.running_mean is not None
 
 
-@register_closed_form(nn.LayerNorm, gram=norm_affine_gram, samples_anywhere=True)
-@register_closed_form(nn.GroupNorm, gram=norm_affine_gram)
-@register_closed_form(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, gram=norm_affine_gram, applies=_running_statistics)
+@register_closed_form(nn.LayerNorm, gram=norm_affine_gram, samples_anywhere=True, bare=True)
+@register_closed_form(nn.GroupNorm, gram=norm_affine_gram, bare=True)
+@register_closed_form(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, gram=norm_affine_gram, applies=_running_statistics,
+                      bare=True)
 def norm_affine_sq_norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor, trainable, memo: dict) -> torch.Tensor:
-    return norm_affine_grads(module, a, g, trainable).pow(2).sum((0, -1))
+    grads = norm_affine_grads(module, a, g, trainable)
+    return grads.pow(2).sum(-1 if grads.dim() == 2 else (0, -1))
 
 
 # -- Embedding -------------------------------------------------------------------------------
@@ -368,13 +405,14 @@ def embedding_sq_norms(module: nn.Embedding, a: torch.Tensor, g: torch.Tensor, t
     k, n = g.shape[:2]
     index = a.reshape(n, -1)  # [n, T]
     g = g.reshape(k, n, index.shape[1], -1)  # [k, n, T, d]
-    if "pairs" not in memo:  # which positions share a row, per sample (the same for every direction)
+    key = ("pairs", module.padding_idx, g.dtype)
+    if key not in memo:  # which positions share a row, per sample (the same for every direction)
         counted = torch.ones_like(index, dtype=torch.bool)
         if module.padding_idx is not None:
             counted = index != module.padding_idx
         same = (index.unsqueeze(2) == index.unsqueeze(1)) & counted.unsqueeze(2) & counted.unsqueeze(1)
-        memo["pairs"] = same.to(g.dtype)
-    return (memo["pairs"] * (g @ g.transpose(2, 3))).sum((0, 2, 3))
+        memo[key] = same.to(g.dtype)
+    return (memo[key] * (g @ g.transpose(2, 3))).sum((0, 2, 3))
 
 
 # -- RMSNorm ---------------------------------------------------------------------------------

@@ -34,9 +34,9 @@ from typing import Callable
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import closed_forms
+from . import closed_forms, functional
 from .engine import Engine
-from .functional import Batch, ParamDict, chunk_slices, fused_attention
+from .functional import Batch, ParamDict, cat_or_one, chunks_of, fused_attention
 from .per_sample import module_per_sample_grads, per_sample_direct, per_sample_gradient_blocks, per_sample_grads
 from .ties import cross_terms, ties_of
 from .trace import Call, FastPathUnsupported, Owner, fast_chunk_size, grads_over_calls, trace
@@ -142,6 +142,8 @@ class FastEngine(Engine):
 
         def take(o: Owner, grads: list[torch.Tensor]) -> None:
             nonlocal fits
+            if k == 1:  # (streamed: bare)
+                grads = [g.unsqueeze(0) for g in grads]
             if o.gram is not None:
                 try:
                     K.add_(o.gram(grads_over_calls(grads).double()).detach())
@@ -186,8 +188,8 @@ class FastEngine(Engine):
         name_of = {id(p): name for name, p in self.model.named_parameters()}
         fitting, k = fast_chunk_size(self.model, self.batch, self.memory_budget)
         rows = []
-        for s in chunk_slices(self.num_samples, self.chunk_size or fitting):
-            owners, h = traced(self.model, tuple(t[s] for t in self.batch))
+        for chunk in chunks_of(self.batch, self.chunk_size or fitting):
+            owners, h = traced(self.model, chunk)
             n = h.shape[0]
             by_owner = grads_by_owner(owners, h, range(k), create_graph=False)
             blocks = {}
@@ -197,8 +199,8 @@ class FastEngine(Engine):
                 for name, g in grads.items():  # (a tied parameter: the sum of its uses)
                     key = name_of[id(o.params[name])]
                     blocks[key] = g.detach() + blocks[key] if key in blocks else g.detach()
-            rows.append(torch.cat([blocks[name].transpose(0, 1).reshape(n * k, -1) for name in fm.params], 1))
-        return torch.cat(rows)
+            rows.append(torch.cat([blocks[name].transpose(0, 1).reshape(n * k, -1) for name in fm.trainable], 1))
+        return cat_or_one(rows)
 
     # -- the closed forms --------------------------------------------------------------------
 
@@ -210,37 +212,38 @@ class FastEngine(Engine):
         # training uses (their backward has no batching rule, which several output directions at
         # once would need)
         with fused_attention() if k == 1 else nullcontext():
-            for s in chunk_slices(self.num_samples, self.chunk_size or fitting):
-                norms, modules = fast_sq_norms(self.model, tuple(t[s] for t in self.batch))
+            for chunk in chunks_of(self.batch, self.chunk_size or fitting):
+                norms, modules = fast_sq_norms(self.model, chunk)
                 parts.append(norms)
                 fell_back.update(modules)
         self.method = "fast" + (f" (per-module fallback: {', '.join(sorted(fell_back))})" if fell_back else "")
-        return torch.cat(parts).detach()
+        return cat_or_one(parts)  # (computed without a graph)
 
     def _double_backward(self) -> tuple[torch.Tensor, ParamDict]:
         """Per-sample norms and grad reg from one pass: double backward through the closed forms,
         in the parameters' dtype under autocast too (a second derivative of a bfloat16 forward
         was 8.6% off float32 on a transformer; the norms alone stay in autocast's dtypes)."""
-        with torch.autocast(self.batch[0].device.type, enabled=False):
+        with torch.autocast(self.batch[0].device.type, enabled=False), functional.lean_second_order():
             return self._double_backward_in_own_dtype()
 
     def _double_backward_in_own_dtype(self) -> tuple[torch.Tensor, ParamDict]:
-        fm = self.fm
-        named = {name: p for name, p in self.model.named_parameters() if name in fm.params}
-        total = {name: torch.zeros_like(p) for name, p in fm.params.items()}
+        named = self.fm.trainable
+        total: ParamDict = {}  # (filled as gradients arrive: no zeros to add them to)
         parts = []
         # the double backward keeps about twice the first backward's tensors
-        chunk = self.chunk_size or max(1, fast_chunk_size(self.model, self.batch, self.memory_budget)[0] // 2)
-        for s in chunk_slices(self.num_samples, chunk):
-            norms, _ = fast_sq_norms(self.model, tuple(t[s] for t in self.batch), create_graph=True)
+        chunk_size = self.chunk_size or max(1, fast_chunk_size(self.model, self.batch, self.memory_budget)[0] // 2)
+        for chunk in chunks_of(self.batch, chunk_size):
+            norms, _ = fast_sq_norms(self.model, chunk, create_graph=True)
             # (norms that do not depend on the parameters: a linear model, whose grad reg is 0)
             grads = torch.autograd.grad(norms.sum(), list(named.values()), allow_unused=True) \
                 if norms.requires_grad else [None] * len(named)
-            for name, g in zip(named, grads):
+            for name, g in zip(named, grads):  # (no graph: no detach needed)
                 if g is not None:
-                    total[name] += g.detach()
+                    total[name] = total[name] + g if name in total else g
             parts.append(norms.detach())
-        return torch.cat(parts), {name: v.mul_(1.0 / self.num_samples) for name, v in total.items()}
+        scale = 1.0 / self.num_samples
+        return cat_or_one(parts), {name: total[name].mul_(scale) if name in total else torch.zeros_like(p)
+                                   for name, p in named.items()}
 
 
 # -- the backward: output gradients at every recorded module output -----------------------
@@ -287,11 +290,18 @@ def grads_by_owner(owners: list[Owner], h: torch.Tensor, directions: range,
     return by_owner
 
 
-def direction_groups(owners: list[Owner], k: int) -> list[range]:
-    """The k output directions in groups, one batched backward each, so that the norms need
-    about a training step's memory: a step holds the parameters' gradients, a group its output
-    gradients at every recorded output plus temporaries of their size (their squares), so a
-    group's gradients take at most half the parameters' size (at least one direction)."""
+def direction_groups(owners: list[Owner], k: int, device: torch.device) -> list[range]:
+    """The k output directions in groups, one batched backward each.
+
+    On the CPU, so that the norms need about a training step's memory: a step holds the
+    parameters' gradients, a group its output gradients at every recorded output plus
+    temporaries of their size (their squares), so a group's gradients take at most half the
+    parameters' size (at least one direction). On an accelerator all k at once: every group
+    repeats every operation, each paid in host time (the 10-output MLP's norms dispatched 309
+    operations one direction at a time), and the chunk of samples is already sized for k
+    output gradients of every recorded output (:func:`fast_chunk_size`)."""
+    if functional.launch_bound(device):  # (looked up here: benchmarks/cost.py patches it)
+        return [range(k)]
     per_direction = sum(c.shape.numel() for o in owners for c in o.calls)
     params = sum(p.numel() for o in owners for p in o.params.values())
     size = max(1, min(k, params // max(1, 2 * per_direction)))
@@ -322,7 +332,7 @@ def fast_sq_norms(model, batch: Batch, *, create_graph: bool = False, stream: bo
     # would be a dispatched operation)
     dtype = h.dtype if h.dtype in (torch.float32, torch.float64) else torch.float32
     total = None
-    for directions in direction_groups(owners, k):
+    for directions in direction_groups(owners, k, h.device):
         part = None
         with torch.set_grad_enabled(create_graph):  # the parts' own graph only for double backward
             # (a tie's cross terms need both uses' gradients at once: held)
@@ -344,9 +354,13 @@ def traced(model, batch: Batch) -> tuple[list[Owner], torch.Tensor]:
     return owners, h
 
 
-def _owner_part(o: Owner, grads: list[torch.Tensor], n: int) -> torch.Tensor:
+def _owner_part(o: Owner, grads: list[torch.Tensor], n: int, bare: bool = False) -> torch.Tensor:
     """This module's part of every sample's squared norm, from its output gradients (one
-    [c, *y.shape] per call, over c output directions)."""
+    [c, *y.shape] per call, over c output directions; ``bare``: one direction's, [*y.shape])."""
+    if bare and o.bare:
+        return o.closed_form(grads[0])
+    if bare:
+        grads = [g.unsqueeze(0) for g in grads]
     if o.closed_form:  # (an affine map applied at several time steps: the steps as positions)
         return o.closed_form(grads_over_calls(grads))
     with sdpa_kernel(SDPBackend.MATH):  # vmapped: the fused attention kernels have no batching rule
@@ -374,15 +388,16 @@ def streamed_part(owners: list[Owner], h: torch.Tensor, j: int, retain_graph: bo
     projections included) takes its part as the backward passes through. Modules whose inputs
     need no gradient (the backward ends there) and per-module fallbacks get their gradients as
     the backward's results instead. ``take(owner, grads)`` (default: the owner's part of the
-    norms) is handed each owner's output gradients, [1, *y] per call; ``hookable`` says which
-    owners may take them inside the backward.
+    norms) is handed each owner's output gradients as they come, bare: [*y] per call (no
+    direction dim: an unsqueeze per layer is an operation more); ``hookable`` says which owners
+    may take them inside the backward.
 
     None when a hooked node was not reached (a module whose output reaches h only through
     parameters used outside any module, or inputs that require grad): the caller then takes
     :func:`held_part` on a fresh trace.
     """
     n, k = h.shape
-    take = take or (lambda o, grads: _owner_part(o, grads, n))
+    take = take or (lambda o, grads: _owner_part(o, grads, n, bare=True))
     parts, reached, handles, ended = [], set(), [], []
     for o in owners:
         call = o.calls[0]
@@ -394,7 +409,7 @@ def streamed_part(owners: list[Owner], h: torch.Tensor, j: int, retain_graph: bo
         def hook(grad_outputs, o=o, call=call):
             g = grad_outputs[call.edge.output_nr]
             if g is not None:
-                parts.append(take(o, [g.unsqueeze(0)]))
+                parts.append(take(o, [g]))
             reached.add(id(o))
 
         handles.append(call.edge.node.register_prehook(hook))
@@ -419,7 +434,7 @@ def streamed_part(owners: list[Owner], h: torch.Tensor, j: int, retain_graph: bo
         if any(g is not None for g in mine):
             mine = [torch.zeros(c.shape, dtype=c.dtype, device=c.device) if g is None else g
                     for g, c in zip(mine, o.calls)]
-            parts.append(take(o, [g.unsqueeze(0) for g in mine]))
+            parts.append(take(o, mine))
     return sum_of([p for p in parts if p is not None], h)
 
 

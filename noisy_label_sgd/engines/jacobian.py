@@ -61,9 +61,9 @@ class JacobianEngine(Engine):
             if not with_grad:
                 return J, norms, None
             if not norms.requires_grad:  # J does not depend on the parameters (a linear model)
-                return J, norms, {name: torch.zeros_like(p) for name, p in fm.params.items()}
+                return J, norms, {name: torch.zeros_like(p) for name, p in fm.trainable.items()}
             grads = torch.autograd.grad(norms.sum() / n, leaves, allow_unused=True, materialize_grads=True)
-            return J, norms, dict(zip(fm.params, grads))
+            return J, norms, dict(zip(fm.trainable, grads))
 
         with torch.enable_grad():
             out = fm.live_output(self.batch)

@@ -76,6 +76,8 @@ class Owner:
     # output gradients, and of K = J J^T (None: no closed form)
     closed_form: Callable[[torch.Tensor], torch.Tensor] | None = None
     gram: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # closed_form also takes one direction's gradient bare, [*y] (see ClosedForm.bare)
+    bare: bool = False
 
 
 def input_over_calls(owner: Owner) -> torch.Tensor:

@@ -53,7 +53,7 @@ class VmapEngine(Engine):
 
     def _grad(self, keep_jacobian: bool) -> ParamDict:
         fm, n, k = self.fm, self.num_samples, self.k
-        total = {name: torch.zeros_like(p) for name, p in fm.params.items()}
+        total = {name: torch.zeros_like(p) for name, p in fm.trainable.items()}
         rows = []
         # per sample and output: the gradient, its jvp and the jvp's primal: ~3 Jacobian copies
         for c in self.chunks(copies=3):
