@@ -308,6 +308,22 @@ class SharedInput(nn.Module):
         return self.head(torch.tanh(h).mean(1))
 
 
+class SharedInputProjections(nn.Module):
+    """Linear maps on one input tensor, with and without bias (Llama's q, k, v), on sequence
+    positions and on vectors: the closed forms share what they compute from that input."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(4, 3), nn.Linear(4, 3, bias=False), nn.Linear(4, 3)
+        self.pooled_a, self.pooled_b = nn.Linear(4, 2, bias=False), nn.Linear(4, 2)
+
+    def forward(self, x):  # x: [n, T, 4]
+        scores = (self.q(x) * self.k(x)).sum(-1).softmax(-1)  # [n, T]
+        attended = (scores.unsqueeze(-1) * torch.tanh(self.v(x))).sum(1)
+        pooled = x.mean(1)
+        return attended.sum(-1) + (self.pooled_a(pooled) * torch.tanh(self.pooled_b(pooled))).sum(-1)
+
+
 class BatchNormNet(nn.Module):
     """BatchNorm2d and BatchNorm1d in eval mode, with running statistics away from 0 and 1."""
 
@@ -506,6 +522,7 @@ CASES = {
     "encoder_layer_sequence_first": (lambda: seeded(33, SequenceFirstEncoder), lambda: randn(4, 4, 6, seed=4)),
     "shared_input_and_positions": (lambda: seeded(34, SharedInput), lambda: randn(4, 5, 4, seed=5)),
     "embedding_with_padding_index": (lambda: seeded(35, BagOfTokens), lambda: randn(5, 6, seed=6)),
+    "projections_of_one_input": (lambda: seeded(41, SharedInputProjections), lambda: randn(5, 3, 4, seed=12)),
     "lstm_two_layers_batch_first": (lambda: seeded(28, lambda: Recurrent(nn.LSTM, num_layers=2, batch_first=True)),
                                     lambda: randn(4, 3, 3)),
     "gru_bidirectional_state_head": (
