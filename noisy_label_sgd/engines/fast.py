@@ -223,7 +223,8 @@ class FastEngine(Engine):
         """Per-sample norms and grad reg from one pass: double backward through the closed forms,
         in the parameters' dtype under autocast too (a second derivative of a bfloat16 forward
         was 8.6% off float32 on a transformer; the norms alone stay in autocast's dtypes)."""
-        with torch.autocast(self.batch[0].device.type, enabled=False), functional.lean_second_order():
+        device = self.batch[0].device
+        with torch.autocast(device.type, enabled=False), functional.lean_second_order(device):
             return self._double_backward_in_own_dtype()
 
     def _double_backward_in_own_dtype(self) -> tuple[torch.Tensor, ParamDict]:
