@@ -236,28 +236,33 @@ class FastEngine(Engine):
         for chunk in chunks_of(self.batch, chunk_size):
             norms, _ = fast_sq_norms(self.model, chunk, create_graph=True)
             # (norms that do not depend on the parameters: a linear model, whose grad reg is 0)
-            grads = torch.autograd.grad(norms.sum(), list(named.values()), allow_unused=True) \
-                if norms.requires_grad else [None] * len(named)
+            # the mean over all samples: the seed scaled (one operation, not one per parameter)
+            grads = torch.autograd.grad(norms.sum() * (1.0 / self.num_samples), list(named.values()),
+                                        allow_unused=True) if norms.requires_grad else [None] * len(named)
             for name, g in zip(named, grads):  # (no graph: no detach needed)
                 if g is not None:
                     total[name] = total[name] + g if name in total else g
             parts.append(norms.detach())
-        scale = 1.0 / self.num_samples
-        return cat_or_one(parts), {name: total[name].mul_(scale) if name in total else torch.zeros_like(p)
+        return cat_or_one(parts), {name: total[name] if name in total else torch.zeros_like(p)
                                    for name, p in named.items()}
 
 
 # -- the backward: output gradients at every recorded module output -----------------------
 
 
-def output_grads(h: torch.Tensor, calls: list[Call], directions: range, create_graph: bool) -> list[torch.Tensor]:
+def output_grads(h: torch.Tensor, calls: list[Call], directions: range, create_graph: bool,
+                 bare: bool = False) -> list[torch.Tensor]:
     """d h_ij / d y for every recorded output y and the output directions j in ``directions``,
-    stacked over them: [len(directions), *y.shape]."""
+    stacked over them: [len(directions), *y.shape] (``bare``, for one output per sample:
+    [*y.shape])."""
     n, k = h.shape
     edges = [c.edge for c in calls]
     if k == 1:
         grads = torch.autograd.grad(h.sum(), edges, retain_graph=create_graph, create_graph=create_graph,
                                     allow_unused=True)
+        if bare:
+            return [torch.zeros(c.shape, dtype=c.dtype, device=c.device) if g is None else g
+                    for g, c in zip(grads, calls)]
         grads = [None if g is None else g.unsqueeze(0) for g in grads]
     else:
         rows = torch.eye(k, dtype=h.dtype, device=h.device)[directions.start:directions.stop, None, :]
@@ -280,11 +285,12 @@ def output_grads(h: torch.Tensor, calls: list[Call], directions: range, create_g
 
 
 def grads_by_owner(owners: list[Owner], h: torch.Tensor, directions: range,
-                   create_graph: bool) -> dict[int, list[torch.Tensor]]:
-    """The output gradients of every recorded call, per owner (by id), for ``directions``."""
+                   create_graph: bool, bare: bool = False) -> dict[int, list[torch.Tensor]]:
+    """The output gradients of every recorded call, per owner (by id), for ``directions``
+    (``bare``: see :func:`output_grads`)."""
     records = [(o, c) for o in owners for c in o.calls]
     with torch.enable_grad():
-        grads = output_grads(h, [c for _, c in records], directions, create_graph)
+        grads = output_grads(h, [c for _, c in records], directions, create_graph, bare)
     by_owner: dict[int, list[torch.Tensor]] = {}
     for (o, _), g in zip(records, grads):
         by_owner.setdefault(id(o), []).append(g)
@@ -371,13 +377,21 @@ def _owner_part(o: Owner, grads: list[torch.Tensor], n: int, bare: bool = False)
 def held_part(owners: list[Owner], h: torch.Tensor, directions: range, create_graph: bool,
               ties=()) -> torch.Tensor:
     """The modules' parts for ``directions`` from one (batched) backward that returns every
-    module's output gradients together, and the cross terms of parameters tied between them."""
-    by_owner = grads_by_owner(owners, h, directions, create_graph)
-    parts = [cross_terms(ties, by_owner, h.shape[0], create_graph)] if ties else []
+    module's output gradients together, and the cross terms of parameters tied between them.
+    For one output per sample the gradients stay bare (no direction dim: an unsqueeze per layer,
+    and its squeeze in a double backward, are operations more)."""
+    bare = h.shape[1] == 1
+    by_owner = grads_by_owner(owners, h, directions, create_graph, bare)
+    parts = []
+    if ties:
+        tied = {id(o) for tie in ties for o, _ in tie.uses}
+        with_directions = {i: [g.unsqueeze(0) for g in grads] if bare else grads
+                           for i, grads in by_owner.items() if i in tied}
+        parts.append(cross_terms(ties, with_directions, h.shape[0], create_graph))
     # closed forms first: their gradients are freed before the per-module fallbacks, which need
     # working memory of their own
     for o in sorted(owners, key=lambda o: not o.closed_form):
-        parts.append(_owner_part(o, by_owner.pop(id(o)), h.shape[0]))
+        parts.append(_owner_part(o, by_owner.pop(id(o)), h.shape[0], bare))
     return sum_of(parts, h)
 
 
