@@ -8,7 +8,10 @@ k = 1) or batched over a group of directions (``is_grads_batched``), gives
 part of :math:`\|J_i\|_F^2` comes from its closed form (:mod:`~noisy_label_sgd.engines.closed_forms`).
 One direction at a time, each module's part is taken by a hook on its output's node as the
 backward passes it (:func:`streamed_part`); otherwise from all output gradients held together
-(:func:`held_part`).
+(:func:`held_part`). The directions go in groups sized to the parameters on the CPU, all in one
+batched backward on an accelerator (:func:`direction_groups`: every group repeats every kernel
+launch). A direction's gradients reach the closed forms that take them bare, without a leading
+direction dim (``ClosedForm.bare``): every view is an operation the host pays for.
 
 Chosen for ``method="fast"``, and by ``"auto"`` for a model whose every parametrised module has
 a registered closed form (or is ``nn.MultiheadAttention`` or a recurrent layer). A module without one, and a module
