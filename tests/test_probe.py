@@ -212,7 +212,8 @@ def test_float32_report_matches_float64_of_the_same_model(name, n, solver):
 
 
 @pytest.mark.parametrize("name,n", [("mlp_multi_output", 30), ("mlp_multi_output", 6), ("reused_weight", 30),
-                                    ("matrix_sensing", 12), ("matrix_sensing", 70)])
+                                    ("matrix_sensing", 12), ("matrix_sensing", 70), ("cnn_groupnorm", 8),
+                                    ("tied_embedding_and_head", 10), ("lstm_two_layers_batch_first", 8)])
 def test_the_report_and_the_functions_hold_no_graph(name, n):
     # a tensor with a graph would keep the double backward's whole working set alive
     from noisy_label_sgd import per_sample_sq_grad_norms, regularizer_grad
