@@ -558,6 +558,10 @@ CASES = {
     "narrow_conv2d_channels_last": (lambda: seeded(20, lambda: nn.Sequential(
         nn.Conv2d(3, 2, 3, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 4, 1))),
         lambda: randn(4, 3, 7, 9).to(memory_format=torch.channels_last)),
+    # few output positions for many weights: the Gram matrices over positions cost least
+    "conv2d_few_positions": (lambda: seeded(42, lambda: nn.Sequential(
+        nn.Conv2d(8, 16, 3), nn.Tanh(), nn.Conv2d(16, 6, 2, padding=1), nn.Flatten(), nn.Linear(6 * 16, 2))),
+        lambda: randn(5, 8, 5, 5, seed=13)),
     "narrow_conv1d_dilated": (lambda: seeded(19, lambda: nn.Sequential(
         nn.Conv1d(2, 3, 3, stride=2, padding=2, dilation=2), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 6, 1))),
         lambda: randn(5, 2, 11)),

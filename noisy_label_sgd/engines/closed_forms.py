@@ -41,7 +41,7 @@ falls back, for that module only, to torch.func per-sample gradients of its own 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial, reduce
+from functools import lru_cache, partial, reduce
 from typing import Callable
 
 import torch
@@ -149,6 +149,17 @@ def samples_moved_first(sq_norms, module, a, d, g, trainable, memo) -> torch.Ten
 # -- Linear and affine maps ------------------------------------------------------------------
 
 
+def ghost_is_cheaper(positions: int, inputs: int, outputs: int) -> bool:
+    """Whether a weight's per-sample squared norms cost fewer FLOPs from the Gram matrices of its
+    inputs and output gradients over T positions (the ghost norm: 2 T^2 (in + out) per sample)
+    than from its per-sample gradients (2 T in out). Differentiated once more (grad reg), the
+    Gram products' backward costs their forward again, the per-sample gradient's twice (one
+    product for each factor): 4 T^2 (in + out) against 6 T in out."""
+    if torch.is_grad_enabled():
+        return 2 * positions * (inputs + outputs) <= 3 * inputs * outputs
+    return positions * (inputs + outputs) <= inputs * outputs
+
+
 def linear_gram(module: nn.Linear, a: torch.Tensor, g: torch.Tensor, trainable) -> torch.Tensor:
     """(a_i . a_i')(g_ij . g_i'j') for the weight, g_ij . g_i'j' for the bias (2-D inputs)."""
     if a.dim() != 2:
@@ -192,7 +203,7 @@ def affine_map_sq_norms(a: torch.Tensor, g: torch.Tensor, weight: bool, bias: bo
     positions = a.shape[1]
     parts = []
     if weight:
-        if positions * positions <= a.shape[-1] * g.shape[-1]:
+        if ghost_is_cheaper(positions, a.shape[-1], g.shape[-1]):
             key = ("input_gram", bias)
             if key not in memo:
                 gram_a = memo.get(("input_gram", False))
@@ -205,7 +216,7 @@ def affine_map_sq_norms(a: torch.Tensor, g: torch.Tensor, weight: bool, bias: bo
             if k > 1:  # summed over the directions first: one product with the input's Gram
                 gram_g = gram_g.view(k, n, positions, positions).sum(0)
             return (memo[key] * gram_g).sum((-1, -2))
-        else:  # long sequences: the per-sample weight gradient is smaller than the Gram matrices
+        else:  # long sequences: the per-sample weight gradient costs less than the Gram matrices
             g4 = g.view(k, n, positions, -1)
             parts.append(torch.einsum("knto,nti->knoi", g4, a.to(g.dtype)).pow(2).sum((0, -1, -2)))
     if bias:
@@ -234,11 +245,11 @@ def conv_geometry(module: nn.Module, a: torch.Tensor, g: torch.Tensor):
 def conv_sq_norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor, trainable, memo: dict) -> torch.Tensor:
     """A convolution is a Linear over output positions on the input patches."""
     a, g, kernel, stride, padding, dilation = conv_geometry(module, a, g)
-    count = g.shape[-2] * g.shape[-1]  # output positions
-    width = module.in_channels * kernel[0] * kernel[1] * module.out_channels
-    if module.groups > 1 or count * count > width and module.in_channels >= GROUPED_MIN_IN_CHANNELS:
+    ghost = ghost_is_cheaper(g.shape[-2] * g.shape[-1], module.in_channels * kernel[0] * kernel[1],
+                             module.out_channels)
+    if module.groups > 1 or not ghost and grouped_is_faster(module, a.device):
         return conv_grouped(module, a, g, kernel, stride, padding, dilation, trainable)
-    return conv_patches(module, a, g, kernel, stride, padding, dilation, trainable)
+    return conv_patches(module, a, g, kernel, stride, padding, dilation, trainable, ghost)
 
 
 def patch_chunk_bytes(device: torch.device) -> int:
@@ -254,9 +265,9 @@ def patch_chunk_bytes(device: torch.device) -> int:
     return 1 << 30 if functional.launch_bound(device) else 4 << 20
 
 
-def conv_patches(module, a, g, kernel, stride, padding, dilation, trainable) -> torch.Tensor:
+def conv_patches(module, a, g, kernel, stride, padding, dilation, trainable, gram: bool) -> torch.Tensor:
     """Per sample and output direction j, the weight gradient g_j P^T from the input patches P
-    [in * kernel, positions] (or, for few positions, the Gram matrices of P and g_j)."""
+    [in * kernel, positions], or (``gram``) the Gram matrices of P and g_j over positions."""
     k, n, out, out_h, out_w = g.shape if g.dim() == 5 else (1, *g.shape)
     positions, rows = out_h * out_w, a.shape[1] * kernel[0] * kernel[1]
     # [n, out, L] per direction: as few dispatched operations as the arithmetic allows, since on
@@ -278,7 +289,6 @@ def conv_patches(module, a, g, kernel, stride, padding, dilation, trainable) -> 
         pieces = split(x.as_strided((n, x.shape[1], *kernel, out_h, out_w), (
             st[0], st[1], dilation[0] * st[2], dilation[1] * st[3], stride[0] * st[2], stride[1] * st[3])), chunk)
         patches = lambda piece: piece.reshape(-1, rows, positions)  # the copy
-    gram = positions * positions <= rows * out
     by_direction = [split(g_j, chunk) for g_j in directions]
     parts = []
     for i, piece in enumerate(pieces):
@@ -299,10 +309,17 @@ def split(t: torch.Tensor, size: int, dim: int = 0) -> list[torch.Tensor]:
     return [t] if t.shape[dim] <= size else list(t.split(size, dim))
 
 
-# Per-sample weight gradients as one weight gradient of a convolution grouped by sample: on CPU
-# (oneDNN) faster than the patches for 32 -> 64 channels (about 10 against 13 ms, batch 128 at
-# 32x32), much slower for 3 input channels (11 against 4 ms).
-GROUPED_MIN_IN_CHANNELS = 16
+def grouped_is_faster(module: nn.Module, device: torch.device) -> bool:
+    """Whether per-sample weight gradients come faster as the weight gradient of one convolution
+    grouped by sample (:func:`conv_grouped`) than from the input patches. On an accelerator, yes:
+    a third of the operations. On the CPU (oneDNN) only when differentiated once more and with
+    at least 16 input channels: the patches' unfold has a fold for its backward, slower there
+    (ResNet-18, batch 32: grad reg 2.15 s against 2.42 s), while for the norms alone the patches'
+    strided copy and product are faster (the benchmark CNN's reg: 72 ms against 97 ms), and
+    for 3 input channels always (11 against 4 ms)."""
+    if functional.launch_bound(device):
+        return True
+    return torch.is_grad_enabled() and module.in_channels >= 16
 
 
 def conv_grouped(module, a, g, kernel, stride, padding, dilation, trainable) -> torch.Tensor:
@@ -334,10 +351,19 @@ def grouped_weight_grads(module, a, g_j, kernel, stride, padding, dilation, chan
     if channels != slice(None):
         g_j = g_j[:, channels]
     out = g_j.shape[1]
-    return torch.nn.grad.conv2d_weight(
-        a.reshape(1, n * a.shape[1], *a.shape[2:]), (n * out, module.in_channels // module.groups, *kernel),
-        g_j.reshape(1, n * out, *g_j.shape[2:]), stride=stride, padding=padding, dilation=dilation,
-        groups=n * module.groups)
+    # (torch.nn.grad.conv2d_weight, with the weight it only reads the shape of made once)
+    weight = shape_only((n * out, module.in_channels // module.groups, *kernel), g_j.dtype, g_j.device)
+    return torch.ops.aten.convolution_backward(
+        g_j.reshape(1, n * out, *g_j.shape[2:]), a.reshape(1, n * a.shape[1], *a.shape[2:]), weight, None,
+        stride, padding, dilation, False, [0, 0], n * module.groups, (False, True, False))[1]
+
+
+@lru_cache(maxsize=64)
+def shape_only(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor whose metadata alone is read (the weight of a convolution whose weight gradient
+    alone is asked): one element expanded, made once per shape (two operations a call as
+    torch.nn.grad.conv2d_weight makes it)."""
+    return torch.empty((), dtype=dtype, device=device).expand(shape)
 
 
 # -- LayerNorm and GroupNorm affine parameters ----------------------------------------------
