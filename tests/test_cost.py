@@ -43,11 +43,18 @@ def ratios(case, build_and_shape=None):
     return {m: (c.operations / step.operations, c.flops / step.flops, c.syncs) for m, c in costs.items()}
 
 
+def small_resnet18():
+    from probe import CASES
+
+    return CASES["resnet18"][1], (8, 3, 32, 32)
+
+
 @functools.lru_cache(maxsize=None)
 def case_ratios(case):
-    """The ratios of the test-sized cases (the benchmark's transformer and CNN, smaller), once
-    per case for the tests below."""
-    build = {"transformer": small_transformer, "cnn": small_cnn}.get(case)
+    """The ratios of the test-sized cases (the benchmark's transformer, CNN and ResNet-18 on
+    fewer samples: the engines' choices follow the layers' shapes, not the batch), once per case
+    for the tests below."""
+    build = {"transformer": small_transformer, "cnn": small_cnn, "resnet18": small_resnet18}.get(case)
     return ratios(case, build() if build else None)
 
 
@@ -68,29 +75,32 @@ def small_cnn():
 K_BACKWARDS = "a Jacobian of k = 10 rows per sample takes 10 backward passes through the activations"
 
 
-@pytest.mark.parametrize("case", ["mlp", "mlp_b8", "mlp10", "transformer", "cnn"])
+@pytest.mark.parametrize("case", ["mlp", "mlp_b8", "mlp10", "transformer", "cnn", "resnet18"])
 def test_reg_dispatches_at_most_1_5x_a_step_and_syncs_nothing(case):
-    # mlp 0.79x, mlp10 0.93x (its 10 directions in one batched backward), transformer 0.77x, CNN 1.41x
+    # mlp 0.79x, mlp10 0.93x (its 10 directions in one batched backward), transformer 0.77x, CNN
+    # 1.23x, ResNet-18 1.47x (2.5x before this session's trimming)
     (ops, flops, syncs) = case_ratios(case)["reg"]
     assert syncs == 0 and ops <= 1.5, ops
 
 
-@pytest.mark.parametrize("case", ["mlp", "mlp_b8", "transformer", "cnn", pytest.param(
+@pytest.mark.parametrize("case", ["mlp", "mlp_b8", "transformer", "cnn", "resnet18", pytest.param(
     "mlp10", marks=pytest.mark.xfail(strict=True, reason=K_BACKWARDS))])
 def test_reg_computes_at_most_1_3x_a_step(case):
     assert case_ratios(case)["reg"][1] <= 1.3
 
 
-@pytest.mark.parametrize("case", ["mlp", "mlp_b8", "mlp10", "transformer", "cnn"])
+@pytest.mark.parametrize("case", ["mlp", "mlp_b8", "mlp10", "transformer", "cnn", pytest.param(
+    "resnet18", marks=pytest.mark.xfail(strict=True, reason="issue 15: ResNet-18's grad reg dispatches 8.2x a step's "
+                                                          "operations (GroupNorm's second derivative)"))])
 def test_grad_reg_dispatches_at_most_4x_a_step_and_syncs_nothing(case):
     # mlp 2.03x, mlp10 2.40x, transformer 3.60x (4.5x before a Linear's bias joined its weight's
-    # Gram product and the output gradients of one direction stayed bare), CNN 3.61x
+    # Gram product and the output gradients of one direction stayed bare), CNN 3.54x
     (ops, flops, syncs) = case_ratios(case)["reg_grad"]
     assert syncs == 0 and ops <= 4, ops
 
 
-@pytest.mark.parametrize("case", ["mlp", "mlp_b8", "transformer", pytest.param(
-    "cnn", marks=pytest.mark.xfail(strict=True, reason="issue 15: the CNN's grad reg computes 3.18x a step")), pytest.param(
+@pytest.mark.parametrize("case", ["mlp", "mlp_b8", "transformer", "resnet18", pytest.param(
+    "cnn", marks=pytest.mark.xfail(strict=True, reason="issue 15: the CNN's grad reg computes 3.22x a step")), pytest.param(
     "mlp10", marks=pytest.mark.xfail(strict=True, reason=K_BACKWARDS))])
 def test_grad_reg_computes_at_most_3x_a_step(case):
     assert case_ratios(case)["reg_grad"][1] <= 3

@@ -579,17 +579,26 @@ def test_closed_form_gram_matrix(name):
         assert_rel_close(engine.gram(), J @ J.T)
 
 
-def test_wide_convolutions_take_the_grouped_weight_gradient(monkeypatch):
-    # the two wide cases above check that path's numbers; this checks they reach it
-    from noisy_label_sgd.engines import closed_forms
+def test_wide_convolutions_take_the_grouped_weight_gradient_where_it_is_faster(monkeypatch):
+    # the two wide cases above check that path's numbers; this checks they reach it: on the CPU
+    # when differentiated once more (grad reg), on an accelerator always; on the CPU the norms
+    # alone take the patches
+    from noisy_label_sgd.engines import closed_forms, functional
 
     calls = []
     grouped = closed_forms.conv_grouped
     monkeypatch.setattr(closed_forms, "conv_grouped", lambda *args: calls.append(1) or grouped(*args))
     for name in ("wide_conv2d_strided_dilated", "wide_conv1d"):
-        calls.clear()
         model, x = make(name)
+        calls.clear()
         per_sample_sq_grad_norms(model, x, method="fast")
+        assert not calls, name
+        regularizer_grad(model, x, method="fast")
+        assert calls, name
+        calls.clear()
+        with monkeypatch.context() as accelerator:
+            accelerator.setattr(functional, "launch_bound", lambda device: True)
+            per_sample_sq_grad_norms(model, x, method="fast")
         assert calls, name
 
 
