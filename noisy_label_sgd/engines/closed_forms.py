@@ -185,7 +185,7 @@ def linear_sq_norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor, trainab
 
 def affine_map_sq_norms(a: torch.Tensor, g: torch.Tensor, weight: bool, bias: bool, memo: dict) -> torch.Tensor:
     """sum_j ||grad of (W a + b) at output gradient g_j||^2 per sample, over positions
-    (``memo``: the call's store of what other output directions reuse). Batched products by
+    (``memo``: what other output directions, and other maps of the same input, reuse). Batched products by
     ``torch.bmm`` on 3-D views: ``@`` on them dispatches expands and reshapes around its bmm,
     operations a GPU pays for in host time. One direction may come bare ([*y], as a's dims)."""
     k, n = (1, g.shape[0]) if g.dim() == a.dim() else g.shape[:2]

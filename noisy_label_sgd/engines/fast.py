@@ -260,13 +260,12 @@ def output_grads(h: torch.Tensor, calls: list[Call], directions: range, create_g
     [*y.shape])."""
     n, k = h.shape
     edges = [c.edge for c in calls]
+    lead = () if bare else (len(directions),)
     if k == 1:
         grads = torch.autograd.grad(h.sum(), edges, retain_graph=create_graph, create_graph=create_graph,
                                     allow_unused=True)
-        if bare:
-            return [torch.zeros(c.shape, dtype=c.dtype, device=c.device) if g is None else g
-                    for g, c in zip(grads, calls)]
-        grads = [None if g is None else g.unsqueeze(0) for g in grads]
+        if not bare:
+            grads = [None if g is None else g.unsqueeze(0) for g in grads]
     else:
         rows = torch.eye(k, dtype=h.dtype, device=h.device)[directions.start:directions.stop, None, :]
         rows = rows.expand(len(directions), n, k)
@@ -283,7 +282,7 @@ def output_grads(h: torch.Tensor, calls: list[Call], directions: range, create_g
                                                  create_graph=create_graph, allow_unused=True)
                              for d in rows]
             grads = [None if column[0] is None else torch.stack(column) for column in zip(*per_direction)]
-    return [torch.zeros((len(directions), *c.shape), dtype=c.dtype, device=c.device) if g is None else g
+    return [torch.zeros((*lead, *c.shape), dtype=c.dtype, device=c.device) if g is None else g
             for g, c in zip(grads, calls)]
 
 
