@@ -9,6 +9,9 @@ device-to-host sync stalls the queue. Both are deterministic and can be counted 
 * FLOPs: ``torch.utils.flop_counter.FlopCounterMode``, with ``aten.convolution_backward``
   counted as 2 N prod(weight shape) prod(output spatial) per gradient asked for (its own formula
   overcounts grouped convolutions: 84.9 MFLOP for 18.9 MFLOP of work at groups=8);
+  and the CPU's fused attention (``aten._scaled_dot_product_flash_attention_for_cpu`` and its
+  backward) by the formula of the GPU's fused kernels (the counter has none for it, so a
+  training step's attention counted as 0 FLOPs on the CPU);
 * host syncs: ``aten._local_scalar_dense`` calls (``.item()``, ``bool(t)``, ``float(t)``...).
 
 Every figure is a ratio to the same case's training step (forward, MSE backward, SGD step), the
@@ -28,7 +31,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import environment, print_table, write_json  # noqa: E402
@@ -66,6 +69,22 @@ def _conv_backward_flops(grad_out_shape, x_shape, w_shape, bias, stride, padding
     return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
 
 
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+# FLOP formulas the counter lacks or gets wrong
+FLOP_FORMULAS = {
+    aten.convolution_backward: _conv_backward_flops,
+    aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+}
+
+
 def _prod(shape) -> int:
     total = 1
     for s in shape:
@@ -75,7 +94,7 @@ def _prod(shape) -> int:
 
 def cost(fn: Callable[[], object]) -> Cost:
     """Operations, FLOPs and host syncs of one call of ``fn``."""
-    flop_counter = FlopCounterMode(display=False, custom_mapping={aten.convolution_backward: _conv_backward_flops})
+    flop_counter = FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
     with flop_counter, _Counter() as counter:
         fn()
     return Cost(counter.operations, flop_counter.get_total_flops(), counter.syncs)

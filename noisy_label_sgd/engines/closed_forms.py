@@ -49,6 +49,7 @@ from torch import nn
 
 from . import functional
 from .functional import cat_or_one
+from .gram import gram
 from .recurrent import is_stock_recurrent
 from .trace import FastPathUnsupported, Owner, input_over_calls, owners_of
 
@@ -208,11 +209,11 @@ def affine_map_sq_norms(a: torch.Tensor, g: torch.Tensor, weight: bool, bias: bo
             if key not in memo:
                 gram_a = memo.get(("input_gram", False))
                 if gram_a is None:
-                    gram_a = memo[("input_gram", False)] = torch.bmm(a, a.transpose(1, 2))  # [n, T, T]
+                    gram_a = memo[("input_gram", False)] = gram(a)  # [n, T, T]
                 # the bias's part, ||sum_t g_t||^2 = sum_ts g_t . g_s, in the same product:
                 # (a_t . a_s + 1)(g_t . g_s)
                 memo[key] = gram_a + 1 if bias else gram_a
-            gram_g = torch.bmm(g, g.transpose(1, 2))  # [k n, T, T]
+            gram_g = gram(g)  # [k n, T, T]
             if k > 1:  # summed over the directions first: one product with the input's Gram
                 gram_g = gram_g.view(k, n, positions, positions).sum(0)
             return (memo[key] * gram_g).sum((-1, -2))
@@ -265,9 +266,9 @@ def patch_chunk_bytes(device: torch.device) -> int:
     return 1 << 30 if functional.launch_bound(device) else 4 << 20
 
 
-def conv_patches(module, a, g, kernel, stride, padding, dilation, trainable, gram: bool) -> torch.Tensor:
+def conv_patches(module, a, g, kernel, stride, padding, dilation, trainable, ghost: bool) -> torch.Tensor:
     """Per sample and output direction j, the weight gradient g_j P^T from the input patches P
-    [in * kernel, positions], or (``gram``) the Gram matrices of P and g_j over positions."""
+    [in * kernel, positions], or (``ghost``) the Gram matrices of P and g_j over positions."""
     k, n, out, out_h, out_w = g.shape if g.dim() == 5 else (1, *g.shape)
     positions, rows = out_h * out_w, a.shape[1] * kernel[0] * kernel[1]
     # [n, out, L] per direction: as few dispatched operations as the arithmetic allows, since on
@@ -293,11 +294,11 @@ def conv_patches(module, a, g, kernel, stride, padding, dilation, trainable, gra
     parts = []
     for i, piece in enumerate(pieces):
         p = patches(piece)  # [c, in * kernel, L]
-        p_t = p.transpose(1, 2)
-        if gram:  # the Gram matrices over positions, [c, L, L]
-            gram_p = torch.bmm(p_t, p)
-            terms = [(gram_p * torch.bmm(g_j[i].transpose(1, 2), g_j[i])).sum((1, 2)) for g_j in by_direction]
+        if ghost:  # the Gram matrices over positions, [c, L, L]
+            gram_p = gram(p, of="columns")
+            terms = [(gram_p * gram(g_j[i], of="columns")).sum((1, 2)) for g_j in by_direction]
         else:  # the per-sample weight gradients, [c, out, in * kernel]
+            p_t = p.transpose(1, 2)
             terms = [torch.bmm(g_j[i], p_t).pow(2).sum((1, 2)) for g_j in by_direction]
         parts.append(reduce(torch.add, terms))
     weight = cat_or_one(parts)
@@ -353,9 +354,41 @@ def grouped_weight_grads(module, a, g_j, kernel, stride, padding, dilation, chan
     out = g_j.shape[1]
     # (torch.nn.grad.conv2d_weight, with the weight it only reads the shape of made once)
     weight = shape_only((n * out, module.in_channels // module.groups, *kernel), g_j.dtype, g_j.device)
-    return torch.ops.aten.convolution_backward(
-        g_j.reshape(1, n * out, *g_j.shape[2:]), a.reshape(1, n * a.shape[1], *a.shape[2:]), weight, None,
-        stride, padding, dilation, False, [0, 0], n * module.groups, (False, True, False))[1]
+    g_j, a = g_j.reshape(1, n * out, *g_j.shape[2:]), a.reshape(1, n * a.shape[1], *a.shape[2:])
+    geometry = (stride, padding, dilation, n * module.groups)
+    if torch.is_grad_enabled() and (g_j.requires_grad or a.requires_grad):
+        return _WeightGradient.apply(g_j, a, weight, geometry)
+    return _weight_gradient(g_j, a, weight, geometry)
+
+
+def _weight_gradient(g, a, weight, geometry):
+    stride, padding, dilation, groups = geometry
+    return torch.ops.aten.convolution_backward(g, a, weight, None, stride, padding, dilation, False, [0, 0], groups,
+                                               (False, True, False))[1]
+
+
+class _WeightGradient(torch.autograd.Function):
+    """A convolution's weight gradient as a function of its output gradient and input, whose
+    backward computes only the inputs' gradients asked for: PyTorch's derivative of
+    convolution_backward computes the input's too, a transposed convolution as costly as the
+    forward, where the input is the data (the first layer's)."""
+
+    @staticmethod
+    def forward(ctx, g, a, weight, geometry):
+        ctx.save_for_backward(g, a)
+        ctx.geometry = geometry
+        return _weight_gradient(g, a, weight, geometry)
+
+    @staticmethod
+    def backward(ctx, seed):
+        g, a = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.geometry
+        # <seed, dW(g, a)> = <conv(a, seed), g> = <a, conv's input gradient at g with weight seed>
+        d_g = torch.ops.aten.convolution(a, seed, None, stride, padding, dilation, False, [0, 0], groups) \
+            if ctx.needs_input_grad[0] else None
+        d_a = torch.ops.aten.convolution_backward(g, a, seed, None, stride, padding, dilation, False, [0, 0], groups,
+                                                  (True, False, False))[0] if ctx.needs_input_grad[1] else None
+        return d_g, d_a, None, None
 
 
 @lru_cache(maxsize=64)

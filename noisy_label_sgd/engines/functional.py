@@ -9,7 +9,7 @@ through a :class:`FunctionalModel`: trainable parameters (``requires_grad=True``
 from __future__ import annotations
 
 import functools
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager
 from typing import Iterator, Sequence
 
 import torch
@@ -17,6 +17,8 @@ from torch import nn
 from torch.func import functional_call, jvp, vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import convolution
+from .group_norm import group_norm
 from .recurrent import unrolled_recurrences
 
 Inputs = torch.Tensor | Sequence[torch.Tensor]
@@ -206,28 +208,22 @@ def twice_differentiable() -> AbstractContextManager:
     return swapped_functional("hardsigmoid", _hardsigmoid)
 
 
-def lean_second_order(device: torch.device) -> AbstractContextManager:
-    """On an accelerator, forwards whose double backward dispatches fewer operations:
-    ``F.group_norm`` as a layer norm over each group (the same numbers; PyTorch's differentiable
-    group-norm backward is about 38 operations, and its derivative another 150: a convolution,
-    GroupNorm and Linear model's grad reg dispatched 294 operations, 209 so; ResNet-18's 5175,
-    3475). Not on the CPU, where it is slower (a CNN with two GroupNorms, batch 64: grad reg
-    0.155 s against 0.12 s). (A LayerNorm written out would dispatch more: 253 against 218.)"""
-    if not launch_bound(device):
-        return nullcontext()
-    return swapped_functional("group_norm", _group_norm_as_layer_norm)
-
-
-def _group_norm_as_layer_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
-    n = input.shape[0]
-    groups = input.reshape(n, num_groups, -1)
-    out = nn.functional.layer_norm(groups, groups.shape[-1:], eps=eps).view(input.shape)
-    shape = (1, -1) + (1,) * (input.dim() - 2)  # per channel
-    if weight is not None and bias is not None:
-        return torch.addcmul(bias.view(shape), out, weight.view(shape))
-    if weight is not None:
-        return out * weight.view(shape)
-    return out if bias is None else out + bias.view(shape)
+@contextmanager
+def lean_second_order() -> Iterator[None]:
+    """Forwards whose second derivative costs less, for grad reg's double backward (the same
+    numbers): ``F.group_norm`` with its second derivative written out
+    (:mod:`~noisy_label_sgd.engines.group_norm`: PyTorch differentiates its backward through
+    about 38 operations, and their derivative through another 150), ``F.conv1d`` and
+    ``F.conv2d`` differentiated twice by their own kernels
+    (:mod:`~noisy_label_sgd.engines.convolution`: PyTorch's derivative of a strided layer's
+    backward computes 16 output positions for 9, and the first backward computed the weights'
+    gradients, which the norms do not need). ResNet-18's grad reg dispatched 5175 operations,
+    2218 so; the benchmark CNN's grad reg computed 3.22x a step's FLOPs, 2.83x so; on this CPU
+    as fast or faster (CNN batch 128 0.21-0.22 s against 0.23 s, ResNet-18 batch 32 1.80-1.84 s
+    against 1.78-1.83 s)."""
+    with swapped_functional("group_norm", group_norm), swapped_functional("conv1d", convolution.conv1d), \
+            swapped_functional("conv2d", convolution.conv2d):
+        yield
 
 
 @contextmanager

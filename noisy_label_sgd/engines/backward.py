@@ -1,0 +1,36 @@
+"""What the written-out backwards (:mod:`.group_norm`, :mod:`.convolution`) ask of the engine."""
+
+from __future__ import annotations
+
+import torch
+
+
+def asked(ctx, index: int) -> bool:
+    """Whether this backward call needs the gradient of input ``index``: it requires grad and
+    the engine will use it (``autograd.grad`` at the layers' outputs, as the norms' backward is,
+    needs no parameter's gradient; ``ctx.needs_input_grad`` says only that one could be asked).
+    Of a leaf the engine cannot say under ``autograd.grad``: yes then (see :func:`answerable`).
+    The Function's forward sets ``ctx.tensor_inputs`` (:func:`tensor_inputs`)."""
+    if not ctx.needs_input_grad[index]:
+        return False
+    node = ctx.next_functions[ctx.tensor_inputs.index(index)][0]
+    if node is None or hasattr(node, "variable"):  # (AccumulateGrad: a leaf's)
+        return True
+    return torch._C._will_engine_execute_node(node)
+
+
+def tensor_inputs(*inputs) -> tuple[int, ...]:
+    """The positions of the tensors among a Function's inputs: its nodes' edges, in order."""
+    return tuple(i for i, t in enumerate(inputs) if isinstance(t, torch.Tensor))
+
+
+def answerable(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A leaf that requires grad (a parameter) seen through a view, whose node :func:`asked` can
+    ask the engine about (one operation)."""
+    return t.view_as(t) if t is not None and t.is_leaf and t.requires_grad and torch.is_grad_enabled() else t
+
+
+def batched(grad: torch.Tensor) -> bool:
+    """Whether a backward runs under vmap (``is_grads_batched``, torch.func), where a Function
+    applied inside records no graph: the differentiable composite must be used there."""
+    return torch._C._functorch.is_legacy_batchedtensor(grad) or torch._C._are_functorch_transforms_active()

@@ -1,0 +1,96 @@
+"""GroupNorm with its second derivative written out (engines/group_norm.py) against PyTorch's
+F.group_norm and finite differences, in float64."""
+
+import os
+import sys
+
+import pytest
+import torch
+from torch.autograd import gradcheck, gradgradcheck
+
+from noisy_label_sgd.engines.group_norm import group_norm
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from cost import cost  # noqa: E402
+
+SHAPES = [((3, 6, 4, 5), 3), ((2, 4), 2), ((2, 8, 7), 4), ((2, 6, 3, 3), 1), ((2, 6, 2, 2), 6)]
+AFFINE = [(True, True), (True, False), (False, True), (False, False)]
+
+
+def inputs(shape, affine, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+    c = shape[1]
+    weight = torch.randn(c, generator=g, dtype=torch.float64, requires_grad=True) if affine[0] else None
+    bias = torch.randn(c, generator=g, dtype=torch.float64, requires_grad=True) if affine[1] else None
+    return x, weight, bias
+
+
+def as_function(norm, groups, affine, eps):
+    """norm as a function of the tensors gradcheck perturbs (x, and the weight and bias given)."""
+    def f(x, *params):
+        it = iter(params)
+        weight = next(it) if affine[0] else None
+        bias = next(it) if affine[1] else None
+        return norm(x, groups, weight, bias, eps)
+    return f
+
+
+@pytest.mark.parametrize("affine", AFFINE, ids=["weight_bias", "weight", "bias", "plain"])
+@pytest.mark.parametrize("shape,groups", SHAPES, ids=[f"{len(s)}d_g{g}" for s, g in SHAPES])
+def test_values_and_two_derivatives_match_finite_differences(shape, groups, affine):
+    x, weight, bias = inputs(shape, affine)
+    args = [t for t in (x, weight, bias) if t is not None]
+    f = as_function(group_norm, groups, affine, 1e-3)  # (an eps that matters in the derivatives)
+    torch.testing.assert_close(f(*args), as_function(torch.nn.functional.group_norm, groups, affine, 1e-3)(*args),
+                               rtol=1e-12, atol=1e-12)
+    assert gradcheck(f, args)
+    # every second derivative, the upstream gradients included (they are inputs of the backward)
+    assert gradgradcheck(f, args)
+
+
+def grads_and_their_gradient(norm, batched, x, weight, bias, rows):
+    """Per-direction gradients of a nonlinear function of the output ([directions, ...], as the
+    library's batched backward takes them), and the gradient of their squares."""
+    y = norm(x, 3, weight, bias, 1e-5)
+    h = (y * y.sin()).sum((2, 3))
+    if batched:
+        grads = torch.autograd.grad(h, [x, weight, bias], rows, is_grads_batched=True, create_graph=True)
+    else:
+        columns = zip(*[torch.autograd.grad(h, [x, weight, bias], r, create_graph=True) for r in rows])
+        grads = [torch.stack(c) for c in columns]
+    total = sum(g.pow(2).sum() for g in grads)
+    return [*grads, *torch.autograd.grad(total, [x, weight, bias])]
+
+
+def test_all_three_gradients_differentiated_together_match_pytorch():
+    # (gradgradcheck seeds one output at a time: here the weight's and the input's gradients
+    # seed the second derivative at once) one direction at a time, and batched: is_grads_batched
+    # runs the backward under vmap, where a Function records no graph, so the composite backward
+    # takes over there (F.group_norm itself raises in that case)
+    x, weight, bias = inputs((3, 6, 4, 5), (True, True))
+    rows = torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    reference = grads_and_their_gradient(torch.nn.functional.group_norm, False, x, weight, bias, rows)
+    for batched in (False, True):
+        for actual, expected in zip(grads_and_their_gradient(group_norm, batched, x, weight, bias, rows), reference):
+            torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_a_third_derivative_raises_rather_than_being_wrong():
+    x, weight, bias = inputs((2, 4, 3), (True, True))
+    gx, = torch.autograd.grad(group_norm(x, 2, weight, bias).pow(3).sum(), [x], create_graph=True)
+    torch.autograd.grad(gx.pow(2).sum(), [x], retain_graph=True)  # (second order: fine)
+    with pytest.raises(RuntimeError, match="differentiable twice, not three times"):
+        torch.autograd.grad(gx.pow(2).sum(), [x], create_graph=True)
+
+
+def test_the_double_backward_dispatches_a_fraction_of_pytorchs():
+    def double_backward(norm):
+        x, weight, bias = inputs((4, 8, 5, 5), (True, True))
+        y = norm(x, 4, weight, bias, 1e-5)
+        gx, = torch.autograd.grad((y * y.sin()).sum(), [x], create_graph=True)
+        return lambda: torch.autograd.grad(gx.pow(2).sum(), [x, weight], retain_graph=True)
+
+    ours, pytorchs = cost(double_backward(group_norm)), cost(double_backward(torch.nn.functional.group_norm))
+    assert ours.operations * 2 < pytorchs.operations, (ours, pytorchs)  # (57 against 142)
+    assert ours.syncs == 0
