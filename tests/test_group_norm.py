@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
 
-from noisy_label_sgd.engines.group_norm import group_norm
+from noisy_label_sgd.engines.group_norm import group_norm, layer_norm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 from cost import cost  # noqa: E402
@@ -94,3 +94,28 @@ def test_the_double_backward_dispatches_a_fraction_of_pytorchs():
     ours, pytorchs = cost(double_backward(group_norm)), cost(double_backward(torch.nn.functional.group_norm))
     assert ours.operations * 2 < pytorchs.operations, (ours, pytorchs)  # (57 against 142)
     assert ours.syncs == 0
+
+
+LAYER_SHAPES = [((3, 5, 4), (4,)), ((2, 3, 4), (3, 4)), ((6, 5), (5,))]
+
+
+@pytest.mark.parametrize("affine", AFFINE, ids=["weight_bias", "weight", "bias", "plain"])
+@pytest.mark.parametrize("shape,normalized", LAYER_SHAPES, ids=["rows", "two_dims", "vectors"])
+def test_layer_norm_as_one_group_matches_pytorchs_and_finite_differences(shape, normalized, affine):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+    params = [torch.randn(normalized, generator=g, dtype=torch.float64, requires_grad=True) if on else None
+              for on in affine]
+    args = [x] + [p for p in params if p is not None]
+
+    def norm(function):
+        def f(x, *given):
+            it = iter(given)
+            weight, bias = (next(it) if on else None for on in affine)
+            return function(x, normalized, weight, bias, 1e-3)
+        return f
+
+    torch.testing.assert_close(norm(layer_norm)(*args), norm(torch.nn.functional.layer_norm)(*args),
+                               rtol=1e-12, atol=1e-12)
+    assert gradcheck(norm(layer_norm), args)
+    assert gradgradcheck(norm(layer_norm), args)

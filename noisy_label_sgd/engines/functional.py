@@ -18,7 +18,7 @@ from torch.func import functional_call, jvp, vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import convolution
-from .group_norm import group_norm
+from .group_norm import group_norm, layer_norm
 from .recurrent import unrolled_recurrences
 
 Inputs = torch.Tensor | Sequence[torch.Tensor]
@@ -221,8 +221,8 @@ def lean_second_order() -> Iterator[None]:
     2218 so; the benchmark CNN's grad reg computed 3.22x a step's FLOPs, 2.83x so; on this CPU
     as fast or faster (CNN batch 128 0.21-0.22 s against 0.23 s, ResNet-18 batch 32 1.80-1.84 s
     against 1.78-1.83 s)."""
-    with swapped_functional("group_norm", group_norm), swapped_functional("conv1d", convolution.conv1d), \
-            swapped_functional("conv2d", convolution.conv2d):
+    with swapped_functional("group_norm", group_norm), swapped_functional("layer_norm", layer_norm), \
+            swapped_functional("conv1d", convolution.conv1d), swapped_functional("conv2d", convolution.conv2d):
         yield
 
 

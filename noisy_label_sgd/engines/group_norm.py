@@ -24,6 +24,7 @@ where bars are means over the group; :math:`P` is symmetric. For the double back
         - \tfrac{3r^2}{M} D_u D_{\hat g} + D_q)\,d + D_u\,\bar{\hat g} + D_{\hat g}\,\bar u\big].
 
 Differentiable twice (a third derivative raises: the second is written out, not recorded).
+:func:`layer_norm` is the same with one group over rows.
 """
 
 from __future__ import annotations
@@ -45,6 +46,22 @@ def group_norm(input: torch.Tensor, num_groups: int, weight: torch.Tensor | None
 
 
 _original_group_norm = torch.nn.functional.group_norm
+_original_layer_norm = torch.nn.functional.layer_norm
+
+
+def layer_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+    """``F.layer_norm`` as a GroupNorm of one group over rows (the normalised dims as channels,
+    one position each): the same numbers, with :func:`group_norm`'s second derivative."""
+    size = 1
+    for d in normalized_shape:
+        size *= d
+    if input.dim() < 2 or input.numel() == 0:
+        return _original_layer_norm(input, normalized_shape, weight, bias, eps)
+    rows = input.reshape(-1, size)
+    out = group_norm(rows, 1, None if weight is None else weight.reshape(size),
+                     None if bias is None else bias.reshape(size), eps)
+    return out.view(input.shape)
 
 
 class _GroupNorm(torch.autograd.Function):
