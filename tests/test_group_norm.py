@@ -119,3 +119,21 @@ def test_layer_norm_as_one_group_matches_pytorchs_and_finite_differences(shape, 
                                rtol=1e-12, atol=1e-12)
     assert gradcheck(norm(layer_norm), args)
     assert gradgradcheck(norm(layer_norm), args)
+
+
+def test_layer_norm_of_a_non_contiguous_input_and_upstream_gradient():
+    # sequence first, as nn.TransformerEncoderLayer's default layout: [T, n, d] from a transpose,
+    # and an upstream gradient strided the same way (the kernel, told [rows, channels], read it
+    # in memory order: wrong numbers before it was made contiguous)
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(4, 4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    weight, bias = (torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    seed = torch.randn(4, 4, 6, generator=g, dtype=torch.float64).transpose(0, 1)
+
+    def second(norm):
+        y = norm(base.transpose(0, 1), (6,), weight, bias, 1e-5)
+        gx, gw = torch.autograd.grad(y, [base, weight], seed, create_graph=True)
+        return [gx, gw, *torch.autograd.grad(gx.pow(2).sum() + gw.pow(2).sum(), [base, weight])]
+
+    for actual, expected in zip(second(layer_norm), second(torch.nn.functional.layer_norm)):
+        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)

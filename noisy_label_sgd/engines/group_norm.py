@@ -42,7 +42,7 @@ def group_norm(input: torch.Tensor, num_groups: int, weight: torch.Tensor | None
     if torch._C._are_functorch_transforms_active() or any(
             t is not None and t.dtype != input.dtype for t in (weight, bias)):
         return _original_group_norm(input, num_groups, weight, bias, eps)
-    return _GroupNorm.apply(input, weight, bias, num_groups, eps)
+    return _GroupNorm.apply(input, weight, bias, (*input.shape[:2], num_groups), eps)
 
 
 _original_group_norm = torch.nn.functional.group_norm
@@ -52,27 +52,29 @@ _original_layer_norm = torch.nn.functional.layer_norm
 def layer_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
                bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
     """``F.layer_norm`` as a GroupNorm of one group over rows (the normalised dims as channels,
-    one position each): the same numbers, with :func:`group_norm`'s second derivative."""
+    one position each): the same numbers, with :func:`group_norm`'s second derivative. The input
+    keeps its shape (the kernels are told the rows and channels: no view to record and
+    differentiate twice)."""
     size = 1
     for d in normalized_shape:
         size *= d
-    if input.dim() < 2 or input.numel() == 0:
+    if input.numel() == 0 or torch._C._are_functorch_transforms_active() or any(
+            t is not None and t.dtype != input.dtype for t in (weight, bias)):
         return _original_layer_norm(input, normalized_shape, weight, bias, eps)
-    rows = input.reshape(-1, size)
-    out = group_norm(rows, 1, None if weight is None else weight.reshape(size),
-                     None if bias is None else bias.reshape(size), eps)
-    return out.view(input.shape)
+    x = input if input.is_contiguous() else input.contiguous()  # (rows in memory order)
+    weight, bias = (t.reshape(size) if t is not None and t.dim() != 1 else t for t in (weight, bias))
+    return _GroupNorm.apply(x, weight, bias, (x.numel() // size, size, 1), eps)
 
 
 class _GroupNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, groups, eps):
-        n, c = x.shape[:2]
+    def forward(ctx, x, weight, bias, layout, eps):
+        n, c, groups = layout  # (samples or rows, channels, groups)
         out, mean, rstd = torch.ops.aten.native_group_norm(x, weight, bias, n, c, x.numel() // max(n * c, 1),
                                                            groups, eps)
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.tensor_inputs = tensor_inputs(x, weight, bias)
-        ctx.groups, ctx.eps, ctx.has_bias = groups, eps, bias is not None
+        ctx.layout, ctx.eps, ctx.has_bias = layout, eps, bias is not None
         return out
 
     @staticmethod
@@ -82,15 +84,15 @@ class _GroupNorm(torch.autograd.Function):
         if batched(grad):
             # a batched backward (is_grads_batched runs it under vmap) records no graph through
             # a Function: PyTorch's composite there
-            return (*_composite_backward(grad, x, weight, ctx.groups, ctx.eps, mask), None, None)
-        gx, gw, gb = _GroupNormBackward.apply(grad, x, weight, mean, rstd, ctx.groups, mask)
+            return (*_composite_backward(grad, x, weight, ctx.layout, ctx.eps, mask), None, None)
+        gx, gw, gb = _GroupNormBackward.apply(grad, x, weight, mean, rstd, ctx.layout, mask)
         return gx, gw, gb, None, None
 
 
-def _composite_backward(grad, x, weight, groups, eps, mask):
+def _composite_backward(grad, x, weight, layout, eps, mask):
     """The backward in differentiable operations (statistics recomputed from x): the module
     docstring's g_x, g_gamma, g_beta."""
-    n, c = x.shape[:2]
+    n, c, groups = layout
     grouped = (n, groups, c // groups, -1)
     group = (2, 3)
     x4 = x.reshape(grouped)
@@ -112,17 +114,20 @@ def _composite_backward(grad, x, weight, groups, eps, mask):
 
 class _GroupNormBackward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, grad, x, weight, mean, rstd, groups, mask):
-        n, c = x.shape[:2]
+    def forward(ctx, grad, x, weight, mean, rstd, layout, mask):
+        n, c, groups = layout
+        # (the kernel reads a strided gradient by the shape it is told, [rows, channels] for a
+        # LayerNorm, not the tensor's own: in memory order then)
+        grad = grad.contiguous()
         # (the kernel fails asked for the bias's gradient without a weight: summed here then)
         alone = mask[2] and weight is None
         gx, gw, gb = torch.ops.aten.native_group_norm_backward(
             grad, x, mean, rstd, weight, n, c, x.numel() // max(n * c, 1), groups,
             [mask[0], mask[1], mask[2] and not alone])
         if alone:
-            gb = grad.sum([0, *range(2, grad.dim())])
+            gb = grad.reshape(n, c, -1).sum((0, 2))
         ctx.save_for_backward(grad, x, weight, mean, rstd)
-        ctx.groups = groups
+        ctx.layout = layout
         ctx.set_materialize_grads(False)  # an output nobody used costs nothing
         return gx, gw, gb
 
@@ -134,15 +139,15 @@ class _GroupNormBackward(torch.autograd.Function):
             raise RuntimeError("this GroupNorm is differentiable twice, not three times: its second "
                                "derivative is written out, not recorded")
         grad, x, weight, mean, rstd = ctx.saved_tensors
-        d_grad, d_x, d_weight = _second_derivative(u, w, z, grad, x, weight, mean, rstd, ctx.groups,
+        d_grad, d_x, d_weight = _second_derivative(u, w, z, grad, x, weight, mean, rstd, ctx.layout,
                                                    ctx.needs_input_grad[:3])
         return d_grad, d_x, d_weight, None, None, None, None
 
 
-def _second_derivative(u, w, z, grad, x, weight, mean, rstd, groups, needs):
+def _second_derivative(u, w, z, grad, x, weight, mean, rstd, layout, needs):
     """The derivatives of <u, g_x> + <w, g_gamma> + <z, g_beta> in (grad, x, weight) (module
     docstring), on [n, groups, channels per group, positions] views."""
-    n, c = x.shape[:2]
+    n, c, groups = layout
     grouped = (n, groups, c // groups, -1)
     per_channel = (1, groups, c // groups, 1)
     group = (2, 3)
