@@ -211,16 +211,16 @@ def twice_differentiable() -> AbstractContextManager:
 @contextmanager
 def lean_second_order() -> Iterator[None]:
     """Forwards whose second derivative costs less, for grad reg's double backward (the same
-    numbers): ``F.group_norm`` with its second derivative written out
-    (:mod:`~noisy_label_sgd.engines.group_norm`: PyTorch differentiates its backward through
-    about 38 operations, and their derivative through another 150), ``F.conv1d`` and
+    numbers): ``F.group_norm`` with its second derivative written out, and ``F.layer_norm`` as one
+    group over rows (:mod:`~noisy_label_sgd.engines.group_norm`: PyTorch differentiates their
+    backward through dozens of operations, and that again through about 150); ``F.conv1d`` and
     ``F.conv2d`` differentiated twice by their own kernels
     (:mod:`~noisy_label_sgd.engines.convolution`: PyTorch's derivative of a strided layer's
-    backward computes 16 output positions for 9, and the first backward computed the weights'
-    gradients, which the norms do not need). ResNet-18's grad reg dispatched 5175 operations,
-    2218 so; the benchmark CNN's grad reg computed 3.22x a step's FLOPs, 2.83x so; on this CPU
-    as fast or faster (CNN batch 128 0.21-0.22 s against 0.23 s, ResNet-18 batch 32 1.80-1.84 s
-    against 1.78-1.83 s)."""
+    backward computes 16 output positions for a 3x3 kernel's 9). ResNet-18's grad reg dispatched
+    5175 operations, 2218 so; GPT-2's 2935, 2545; the benchmark CNN's computed 3.22x a step's
+    FLOPs, 2.83x so. On this CPU about as fast or faster (CNN batch 128: 0.21-0.22 s against
+    0.23 s; ResNet-18 batch 32: 1.80-1.84 s against 1.78-1.83 s; GPT-2 4 x 256: 2.69x a step,
+    2.42x-2.94x before)."""
     with swapped_functional("group_norm", group_norm), swapped_functional("layer_norm", layer_norm), \
             swapped_functional("conv1d", convolution.conv1d), swapped_functional("conv2d", convolution.conv2d):
         yield
