@@ -1,5 +1,6 @@
-"""Convolutions differentiated twice by their own kernels (engines/convolution.py) against
-PyTorch's F.conv1d/F.conv2d and finite differences, in float64."""
+"""Convolutions differentiated twice by their own kernels, and a per-sample weight gradient
+differentiated only where asked (engines/convolution.py), against PyTorch's own and finite
+differences, in float64."""
 
 import os
 import sys
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 
-from noisy_label_sgd.engines.convolution import conv1d, conv2d
+from noisy_label_sgd.engines.convolution import conv1d, conv2d, weight_gradient
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 from cost import cost  # noqa: E402
@@ -99,3 +100,42 @@ def test_a_batched_backward_is_differentiable_and_equals_one_direction_at_a_time
     for batched in (False, True):
         for actual, expected in zip(grads_and_their_gradient(conv2d, batched), reference):
             torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+
+
+GEOMETRY = ([2, 1], [1, 1], [1, 2], 3)  # stride, padding, dilation, groups (3 samples, groups 1)
+
+
+def per_sample_weight_gradient(g, a):
+    weight = torch.empty((), dtype=g.dtype).expand(3 * 4, 2, 3, 3)  # [samples * out, in, kernel]
+    return weight_gradient(g, a, weight, GEOMETRY)
+
+
+def test_the_weight_gradient_and_its_derivatives_match_finite_differences():
+    a = randn(1, 3 * 2, 7, 6, seed=2)  # 3 samples of 2 channels as groups
+    g = randn(1, 3 * 4, 4, 4, seed=3)  # their output gradients: 4 channels at 4x4 (stride (2, 1), dilation (1, 2))
+    weight = torch.empty((), dtype=g.dtype).expand(3 * 4, 2, 3, 3)
+    stride, padding, dilation, groups = GEOMETRY
+    pytorchs = torch.ops.aten.convolution_backward(g, a, weight, None, stride, padding, dilation, False, [0, 0],
+                                                   groups, (False, True, False))[1]
+    torch.testing.assert_close(per_sample_weight_gradient(g, a), pytorchs, rtol=0, atol=0)
+    assert gradcheck(per_sample_weight_gradient, (g, a))
+    assert gradgradcheck(per_sample_weight_gradient, (g, a))
+
+
+def test_the_weight_gradient_differentiates_the_data_input_for_nothing():
+    # PyTorch's derivative of convolution_backward computes the input's gradient even where the
+    # input is the data: a transposed convolution as costly as the forward, for nothing
+    a = randn(1, 3 * 2, 7, 6, seed=2).detach()
+    g = randn(1, 3 * 4, 4, 4, seed=3)
+    weight = torch.empty((), dtype=g.dtype).expand(3 * 4, 2, 3, 3)
+    seed = randn(3 * 4, 2, 3, 3, seed=4).detach()
+    stride, padding, dilation, groups = GEOMETRY
+    pytorchs = torch.ops.aten.convolution_backward(g, a, weight, None, stride, padding, dilation, False, [0, 0],
+                                                   groups, (False, True, False))[1]
+    ours = per_sample_weight_gradient(g, a)
+    ours_cost = cost(lambda: torch.autograd.grad(ours, g, seed, retain_graph=True))
+    pytorchs_cost = cost(lambda: torch.autograd.grad(pytorchs, g, seed, retain_graph=True))
+    forward = 2 * 3 * 4 * 2 * 9 * 4 * 4  # 2 * samples * out * in * kernel * output positions
+    assert (ours_cost.flops, pytorchs_cost.flops) == (forward, 2 * forward)
+    torch.testing.assert_close(torch.autograd.grad(ours, g, seed)[0], torch.autograd.grad(pytorchs, g, seed)[0],
+                               rtol=1e-12, atol=1e-12)

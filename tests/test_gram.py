@@ -1,6 +1,5 @@
-"""Gram matrices with a symmetric backward (engines/gram.py) and a convolution's per-sample
-weight gradient whose backward computes only what is asked (engines/closed_forms.py), against
-PyTorch's own derivatives and finite differences in float64."""
+"""Gram matrices with a symmetric backward (engines/gram.py) against autograd's product and
+finite differences in float64."""
 
 import os
 import sys
@@ -9,7 +8,6 @@ import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
 
-from noisy_label_sgd.engines.closed_forms import _WeightGradient, _weight_gradient
 from noisy_label_sgd.engines.gram import gram
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
@@ -42,39 +40,3 @@ def test_gram_backward_costs_one_product_where_autograd_pays_two():
     ours, autograds = gram(x), torch.bmm(x, x.transpose(1, 2))
     assert cost(lambda: torch.autograd.grad(ours, x, seed, retain_graph=True)).flops == product
     assert cost(lambda: torch.autograd.grad(autograds, x, seed, retain_graph=True)).flops == 2 * product
-
-
-GEOMETRY = ((2, 1), (1, 1), (1, 2), 3)  # stride, padding, dilation, groups (3 samples, groups 1)
-
-
-def weight_gradient(g, a):
-    weight = torch.empty((), dtype=g.dtype).expand(3 * 4, 2, 3, 3)  # [samples * out, in, kernel]
-    return _WeightGradient.apply(g, a, weight, GEOMETRY)
-
-
-def test_the_weight_gradient_and_its_derivatives_match_finite_differences():
-    a = randn(1, 3 * 2, 7, 6, seed=2)  # 3 samples of 2 channels as groups
-    g = randn(1, 3 * 4, 4, 4, seed=3)  # their output gradients: 4 channels at 4x4 (stride (2, 1), dilation (1, 2))
-    weight = torch.empty((), dtype=g.dtype).expand(3 * 4, 2, 3, 3)
-    torch.testing.assert_close(weight_gradient(g, a), _weight_gradient(g, a, weight, GEOMETRY), rtol=0, atol=0)
-    assert gradcheck(weight_gradient, (g, a))
-    assert gradgradcheck(weight_gradient, (g, a))
-
-
-def test_the_weight_gradient_differentiates_the_data_input_for_nothing():
-    # PyTorch's derivative of convolution_backward computes the input's gradient even where the
-    # input is the data: a transposed convolution as costly as the forward, for nothing
-    a = randn(1, 3 * 2, 7, 6, seed=2, requires_grad=False)
-    g = randn(1, 3 * 4, 4, 4, seed=3)
-    weight = torch.empty((), dtype=g.dtype).expand(3 * 4, 2, 3, 3)
-    seed = randn(3 * 4, 2, 3, 3, seed=4, requires_grad=False)
-    stride, padding, dilation, groups = GEOMETRY
-    pytorchs = torch.ops.aten.convolution_backward(g, a, weight, None, stride, padding, dilation, False, [0, 0],
-                                                   groups, (False, True, False))[1]
-    ours = weight_gradient(g, a)
-    ours_cost = cost(lambda: torch.autograd.grad(ours, g, seed, retain_graph=True))
-    pytorchs_cost = cost(lambda: torch.autograd.grad(pytorchs, g, seed, retain_graph=True))
-    forward = 2 * 3 * 4 * 2 * 9 * 4 * 4  # 2 * samples * out * in * kernel * output positions
-    assert (ours_cost.flops, pytorchs_cost.flops) == (forward, 2 * forward)
-    torch.testing.assert_close(torch.autograd.grad(ours, g, seed)[0], torch.autograd.grad(pytorchs, g, seed)[0],
-                               rtol=1e-12, atol=1e-12)

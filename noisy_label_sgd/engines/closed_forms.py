@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from . import functional
+from .convolution import weight_gradient
 from .functional import cat_or_one
 from .gram import gram
 from .recurrent import is_stock_recurrent
@@ -354,41 +355,8 @@ def grouped_weight_grads(module, a, g_j, kernel, stride, padding, dilation, chan
     out = g_j.shape[1]
     # (torch.nn.grad.conv2d_weight, with the weight it only reads the shape of made once)
     weight = shape_only((n * out, module.in_channels // module.groups, *kernel), g_j.dtype, g_j.device)
-    g_j, a = g_j.reshape(1, n * out, *g_j.shape[2:]), a.reshape(1, n * a.shape[1], *a.shape[2:])
-    geometry = (stride, padding, dilation, n * module.groups)
-    if torch.is_grad_enabled() and (g_j.requires_grad or a.requires_grad):
-        return _WeightGradient.apply(g_j, a, weight, geometry)
-    return _weight_gradient(g_j, a, weight, geometry)
-
-
-def _weight_gradient(g, a, weight, geometry):
-    stride, padding, dilation, groups = geometry
-    return torch.ops.aten.convolution_backward(g, a, weight, None, stride, padding, dilation, False, [0, 0], groups,
-                                               (False, True, False))[1]
-
-
-class _WeightGradient(torch.autograd.Function):
-    """A convolution's weight gradient as a function of its output gradient and input, whose
-    backward computes only the inputs' gradients asked for: PyTorch's derivative of
-    convolution_backward computes the input's too, a transposed convolution as costly as the
-    forward, where the input is the data (the first layer's)."""
-
-    @staticmethod
-    def forward(ctx, g, a, weight, geometry):
-        ctx.save_for_backward(g, a)
-        ctx.geometry = geometry
-        return _weight_gradient(g, a, weight, geometry)
-
-    @staticmethod
-    def backward(ctx, seed):
-        g, a = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.geometry
-        # <seed, dW(g, a)> = <conv(a, seed), g> = <a, conv's input gradient at g with weight seed>
-        d_g = torch.ops.aten.convolution(a, seed, None, stride, padding, dilation, False, [0, 0], groups) \
-            if ctx.needs_input_grad[0] else None
-        d_a = torch.ops.aten.convolution_backward(g, a, seed, None, stride, padding, dilation, False, [0, 0], groups,
-                                                  (True, False, False))[0] if ctx.needs_input_grad[1] else None
-        return d_g, d_a, None, None
+    return weight_gradient(g_j.reshape(1, n * out, *g_j.shape[2:]), a.reshape(1, n * a.shape[1], *a.shape[2:]),
+                           weight, (list(stride), list(padding), list(dilation), n * module.groups))
 
 
 @lru_cache(maxsize=64)

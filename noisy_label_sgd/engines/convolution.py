@@ -114,3 +114,31 @@ class _ConvolutionBackward(torch.autograd.Function):
         if needs[2] and u is not None:
             d_weight = _conv_backward(grad, u, weight, geometry, (False, True, False))[1]
         return d_grad, d_x, d_weight, None, None, None
+
+
+def weight_gradient(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, geometry) -> torch.Tensor:
+    """A convolution's weight gradient at output gradient g and input x (``weight`` is read for
+    its shape), differentiable in both by the identities above, each part computed only when
+    asked: PyTorch's derivative of ``convolution_backward`` computes the input's too, a
+    transposed convolution as costly as the forward, where x is the data (a first layer's
+    per-sample gradients, :func:`~noisy_label_sgd.engines.closed_forms.grouped_weight_grads`)."""
+    if torch.is_grad_enabled() and (g.requires_grad or x.requires_grad) \
+            and not torch._C._are_functorch_transforms_active():
+        return _WeightGradient.apply(g, x, weight, geometry)
+    return _conv_backward(g, x, weight, geometry, (False, True, False))[1]
+
+
+class _WeightGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, g, x, weight, geometry):
+        ctx.save_for_backward(g, x)
+        ctx.geometry = geometry
+        return _conv_backward(g, x, weight, geometry, (False, True, False))[1]
+
+    @staticmethod
+    def backward(ctx, seed):
+        g, x = ctx.saved_tensors
+        # <seed, dW(g, x)> = <conv(x, seed), g> = <x, the input gradient at g with weight seed>
+        d_g = _conv(x, seed, ctx.geometry) if ctx.needs_input_grad[0] else None
+        d_x = _conv_backward(g, x, seed, ctx.geometry, (True, False, False))[0] if ctx.needs_input_grad[1] else None
+        return d_g, d_x, None, None
