@@ -887,3 +887,17 @@ def test_an_accelerators_choices_give_the_same_numbers(name, monkeypatch):
     assert_rel_close(torch.cat([grad[n].reshape(-1) for n in names]), brute_reg_grad(model, x))
     # (nothing returned holds a graph: it would keep the working set alive)
     assert norms.grad_fn is None and all(g.grad_fn is None for g in grad.values())
+
+
+@pytest.mark.parametrize("name", ["cnn_groupnorm", "narrow_conv2d_strided_dilated"])
+def test_channels_last_models_give_the_same_numbers(name):
+    # a channels-last model and input (the written-out GroupNorm backward's kernel misread a
+    # channels-last input beside a contiguous gradient: grad reg 1.7x off before it was made
+    # contiguous)
+    model, x = make(name)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    J, expected = brute_jacobian(model, x), brute_reg_grad(model, x)
+    model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    assert_rel_close(per_sample_sq_grad_norms(model, x, method="fast"), J.pow(2).reshape(x.shape[0], -1).sum(1))
+    grad = regularizer_grad(model, x, method="fast")
+    assert_rel_close(torch.cat([grad[n].reshape(-1) for n in names]), expected)

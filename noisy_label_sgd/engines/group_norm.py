@@ -42,7 +42,10 @@ def group_norm(input: torch.Tensor, num_groups: int, weight: torch.Tensor | None
     if torch._C._are_functorch_transforms_active() or any(
             t is not None and t.dtype != input.dtype for t in (weight, bias)):
         return _original_group_norm(input, num_groups, weight, bias, eps)
-    return _GroupNorm.apply(input, weight, bias, (*input.shape[:2], num_groups), eps)
+    # (the backward kernel misreads a channels-last input beside a contiguous gradient: both
+    # contiguous, the same layout as the formulas' views)
+    x = input if input.is_contiguous() else input.contiguous()
+    return _GroupNorm.apply(x, weight, bias, (*input.shape[:2], num_groups), eps)
 
 
 _original_group_norm = torch.nn.functional.group_norm
