@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 LIMIT=${LIMIT:-100}  # seconds per process
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())" || exit 1
+timeout 60 "$PY" benchmarks/device_check.py --device cuda  # the second derivatives on the device's kernels
 timeout 30 "$PY" benchmarks/optimizer_overhead.py --device cuda --repeats 200
 for autocast in none bf16; do
   timeout "$LIMIT" "$PY" benchmarks/probe.py --device cuda --autocast "$autocast" --repeats 10 \

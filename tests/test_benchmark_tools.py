@@ -48,3 +48,20 @@ def test_the_probe_benchmark_runs_a_case_in_one_process_and_writes_its_json(tmp_
         assert relu[method]["seconds"] > 0 and relu[method]["step_seconds"] > 0, method
     assert abs(relu["reg"]["reg"] - relu["naive_reg"]["reg"]) <= 1e-5 * relu["naive_reg"]["reg"]
     assert "error" in relu["no_such_method"]  # recorded; the others went on
+
+
+def test_the_device_check_runs_on_the_cpu_and_finds_the_fast_engine_exact(tmp_path):
+    # what benchmarks/gpu.sh runs first on a GPU lease (the written-out second derivatives on
+    # the device's kernels), here on the CPU
+    import json
+    import subprocess
+
+    out = tmp_path / "check.json"
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "device_check.py")
+    proc = subprocess.run([sys.executable, script, "--device", "cpu", "--cases",
+                           "gn_cnn_channels_last,resnet_blocks,encoder_sequence_first", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert sorted(results) == ["encoder_sequence_first", "gn_cnn_channels_last", "resnet_blocks"]
+    assert all(error <= 1e-12 for r in results.values() for error in r.values()), results
