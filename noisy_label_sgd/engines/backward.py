@@ -1,4 +1,5 @@
-"""What the written-out backwards (:mod:`.group_norm`, :mod:`.convolution`) ask of the engine."""
+"""What the written-out backwards (:mod:`.group_norm`, :mod:`.convolution`) ask of the engine
+and of the call."""
 
 from __future__ import annotations
 
@@ -28,6 +29,14 @@ def answerable(t: torch.Tensor | None) -> torch.Tensor | None:
     """A leaf that requires grad (a parameter) seen through a view, whose node :func:`asked` can
     ask the engine about (one operation)."""
     return t.view_as(t) if t is not None and t.is_leaf and t.requires_grad and torch.is_grad_enabled() else t
+
+
+def kernels_apply(input: torch.Tensor, *params: torch.Tensor | None) -> bool:
+    """Whether a written-out Function may take a call: not under torch.func transforms (a
+    Function there needs rules of its own) and every tensor in the input's dtype (the fused
+    kernels take one)."""
+    return not torch._C._are_functorch_transforms_active() and all(
+        t is None or t.dtype == input.dtype for t in params)
 
 
 def batched(grad: torch.Tensor) -> bool:

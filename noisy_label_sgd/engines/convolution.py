@@ -27,7 +27,7 @@ import functools
 import torch
 from torch import nn
 
-from .backward import answerable, asked, batched, tensor_inputs
+from .backward import answerable, asked, batched, kernels_apply, tensor_inputs
 
 _original = {"conv1d": nn.functional.conv1d, "conv2d": nn.functional.conv2d}
 
@@ -45,8 +45,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
 def _convolution(name, dims, input, weight, bias, stride, padding, dilation, groups):
     # (the original where its own handling matters: "same"/"valid" padding, an unbatched
     # input, mixed dtypes, torch.func transforms)
-    if isinstance(padding, str) or input.dim() != dims + 2 or torch._C._are_functorch_transforms_active() or any(
-            t is not None and t.dtype != input.dtype for t in (weight, bias)):
+    if isinstance(padding, str) or input.dim() != dims + 2 or not kernels_apply(input, weight, bias):
         return _original[name](input, weight, bias, stride, padding, dilation, groups)
     geometry = (_tuple(stride, dims), _tuple(padding, dims), _tuple(dilation, dims), groups)
     # (the parameters through views: their gradients are not asked by the norms' backward)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from .backward import asked, batched, tensor_inputs
+from .backward import asked, batched, kernels_apply, tensor_inputs
 
 
 def group_norm(input: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
@@ -39,13 +39,11 @@ def group_norm(input: torch.Tensor, num_groups: int, weight: torch.Tensor | None
     """``F.group_norm``, the same numbers, with a twice-differentiable backward of few operations.
     Falls back to ``F.group_norm`` where the fused kernel does not apply (torch.func transforms,
     mixed dtypes)."""
-    if torch._C._are_functorch_transforms_active() or any(
-            t is not None and t.dtype != input.dtype for t in (weight, bias)):
+    if not kernels_apply(input, weight, bias):
         return _original_group_norm(input, num_groups, weight, bias, eps)
     # (the backward kernel misreads a channels-last input beside a contiguous gradient: both
     # contiguous, the same layout as the formulas' views)
-    x = input if input.is_contiguous() else input.contiguous()
-    return _GroupNorm.apply(x, weight, bias, (*input.shape[:2], num_groups), eps)
+    return _GroupNorm.apply(input.contiguous(), weight, bias, (*input.shape[:2], num_groups), eps)
 
 
 _original_group_norm = torch.nn.functional.group_norm
@@ -61,10 +59,9 @@ def layer_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | Non
     size = 1
     for d in normalized_shape:
         size *= d
-    if input.numel() == 0 or torch._C._are_functorch_transforms_active() or any(
-            t is not None and t.dtype != input.dtype for t in (weight, bias)):
+    if input.numel() == 0 or not kernels_apply(input, weight, bias):
         return _original_layer_norm(input, normalized_shape, weight, bias, eps)
-    x = input if input.is_contiguous() else input.contiguous()  # (rows in memory order)
+    x = input.contiguous()  # (rows in memory order; no operation where it already is)
     weight, bias = (t.reshape(size) if t is not None and t.dim() != 1 else t for t in (weight, bias))
     return _GroupNorm.apply(x, weight, bias, (x.numel() // size, size, 1), eps)
 
