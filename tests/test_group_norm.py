@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
 
-from noisy_label_sgd.engines.group_norm import group_norm, layer_norm
+from noisy_label_sgd.engines.group_norm import group_norm, layer_norm, per_sample_affine_sq_norms
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 from cost import cost  # noqa: E402
@@ -137,3 +137,32 @@ def test_layer_norm_of_a_non_contiguous_input_and_upstream_gradient():
 
     for actual, expected in zip(second(layer_norm), second(torch.nn.functional.layer_norm)):
         torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("weight,bias", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("shape,groups", SHAPES[:3], ids=[f"{len(s)}d_g{g}" for s, g in SHAPES[:3]])
+def test_per_sample_affine_sq_norms_match_a_per_sample_loop_and_finite_differences(shape, groups, weight, bias):
+    # the GroupNorm closed form's kernel path: each sample's ||grad_gamma||^2 + ||grad_beta||^2 at
+    # two output directions; its derivatives (grad reg's) against finite differences
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+    grads = [torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+
+    def loop(x, *grads):
+        rows = []
+        for i in range(shape[0]):
+            params = [torch.ones(shape[1], dtype=x.dtype, requires_grad=True) for _ in range(2)]
+            y = torch.nn.functional.group_norm(x[i:i + 1], groups, *params, 1e-3)
+            asked = [p for p, on in zip(params, (weight, bias)) if on]
+            rows.append(sum(sum(t.pow(2).sum() for t in torch.autograd.grad(y, asked, gr[i:i + 1], create_graph=True))
+                            for gr in grads))
+        return torch.stack(rows)
+
+    ours = lambda x, *grads: per_sample_affine_sq_norms(x, list(grads), groups, 1e-3, weight, bias)
+    torch.testing.assert_close(ours(x, *grads), loop(x, *grads), rtol=1e-12, atol=1e-12)
+    assert gradcheck(ours, (x, *grads))
+    # a strided seed (a slice of a wider gradient), which the kernels would misread
+    seed = torch.randn(shape[0], 2, generator=g, dtype=torch.float64)[:, 0]
+    grad = lambda f: torch.autograd.grad(f(x, *grads), [x, *grads], seed, allow_unused=True, materialize_grads=True)
+    for actual, reference in zip(grad(ours), grad(loop)):  # (the bias's alone does not depend on x)
+        torch.testing.assert_close(actual, reference, rtol=1e-10, atol=1e-12)

@@ -48,9 +48,11 @@ import torch
 from torch import nn
 
 from . import functional
+from .backward import kernels_apply
 from .convolution import weight_gradient
 from .functional import cat_or_one
 from .gram import gram
+from .group_norm import per_sample_affine_sq_norms
 from .recurrent import is_stock_recurrent
 from .trace import FastPathUnsupported, Owner, input_over_calls, owners_of
 
@@ -413,6 +415,9 @@ def _running_statistics(module: nn.Module) -> bool:
 @register_closed_form(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, gram=norm_affine_gram, applies=_running_statistics,
                       bare=True)
 def norm_affine_sq_norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor, trainable, memo: dict) -> torch.Tensor:
+    if isinstance(module, nn.GroupNorm) and kernels_apply(a, g):  # (its backward kernel: one call a direction)
+        return per_sample_affine_sq_norms(a, [g] if g.dim() == a.dim() else g.unbind(0), module.num_groups,
+                                          module.eps, "weight" in trainable, "bias" in trainable)
     grads = norm_affine_grads(module, a, g, trainable)
     return grads.pow(2).sum(-1 if grads.dim() == 2 else (0, -1))
 

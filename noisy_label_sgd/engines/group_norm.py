@@ -29,6 +29,9 @@ Differentiable twice (a third derivative raises: the second is written out, not 
 
 from __future__ import annotations
 
+import math
+from functools import lru_cache
+
 import torch
 
 from .backward import asked, batched, kernels_apply, tensor_inputs
@@ -66,6 +69,29 @@ def layer_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | Non
     return _GroupNorm.apply(x, weight, bias, (x.numel() // size, size, 1), eps)
 
 
+def per_sample_affine_sq_norms(x: torch.Tensor, grads: list[torch.Tensor], num_groups: int, eps: float,
+                               weight: bool = True, bias: bool = True) -> torch.Tensor:
+    """Each sample's squared norm of a GroupNorm's weight and bias gradients (those asked), summed
+    over the output gradients ``grads`` (one per output direction, in x's shape), [n]. One
+    backward kernel a direction for all samples, told they are one sample whose channels are
+    theirs (layout [1, n C], n groups), twice differentiable as :func:`group_norm`'s backward is.
+    Where :func:`~.backward.kernels_apply` holds for x and the gradients."""
+    n, c = x.shape[:2]
+    x = x.contiguous()
+    with torch.no_grad():  # (constants of the backward: its derivative in x includes theirs)
+        _, mean, rstd = torch.ops.aten.native_group_norm(x, None, None, n, c, math.prod(x.shape[2:]),
+                                                         num_groups, eps)
+    total = None
+    for grad in grads:
+        _, gw, gb = _GroupNormBackward.apply(grad, x, None, mean, rstd, (1, n * c, n * num_groups), eps,
+                                             (False, weight, bias))
+        # (one flat cat: its backward's pieces are contiguous, as the kernels read them)
+        flat = torch.cat((gw, gb)) if weight and bias else gw if weight else gb
+        sq = flat.view(-1, n, c).pow(2).sum((0, 2))
+        total = sq if total is None else total + sq
+    return total
+
+
 class _GroupNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, layout, eps):
@@ -85,7 +111,7 @@ class _GroupNorm(torch.autograd.Function):
             # a batched backward (is_grads_batched runs it under vmap) records no graph through
             # a Function: PyTorch's composite there
             return (*_composite_backward(grad, x, weight, ctx.layout, ctx.eps, mask), None, None)
-        gx, gw, gb = _GroupNormBackward.apply(grad, x, weight, mean, rstd, ctx.layout, mask)
+        gx, gw, gb = _GroupNormBackward.apply(grad, x, weight, mean, rstd, ctx.layout, ctx.eps, mask)
         return gx, gw, gb, None, None
 
 
@@ -114,20 +140,18 @@ def _composite_backward(grad, x, weight, layout, eps, mask):
 
 class _GroupNormBackward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, grad, x, weight, mean, rstd, layout, mask):
+    def forward(ctx, grad, x, weight, mean, rstd, layout, eps, mask):
         n, c, groups = layout
         # (the kernel reads a strided gradient by the shape it is told, [rows, channels] for a
         # LayerNorm, not the tensor's own: in memory order then)
         grad = grad.contiguous()
-        # (the kernel fails asked for the bias's gradient without a weight: summed here then)
-        alone = mask[2] and weight is None
+        # (the kernel takes its outputs' dtype and device from the weight, and fails asked for
+        # the weight's or bias's gradient without one: a weight of ones then, the same numbers)
+        kernel_weight = weight if weight is not None or not (mask[1] or mask[2]) else _ones(c, x)
         gx, gw, gb = torch.ops.aten.native_group_norm_backward(
-            grad, x, mean, rstd, weight, n, c, x.numel() // max(n * c, 1), groups,
-            [mask[0], mask[1], mask[2] and not alone])
-        if alone:
-            gb = grad.reshape(n, c, -1).sum((0, 2))
-        ctx.save_for_backward(grad, x, weight, mean, rstd)
-        ctx.layout = layout
+            grad, x, mean, rstd, kernel_weight, n, c, _positions(x, layout), groups, list(mask))
+        ctx.save_for_backward(grad, x, weight, mean, rstd, gx)
+        ctx.layout, ctx.eps = layout, eps
         ctx.set_materialize_grads(False)  # an output nobody used costs nothing
         return gx, gw, gb
 
@@ -138,56 +162,67 @@ class _GroupNormBackward(torch.autograd.Function):
             # would silently leave the third derivative's terms through here out)
             raise RuntimeError("this GroupNorm is differentiable twice, not three times: its second "
                                "derivative is written out, not recorded")
-        grad, x, weight, mean, rstd = ctx.saved_tensors
-        d_grad, d_x, d_weight = _second_derivative(u, w, z, grad, x, weight, mean, rstd, ctx.layout,
+        d_grad, d_x, d_weight = _second_derivative(u, w, z, *ctx.saved_tensors, ctx.layout, ctx.eps,
                                                    ctx.needs_input_grad[:3])
-        return d_grad, d_x, d_weight, None, None, None, None
+        return d_grad, d_x, d_weight, None, None, None, None, None
 
 
-def _second_derivative(u, w, z, grad, x, weight, mean, rstd, layout, needs):
+def _positions(x: torch.Tensor, layout) -> int:
+    return x.numel() // max(layout[0] * layout[1], 1)
+
+
+def _ones(size: int, like: torch.Tensor) -> torch.Tensor:
+    return _ones_of(size, like.dtype, like.device)
+
+
+@lru_cache(maxsize=64)
+def _ones_of(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # (made once; materialised: the kernel reads the weight as contiguous memory, an expanded
+    # one past its end)
+    return torch.ones(size, dtype=dtype, device=device)
+
+
+def _second_derivative(u, w, z, grad, x, weight, mean, rstd, gx, layout, eps, needs):
     """The derivatives of <u, g_x> + <w, g_gamma> + <z, g_beta> in (grad, x, weight) (module
-    docstring), on [n, groups, channels per group, positions] views."""
+    docstring): the fused kernels where a term is one of theirs (r P t is the backward kernel's
+    input gradient, x_hat w + z the forward's output), the rest on [n, groups, channels per
+    group, positions] views."""
     n, c, groups = layout
+    positions = _positions(x, layout)
     grouped = (n, groups, c // groups, -1)
     per_channel = (1, groups, c // groups, 1)
     group = (2, 3)
-    size = x.numel() // (n * groups)  # M
-    r = rstd.view(n, groups, 1, 1)
-    d = x.reshape(grouped) - mean.view(n, groups, 1, 1)
-    g = grad.reshape(grouped)
-    gamma = weight.view(per_channel) if weight is not None else None
-    g_hat = g * gamma if gamma is not None else g
-    minus_r3_m = r.pow(3) * (-1 / size)  # (fused multiply-adds below: fewer operations)
+    # (the kernels read the seeds in memory order, whatever their strides)
+    u, w, z = (t if t is None else t.contiguous() for t in (u, w, z))
     d_grad = d_x = d_weight = None
     if u is not None:
-        u = u.reshape(grouped)
-        u_bar = u - u.mean(group, keepdim=True)
-        D_u = (u * d).sum(group, keepdim=True)
-        rPu = torch.addcmul(r * u_bar, minus_r3_m * D_u, d)
-        d_grad = rPu * gamma if gamma is not None else rPu
+        gamma = weight.view(per_channel) if weight is not None else None
+        x_hat = torch.ops.aten.native_group_norm(x, None, None, n, c, positions, groups, eps)[0].view(grouped)
+        v = torch.ops.aten.native_group_norm_backward(  # r P u
+            u, x, mean, rstd, None, n, c, positions, groups, [True, False, False])[0].view(grouped)
+        u, g, gx = u.view(grouped), grad.view(grouped), gx.view(grouped)
+        g_hat = g * gamma if gamma is not None else g
+        if needs[0]:
+            d_grad = v * gamma if gamma is not None else v
+            if w is not None:
+                d_grad = torch.addcmul(d_grad, x_hat, w.view(per_channel))
+            if z is not None:
+                d_grad = d_grad + z.view(per_channel)
+            d_grad = d_grad.view(grad.shape)
         if needs[2] and weight is not None:
-            d_weight = (g * rPu).sum((0, 3)).view(c)
-        if needs[1]:
-            D_g = (g_hat * d).sum(group, keepdim=True)
-            coefficient = torch.addcmul((u_bar * g_hat).sum(group, keepdim=True), D_u, D_g * r.square(),
-                                        value=-3 / size)
-            g_hat_bar = g_hat - g_hat.mean(group, keepdim=True)
-            d_x = torch.addcmul(torch.addcmul(coefficient * d, D_u, g_hat_bar), D_g, u_bar)
-    if w is not None:
-        w = w.view(per_channel)
-        x_hat_w = d * (r * w)
-        d_grad = x_hat_w if d_grad is None else d_grad + x_hat_w
-        if needs[1]:
-            q = g * w
-            D_q = (q * d).sum(group, keepdim=True)
-            d_x = D_q * d if d_x is None else torch.addcmul(d_x, D_q, d)
-            q_part = r * (q - q.mean(group, keepdim=True))
-    if d_x is not None:
-        d_x = minus_r3_m * d_x if w is None else torch.addcmul(q_part, minus_r3_m, d_x)
-        d_x = d_x.reshape(x.shape)
-    if z is not None:
-        z = z.view(per_channel)
-        d_grad = z.expand_as(d) if d_grad is None else d_grad + z
-    if d_grad is not None:
-        d_grad = d_grad.reshape(grad.shape)
-    return (d_grad if needs[0] else None), d_x, d_weight
+            d_weight = (g * v).sum((0, 3)).view(c)
+        if needs[1]:  # -r [mean(u g_x) x_hat + mean(u x_hat) g_x + mean(g_hat x_hat) r P u]
+            bracket = torch.addcmul(torch.addcmul(x_hat * (u * gx).mean(group, keepdim=True),
+                                                  (u * x_hat).mean(group, keepdim=True), gx),
+                                    (g_hat * x_hat).mean(group, keepdim=True), v)
+            d_x = bracket * rstd.view(n, groups, 1, 1).neg()
+            d_x = d_x.view(x.shape)
+    elif needs[0] and w is not None:  # x_hat w + z: the forward kernel's output
+        d_grad = torch.ops.aten.native_group_norm(x, w, z, n, c, positions, groups, eps)[0]
+    elif needs[0] and z is not None:
+        d_grad = z.view(per_channel).expand(n, groups, c // groups, positions).reshape(grad.shape)
+    if w is not None and needs[1]:  # r P (w g): the backward kernel's input gradient with weight w
+        part = torch.ops.aten.native_group_norm_backward(
+            grad, x, mean, rstd, w, n, c, positions, groups, [True, False, False])[0]
+        d_x = part if d_x is None else d_x + part
+    return d_grad, d_x, d_weight
