@@ -51,7 +51,7 @@ from . import functional
 from .backward import kernels_apply
 from .convolution import weight_gradient
 from .functional import cat_or_one
-from .gram import gram
+from .gram import gram, gram_inner
 from .group_norm import per_sample_affine_sq_norms
 from .recurrent import is_stock_recurrent
 from .trace import FastPathUnsupported, Owner, input_over_calls, owners_of
@@ -212,14 +212,14 @@ def affine_map_sq_norms(a: torch.Tensor, g: torch.Tensor, weight: bool, bias: bo
             if key not in memo:
                 gram_a = memo.get(("input_gram", False))
                 if gram_a is None:
-                    gram_a = memo[("input_gram", False)] = gram(a)  # [n, T, T]
+                    gram_a = memo[("input_gram", False)] = gram(a, symmetric_seed=True)  # [n, T, T]
                 # the bias's part, ||sum_t g_t||^2 = sum_ts g_t . g_s, in the same product:
                 # (a_t . a_s + 1)(g_t . g_s)
                 memo[key] = gram_a + 1 if bias else gram_a
-            gram_g = gram(g)  # [k n, T, T]
+            gram_g = gram(g, symmetric_seed=True)  # [k n, T, T]
             if k > 1:  # summed over the directions first: one product with the input's Gram
                 gram_g = gram_g.view(k, n, positions, positions).sum(0)
-            return (memo[key] * gram_g).sum((-1, -2))
+            return gram_inner(memo[key], gram_g)
         else:  # long sequences: the per-sample weight gradient costs less than the Gram matrices
             g4 = g.view(k, n, positions, -1)
             parts.append(torch.einsum("knto,nti->knoi", g4, a.to(g.dtype)).pow(2).sum((0, -1, -2)))
@@ -298,8 +298,8 @@ def conv_patches(module, a, g, kernel, stride, padding, dilation, trainable, gho
     for i, piece in enumerate(pieces):
         p = patches(piece)  # [c, in * kernel, L]
         if ghost:  # the Gram matrices over positions, [c, L, L]
-            gram_p = gram(p, of="columns")
-            terms = [(gram_p * gram(g_j[i], of="columns")).sum((1, 2)) for g_j in by_direction]
+            gram_p = gram(p, of="columns", symmetric_seed=True)
+            terms = [gram_inner(gram_p, gram(g_j[i], of="columns", symmetric_seed=True)) for g_j in by_direction]
         else:  # the per-sample weight gradients, [c, out, in * kernel]
             p_t = p.transpose(1, 2)
             terms = [torch.bmm(g_j[i], p_t).pow(2).sum((1, 2)) for g_j in by_direction]
@@ -436,15 +436,18 @@ def embedding_sq_norms(module: nn.Embedding, a: torch.Tensor, g: torch.Tensor, t
     gradient)."""
     k, n = g.shape[:2]
     index = a.reshape(n, -1)  # [n, T]
-    g = g.reshape(k, n, index.shape[1], -1)  # [k, n, T, d]
+    positions = index.shape[1]
     key = ("pairs", module.padding_idx, g.dtype)
     if key not in memo:  # which positions share a row, per sample (the same for every direction)
-        counted = torch.ones_like(index, dtype=torch.bool)
+        same = index.unsqueeze(2) == index.unsqueeze(1)
         if module.padding_idx is not None:
             counted = index != module.padding_idx
-        same = (index.unsqueeze(2) == index.unsqueeze(1)) & counted.unsqueeze(2) & counted.unsqueeze(1)
+            same = same & counted.unsqueeze(2) & counted.unsqueeze(1)
         memo[key] = same.to(g.dtype)
-    return (memo[key] * (g @ g.transpose(2, 3))).sum((0, 2, 3))
+    gram_g = gram(g.reshape(k * n, positions, -1), symmetric_seed=True)  # [k n, T, T]
+    if k > 1:
+        gram_g = gram_g.view(k, n, positions, positions).sum(0)
+    return gram_inner(memo[key], gram_g)
 
 
 # -- RMSNorm ---------------------------------------------------------------------------------

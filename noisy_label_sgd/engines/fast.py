@@ -457,13 +457,14 @@ def streamed_part(owners: list[Owner], h: torch.Tensor, j: int, retain_graph: bo
 
 def sum_of(parts: list[torch.Tensor], h: torch.Tensor) -> torch.Tensor:
     """The modules' parts [n] added: one stack and one sum, not an add for each (operations a GPU
-    pays for in host time)."""
+    pays for in host time); pairwise where they will be differentiated (the stack's backward is
+    a select for each, an add's nothing)."""
     if not parts:
         return torch.zeros(h.shape[0], dtype=h.dtype, device=h.device)
     if len(parts) == 1:
         return parts[0]
-    if len({p.dtype for p in parts}) > 1:  # (under autocast: promoted pairwise)
-        return functools.reduce(torch.add, parts)
+    if len({p.dtype for p in parts}) > 1 or torch.is_grad_enabled() and any(p.requires_grad for p in parts):
+        return functools.reduce(torch.add, parts)  # (under autocast: promoted pairwise)
     return torch.stack(parts).sum(0)
 
 

@@ -9,7 +9,8 @@ through a :class:`FunctionalModel`: trainable parameters (``requires_grad=True``
 from __future__ import annotations
 
 import functools
-from contextlib import AbstractContextManager, contextmanager
+import sys
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Iterator, Sequence
 
 import torch
@@ -18,6 +19,7 @@ from torch.func import functional_call, jvp, vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import convolution
+from .gelu import gelu, new_gelu_forward
 from .group_norm import group_norm, layer_norm
 from .recurrent import unrolled_recurrences
 
@@ -216,25 +218,38 @@ def lean_second_order() -> Iterator[None]:
     backward through dozens of operations, and that again through about 150); ``F.conv1d`` and
     ``F.conv2d`` differentiated twice by their own kernels
     (:mod:`~noisy_label_sgd.engines.convolution`: PyTorch's derivative of a strided layer's
-    backward computes 16 output positions for a 3x3 kernel's 9). ResNet-18's grad reg dispatched
-    5175 operations, 2218 so; GPT-2's 2935, 2545; the benchmark CNN's computed 3.22x a step's
-    FLOPs, 2.83x so. On this CPU about as fast or faster (CNN batch 128: 0.21-0.22 s against
-    0.23 s; ResNet-18 batch 32: 1.80-1.84 s against 1.78-1.83 s; GPT-2 4 x 256: 2.69x a step,
-    2.42x-2.94x before)."""
-    with swapped_functional("group_norm", group_norm), swapped_functional("layer_norm", layer_norm), \
-            swapped_functional("conv1d", convolution.conv1d), swapped_functional("conv2d", convolution.conv2d):
+    backward computes 16 output positions for a 3x3 kernel's 9); ``F.gelu``, and Hugging Face's
+    ``NewGELUActivation`` (GPT-2's, written out in 8 operations) as its tanh kernel, with their
+    second derivative written out (:mod:`~noisy_label_sgd.engines.gelu`). ResNet-18's grad reg
+    dispatched 5175 operations, 2218 so (1938 with GroupNorm's closed form in its kernel); GPT-2's
+    2935, 2545; the benchmark CNN's computed 3.22x a step's FLOPs, 2.83x so. On this CPU about as
+    fast or faster (CNN batch 128: 0.21-0.22 s against 0.23 s; ResNet-18 batch 32: 1.80-1.84 s
+    against 1.78-1.83 s; GPT-2 4 x 256: 2.69x a step, 2.42x-2.94x before)."""
+    with ExitStack() as stack:
+        for name, replacement in (("group_norm", group_norm), ("layer_norm", layer_norm), ("gelu", gelu),
+                                  ("conv1d", convolution.conv1d), ("conv2d", convolution.conv2d)):
+            stack.enter_context(swapped(nn.functional, name, replacement))
+        activations = sys.modules.get("transformers.activations")  # (only where the user imported it)
+        if activations is not None and hasattr(activations, "NewGELUActivation"):
+            stack.enter_context(swapped(activations.NewGELUActivation, "forward", new_gelu_forward))
         yield
 
 
 @contextmanager
-def swapped_functional(name: str, replacement) -> Iterator[None]:
-    """``torch.nn.functional.<name>`` replaced for the duration (modules look it up at call time)."""
-    original = getattr(nn.functional, name)
-    setattr(nn.functional, name, replacement)
+def swapped(owner, name: str, replacement) -> Iterator[None]:
+    """``owner.<name>`` replaced for the duration (modules look functions and methods up at call
+    time)."""
+    original = getattr(owner, name)
+    setattr(owner, name, replacement)
     try:
         yield
     finally:
-        setattr(nn.functional, name, original)
+        setattr(owner, name, original)
+
+
+def swapped_functional(name: str, replacement) -> AbstractContextManager[None]:
+    """``torch.nn.functional.<name>`` replaced for the duration."""
+    return swapped(nn.functional, name, replacement)
 
 
 @contextmanager

@@ -14,25 +14,52 @@ from __future__ import annotations
 import torch
 
 
-def gram(x: torch.Tensor, of: str = "rows") -> torch.Tensor:
-    """The Gram matrices of x [b, r, c]: of its rows, ``x @ x^T`` [b, r, r], or of its columns,
-    ``x^T @ x`` [b, c, c]."""
+def gram(x: torch.Tensor, of: str = "rows", symmetric_seed: bool = False) -> torch.Tensor:
+    r"""The Gram matrices of x [b, r, c]: of its rows, ``x @ x^T`` [b, r, r], or of its columns,
+    ``x^T @ x`` [b, c, c]. ``symmetric_seed``: the caller uses them only through
+    :func:`gram_inner` with other Gram matrices (their gradient is then symmetric, and the
+    backward is :math:`2 \bar K X`: no transpose and sum; the full form where the backward is
+    itself differentiated)."""
     columns = of == "columns"
     if not torch.is_grad_enabled() or not x.requires_grad or torch._C._are_functorch_transforms_active():
         # (nothing to differentiate, or under torch.func)
         return torch.bmm(x.transpose(1, 2), x) if columns else torch.bmm(x, x.transpose(1, 2))
-    return _Gram.apply(x, columns)
+    return _Gram.apply(x, columns, symmetric_seed)
+
+
+def gram_inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    r""":math:`\sum_{ts} a_{ts} b_{ts}` per matrix of a, b [n, T, T] (the ghost norm's product of
+    two Gram matrices), [n]. Its backward is one product per factor (autograd's of a product and
+    a sum dispatches five operations)."""
+    if not torch.is_grad_enabled() or not (a.requires_grad or b.requires_grad) \
+            or torch._C._are_functorch_transforms_active():
+        return (a * b).sum((-1, -2))
+    return _GramInner.apply(a, b)
 
 
 class _Gram(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, columns):
+    def forward(ctx, x, columns, symmetric_seed):
         ctx.save_for_backward(x)
-        ctx.columns = columns
+        ctx.columns, ctx.symmetric_seed = columns, symmetric_seed
         return torch.bmm(x.transpose(1, 2), x) if columns else torch.bmm(x, x.transpose(1, 2))
 
     @staticmethod
     def backward(ctx, grad):
         x, = ctx.saved_tensors
-        both = grad + grad.transpose(1, 2)
-        return torch.bmm(x, both) if ctx.columns else torch.bmm(both, x), None
+        # (differentiated again, the seed's own gradient need not be symmetric: the full form then)
+        both = grad * 2 if ctx.symmetric_seed and not torch.is_grad_enabled() else grad + grad.transpose(1, 2)
+        return (torch.bmm(x, both) if ctx.columns else torch.bmm(both, x)), None, None
+
+
+class _GramInner(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return (a * b).sum((-1, -2))
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        grad = grad.view(-1, 1, 1)
+        return (grad * b if ctx.needs_input_grad[0] else None), (grad * a if ctx.needs_input_grad[1] else None)
