@@ -167,3 +167,24 @@ def test_per_sample_affine_sq_norms_match_a_per_sample_loop_and_finite_differenc
     grad = lambda f: torch.autograd.grad(f(x, *grads), [x, *grads], seed, allow_unused=True, materialize_grads=True)
     for actual, reference in zip(grad(ours), grad(loop)):  # (the bias's alone does not depend on x)
         torch.testing.assert_close(actual, reference, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("seeded", ["all", "parameters"])
+def test_strided_seeds_of_the_second_derivative(seeded):
+    # the second derivative's seeds as slices of wider tensors: the kernels read memory in order,
+    # so they must be made contiguous (gradgradcheck's own seeds always are)
+    x, weight, bias = inputs((3, 6, 4, 5), (True, True))
+    gen = torch.Generator().manual_seed(5)
+    upstream = torch.randn(3, 6, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    def second_derivatives(norm):
+        gx, gw, gb = torch.autograd.grad(norm(x, 3, weight, bias, 1e-5), [x, weight, bias], upstream,
+                                         create_graph=True)
+        outputs = [gx, gw, gb] if seeded == "all" else [gw, gb]
+        seeds = [torch.randn(*t.shape, 2, generator=torch.Generator().manual_seed(i), dtype=t.dtype)[..., 0]
+                 for i, t in enumerate(outputs)]
+        assert not any(s.is_contiguous() for s in seeds)
+        return torch.autograd.grad(outputs, [x, weight, upstream], seeds, allow_unused=True, materialize_grads=True)
+
+    for ours, reference in zip(second_derivatives(group_norm), second_derivatives(torch.nn.functional.group_norm)):
+        torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-12)
