@@ -51,7 +51,7 @@ from . import functional
 from .backward import kernels_apply
 from .convolution import weight_gradient
 from .functional import cat_or_one
-from .gram import gram, gram_inner
+from .gram import gram, gram_inner, squared_norms
 from .group_norm import per_sample_affine_sq_norms
 from .recurrent import is_stock_recurrent
 from .trace import FastPathUnsupported, Owner, input_over_calls, owners_of
@@ -194,12 +194,12 @@ def affine_map_sq_norms(a: torch.Tensor, g: torch.Tensor, weight: bool, bias: bo
     operations a GPU pays for in host time. One direction may come bare ([*y], as a's dims)."""
     k, n = (1, g.shape[0]) if g.dim() == a.dim() else g.shape[:2]
     if a.dim() == 2:  # one position: ||g||^2 (||a||^2 + 1), summed over the directions
-        sq = g.pow(2).sum(-1 if g.dim() == 2 else (0, -1))  # [n]
+        sq = squared_norms(g, -1 if g.dim() == 2 else (0, -1))  # [n]
         if not weight:
             return sq
         key = ("input_factor", bias)  # (memo: shared by the directions and the calls on this input)
         if key not in memo:
-            memo[key] = a.pow(2).sum(-1) + 1 if bias else a.pow(2).sum(-1)
+            memo[key] = squared_norms(a, -1) + 1 if bias else squared_norms(a, -1)
         return sq * memo[key]
     if a.dim() != 3:  # (a reshape to the same shape is still an operation)
         a = a.reshape(n, -1, a.shape[-1])  # [n, T, in]
@@ -222,7 +222,7 @@ def affine_map_sq_norms(a: torch.Tensor, g: torch.Tensor, weight: bool, bias: bo
             return gram_inner(memo[key], gram_g)
         else:  # long sequences: the per-sample weight gradient costs less than the Gram matrices
             g4 = g.view(k, n, positions, -1)
-            parts.append(torch.einsum("knto,nti->knoi", g4, a.to(g.dtype)).pow(2).sum((0, -1, -2)))
+            parts.append(squared_norms(torch.einsum("knto,nti->knoi", g4, a.to(g.dtype)), (0, -1, -2)))
     if bias:
         bias_sq = g.sum(1).pow(2).sum(-1)  # [k n]
         parts.append(bias_sq if k == 1 else bias_sq.view(k, n).sum(0))
@@ -279,7 +279,7 @@ def conv_patches(module, a, g, kernel, stride, padding, dilation, trainable, gho
     directions = [g.reshape(n, out, positions)] if k == 1 else g.reshape(k, n, out, positions).unbind(0)
     bias = None
     if "bias" in trainable:
-        bias = reduce(torch.add, [g_j.sum(-1).pow(2).sum(-1) for g_j in directions])
+        bias = reduce(torch.add, [squared_norms(g_j.sum(-1), -1) for g_j in directions])
     if "weight" not in trainable:
         return bias
     chunk = max(1, patch_chunk_bytes(a.device) // (rows * positions * a.element_size()))
@@ -302,7 +302,7 @@ def conv_patches(module, a, g, kernel, stride, padding, dilation, trainable, gho
             terms = [gram_inner(gram_p, gram(g_j[i], of="columns", symmetric_seed=True)) for g_j in by_direction]
         else:  # the per-sample weight gradients, [c, out, in * kernel]
             p_t = p.transpose(1, 2)
-            terms = [torch.bmm(g_j[i], p_t).pow(2).sum((1, 2)) for g_j in by_direction]
+            terms = [squared_norms(torch.bmm(g_j[i], p_t), (1, 2)) for g_j in by_direction]
         parts.append(reduce(torch.add, terms))
     weight = cat_or_one(parts)
     return weight if bias is None else weight + bias
@@ -336,9 +336,9 @@ def conv_grouped(module, a, g, kernel, stride, padding, dilation, trainable) -> 
     for g_j in directions:  # one weight gradient per output direction
         if "weight" in trainable:
             weight = grouped_weight_grads(module, a, g_j, kernel, stride, padding, dilation)
-            terms.append(weight.reshape(n, -1).pow(2).sum(1))
+            terms.append(squared_norms(weight.reshape(n, -1), 1))
         if "bias" in trainable:
-            terms.append(g_j.sum((-1, -2)).pow(2).sum(-1))
+            terms.append(squared_norms(g_j.sum((-1, -2)), -1))
     return reduce(torch.add, terms)  # (under autocast, promoted as it adds)
 
 
@@ -419,7 +419,7 @@ def norm_affine_sq_norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor, tr
         return per_sample_affine_sq_norms(a, [g] if g.dim() == a.dim() else g.unbind(0), module.num_groups,
                                           module.eps, "weight" in trainable, "bias" in trainable)
     grads = norm_affine_grads(module, a, g, trainable)
-    return grads.pow(2).sum(-1 if grads.dim() == 2 else (0, -1))
+    return squared_norms(grads, -1 if grads.dim() == 2 else (0, -1))
 
 
 # -- Embedding -------------------------------------------------------------------------------
@@ -469,4 +469,4 @@ def rms_norm_sq_norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor, train
     k, n = g.shape[:2]
     width = module.weight.numel()
     grads = (g * rms_normalized(module, a)).reshape(k, n, -1, width).sum(2)
-    return grads.pow(2).sum((0, -1))
+    return squared_norms(grads, (0, -1))

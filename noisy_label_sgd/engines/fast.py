@@ -457,15 +457,28 @@ def streamed_part(owners: list[Owner], h: torch.Tensor, j: int, retain_graph: bo
 
 def sum_of(parts: list[torch.Tensor], h: torch.Tensor) -> torch.Tensor:
     """The modules' parts [n] added: one stack and one sum, not an add for each (operations a GPU
-    pays for in host time); pairwise where they will be differentiated (the stack's backward is
-    a select for each, an add's nothing)."""
+    pays for in host time), whose backward hands every part the sum's gradient as it is (the
+    stack's would select a piece for each)."""
     if not parts:
         return torch.zeros(h.shape[0], dtype=h.dtype, device=h.device)
     if len(parts) == 1:
         return parts[0]
-    if len({p.dtype for p in parts}) > 1 or torch.is_grad_enabled() and any(p.requires_grad for p in parts):
-        return functools.reduce(torch.add, parts)  # (under autocast: promoted pairwise)
+    if len({p.dtype for p in parts}) > 1:  # (under autocast: promoted pairwise)
+        return functools.reduce(torch.add, parts)
+    if torch.is_grad_enabled() and any(p.requires_grad for p in parts) \
+            and not torch._C._are_functorch_transforms_active():
+        return _SumOfParts.apply(*parts)
     return torch.stack(parts).sum(0)
+
+
+class _SumOfParts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *parts):
+        return torch.stack(parts).sum(0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad,) * len(ctx.needs_input_grad)
 
 
 def per_module_fallback(owner: Owner, grads: list[torch.Tensor], n: int) -> torch.Tensor:

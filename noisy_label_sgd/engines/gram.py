@@ -37,6 +37,16 @@ def gram_inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _GramInner.apply(a, b)
 
 
+def squared_norms(x: torch.Tensor, dims) -> torch.Tensor:
+    """``x.pow(2).sum(dims)`` (each sample's squared norm: the one-entry Gram matrix), whose
+    backward is one broadcast product (autograd's of a power and a sum dispatches about six
+    operations; the closed forms end in one each)."""
+    if not torch.is_grad_enabled() or not x.requires_grad or torch._C._are_functorch_transforms_active():
+        return x.pow(2).sum(dims)
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    return _SquaredNorms.apply(x, tuple(d % x.dim() for d in dims))
+
+
 class _Gram(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, columns, symmetric_seed):
@@ -63,3 +73,17 @@ class _GramInner(torch.autograd.Function):
         a, b = ctx.saved_tensors
         grad = grad.view(-1, 1, 1)
         return (grad * b if ctx.needs_input_grad[0] else None), (grad * a if ctx.needs_input_grad[1] else None)
+
+
+class _SquaredNorms(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dims):
+        ctx.save_for_backward(x)
+        ctx.dims = dims
+        return x.pow(2).sum(dims)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, = ctx.saved_tensors
+        shape = [1 if d in ctx.dims else size for d, size in enumerate(x.shape)]
+        return x * (grad * 2).view(shape), None

@@ -35,6 +35,7 @@ from functools import lru_cache
 import torch
 
 from .backward import asked, batched, kernels_apply, tensor_inputs
+from .gram import squared_norms
 
 
 def group_norm(input: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
@@ -87,7 +88,7 @@ def per_sample_affine_sq_norms(x: torch.Tensor, grads: list[torch.Tensor], num_g
                                              (False, weight, bias))
         # (one flat cat: its backward's pieces are contiguous, as the kernels read them)
         flat = torch.cat((gw, gb)) if weight and bias else gw if weight else gb
-        sq = flat.view(-1, n, c).pow(2).sum((0, 2))
+        sq = squared_norms(flat.view(-1, n, c), (0, 2))
         total = sq if total is None else total + sq
     return total
 
@@ -176,6 +177,13 @@ def _ones(size: int, like: torch.Tensor) -> torch.Tensor:
 
 
 @lru_cache(maxsize=64)
+def _statistics_of_none(n: int, groups: int, dtype: torch.dtype, device: torch.device):
+    """Mean 0 and inverse deviation 1 per sample and group (made once): the kernels' statistics of
+    an input used as it is."""
+    return torch.zeros(n, groups, dtype=dtype, device=device), torch.ones(n, groups, dtype=dtype, device=device)
+
+
+@lru_cache(maxsize=64)
 def _ones_of(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     # (made once; materialised: the kernel reads the weight as contiguous memory, an expanded
     # one past its end)
@@ -199,8 +207,9 @@ def _second_derivative(u, w, z, grad, x, weight, mean, rstd, gx, layout, eps, ne
         gamma = weight.view(per_channel) if weight is not None else None
         x_hat = torch.ops.aten.native_group_norm(x, None, None, n, c, positions, groups, eps)[0].view(grouped)
         v = torch.ops.aten.native_group_norm_backward(  # r P u
-            u, x, mean, rstd, None, n, c, positions, groups, [True, False, False])[0].view(grouped)
-        u, g, gx = u.view(grouped), grad.view(grouped), gx.view(grouped)
+            u, x, mean, rstd, None, n, c, positions, groups, [True, False, False])[0]
+        flat_v = v
+        u, g, gx, v = u.view(grouped), grad.view(grouped), gx.view(grouped), v.view(grouped)
         g_hat = g * gamma if gamma is not None else g
         if needs[0]:
             d_grad = v * gamma if gamma is not None else v
@@ -209,8 +218,11 @@ def _second_derivative(u, w, z, grad, x, weight, mean, rstd, gx, layout, eps, ne
             if z is not None:
                 d_grad = d_grad + z.view(per_channel)
             d_grad = d_grad.view(grad.shape)
-        if needs[2] and weight is not None:
-            d_weight = (g * v).sum((0, 3)).view(c)
+        if needs[2] and weight is not None:  # sum g v per channel: the kernel's weight gradient at an
+            # input v "normalised" by mean 0 and deviation 1 (one operation, not three)
+            zeros, ones = _statistics_of_none(n, groups, x.dtype, x.device)
+            d_weight = torch.ops.aten.native_group_norm_backward(
+                grad, flat_v, zeros, ones, _ones(c, x), n, c, positions, groups, [False, True, False])[1]
         if needs[1]:  # -r [mean(u g_x) x_hat + mean(u x_hat) g_x + mean(g_hat x_hat) r P u]
             bracket = torch.addcmul(torch.addcmul(x_hat * (u * gx).mean(group, keepdim=True),
                                                   (u * x_hat).mean(group, keepdim=True), gx),

@@ -104,6 +104,15 @@ def owners_of(model: nn.Module) -> list[Owner]:
     return owners
 
 
+def gradient_edge(t: torch.Tensor) -> torch.autograd.graph.GradientEdge:
+    """``torch.autograd.graph.get_gradient_edge(t)``, without its operation for the output of a
+    Python Function (the written-out layers'): that makes a view to own the node; the tensor
+    itself keeps it alive as well."""
+    if t.grad_fn is None:
+        return torch.autograd.graph.get_gradient_edge(t)
+    return torch.autograd.graph.GradientEdge(t.grad_fn, t.output_nr, ownership_token=t)
+
+
 def record(owners: list[Owner], model: nn.Module, batch: Batch, expand: frozenset[str] = frozenset()) -> torch.Tensor:
     """The model's forward with a hook on every owner that records its calls.
 
@@ -133,7 +142,7 @@ def record(owners: list[Owner], model: nn.Module, batch: Batch, expand: frozense
             if torch.is_grad_enabled():
                 if output.grad_fn is None:
                     raise FastPathUnsupported(f"the output of module {owner.name!r} is not differentiable")
-                edge = torch.autograd.graph.get_gradient_edge(output)
+                edge = gradient_edge(output)
             owner.calls.append(Call(args, kwargs, edge, output.shape, output.dtype, output.device, several))
 
         return hook

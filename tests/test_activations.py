@@ -9,7 +9,7 @@ import torch
 from torch.autograd import gradcheck, gradgradcheck
 
 from noisy_label_sgd.engines import functional
-from noisy_label_sgd.engines.gelu import gelu
+from noisy_label_sgd.engines.activations import gelu, relu
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 from cost import cost  # noqa: E402
@@ -77,3 +77,33 @@ def test_the_double_backward_dispatches_a_fraction_of_pytorchs():
     ours, pytorchs = cost(double_backward(gelu)), cost(double_backward(torch.nn.functional.gelu))
     assert ours.operations * 3 < pytorchs.operations * 2, (ours, pytorchs)  # (27 against 49)
     assert ours.syncs == 0
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_relu_values_and_derivatives_match_pytorchs(inplace):
+    x = randn(4, 7)
+    f = lambda x: relu(x * 1, inplace=inplace)  # (in place on a non-leaf, as a model's ReLU is)
+    torch.testing.assert_close(f(x), torch.relu(x), rtol=0, atol=0)
+    assert gradcheck(f, (x,))
+    assert gradgradcheck(f, (x,))
+    if inplace:
+        y = x * 1
+        out = relu(y, inplace=True)
+        assert out is y and torch.equal(y, torch.relu(x))
+
+
+def test_relus_double_backward_makes_no_zeros_and_matches_pytorchs_batched_and_not():
+    x, rows = randn(3, 5), torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def grad_reg(norm, batched):
+        h = norm(x * x.sin()).cos()
+        if batched:
+            g, = torch.autograd.grad(h, x, rows, is_grads_batched=True, create_graph=True)
+        else:
+            g = torch.stack([torch.autograd.grad(h, x, r, create_graph=True)[0] for r in rows])
+        return lambda: torch.autograd.grad(g.pow(2).sum(), x, retain_graph=True)[0]
+
+    reference = grad_reg(torch.nn.functional.relu, False)
+    for batched in (False, True):
+        torch.testing.assert_close(grad_reg(relu, batched)(), reference(), rtol=1e-12, atol=1e-12)
+    assert cost(grad_reg(relu, False)).operations < cost(reference).operations  # (no zeros_like and add)

@@ -1,12 +1,12 @@
-r"""GELU with its second derivative written out: grad reg's double backward in a few operations.
+r"""Activations whose second derivative costs few operations: grad reg's double backward.
 
-PyTorch differentiates GELU's backward kernel through a composite of about 35 operations for the
-tanh approximation; Hugging Face's ``NewGELUActivation`` (GPT-2's ``gelu_new``) writes the
-function itself in 8, whose two derivatives cost about 50. Here the forward and the backward are
-the fused kernels, and the backward's derivative is the closed form: for the upstream gradient
-:math:`g`, the backward is :math:`g\,\mathrm{gelu}'(x)`, so the derivatives of
-:math:`\langle u, g\,\mathrm{gelu}'(x)\rangle` are :math:`u\,\mathrm{gelu}'(x)` (the backward
-kernel again) in :math:`g` and :math:`u\,g\,\mathrm{gelu}''(x)` in :math:`x`, with
+**GELU.** PyTorch differentiates GELU's backward kernel through a composite of about 35
+operations for the tanh approximation; Hugging Face's ``NewGELUActivation`` (GPT-2's
+``gelu_new``) writes the function itself in 8, whose two derivatives cost about 50. Here the
+forward and the backward are the fused kernels, and the backward's derivative is the closed form:
+for the upstream gradient :math:`g`, the backward is :math:`g\,\mathrm{gelu}'(x)`, so the
+derivatives of :math:`\langle u, g\,\mathrm{gelu}'(x)\rangle` are :math:`u\,\mathrm{gelu}'(x)`
+(the backward kernel again) in :math:`g` and :math:`u\,g\,\mathrm{gelu}''(x)` in :math:`x`, with
 
 .. math::
     \mathrm{gelu}''(x) = \varphi(x)\,(2 - x^2) \quad\text{(exact: } \mathrm{gelu}(x) = x\,\Phi(x)\text{)},\\
@@ -14,6 +14,11 @@ kernel again) in :math:`g` and :math:`u\,g\,\mathrm{gelu}''(x)` in :math:`x`, wi
 
 where :math:`t = \tanh(k (x + c x^3))`, :math:`a = k (1 + 3 c x^2)`, :math:`k = \sqrt{2/\pi}`,
 :math:`c = 0.044715`. Differentiable twice (a third derivative raises).
+
+**ReLU.** Its second derivative is zero: PyTorch's double backward still makes a tensor of zeros
+for it and adds it to the output's gradient (two operations a layer); here it is left out, and
+the backward's own derivative is the backward kernel again (exact at every order). In place as
+``F.relu(x, inplace=True)`` is (torchvision's ResNets).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 from .backward import batched, kernels_apply
 
 _original_gelu = torch.nn.functional.gelu
+_original_relu = torch.nn.functional.relu
 _K = math.sqrt(2 / math.pi)
 _C = 0.044715
 
@@ -84,3 +90,42 @@ def second_derivative(x: torch.Tensor, approximate: str) -> torch.Tensor:
     # (a + 3 k c x^2 = k + 6 k c x^2; tanh's backward kernel multiplies by 1 - t^2)
     bracket = torch.addcmul(x2.mul(6 * _K * _C).add_(_K), x * t, a * a, value=-1)
     return torch.ops.aten.tanh_backward(bracket, t)
+
+
+def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """``F.relu``, the same numbers, whose double backward makes no zeros."""
+    if not kernels_apply(input):
+        return _original_relu(input, inplace=inplace)
+    return _Relu.apply(input, inplace)
+
+
+class _Relu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, inplace):
+        if inplace:
+            ctx.mark_dirty(x)
+            out = x.relu_()
+        else:
+            out = torch.relu(x)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, = ctx.saved_tensors
+        if batched(grad):  # (under vmap a Function records no graph: PyTorch's differentiable kernel)
+            return torch.ops.aten.threshold_backward(grad, out, 0), None
+        return _ReluBackward.apply(grad, out), None
+
+
+class _ReluBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, grad, out):
+        ctx.save_for_backward(out)
+        return torch.ops.aten.threshold_backward(grad, out, 0)
+
+    @staticmethod
+    def backward(ctx, u):
+        out, = ctx.saved_tensors
+        # (in the output: zero, left out; the kernel is differentiable, so any order stays exact)
+        return torch.ops.aten.threshold_backward(u, out, 0) if ctx.needs_input_grad[0] else None, None
