@@ -224,7 +224,7 @@ def affine_map_sq_norms(a: torch.Tensor, g: torch.Tensor, weight: bool, bias: bo
             g4 = g.view(k, n, positions, -1)
             parts.append(squared_norms(torch.einsum("knto,nti->knoi", g4, a.to(g.dtype)), (0, -1, -2)))
     if bias:
-        bias_sq = g.sum(1).pow(2).sum(-1)  # [k n]
+        bias_sq = squared_norms(g.sum(1), -1)  # [k n]
         parts.append(bias_sq if k == 1 else bias_sq.view(k, n).sum(0))
     return parts[0] if len(parts) == 1 else parts[0] + parts[1]
 

@@ -218,13 +218,13 @@ def lean_second_order() -> Iterator[None]:
     backward through dozens of operations, and that again through about 150); ``F.conv1d`` and
     ``F.conv2d`` differentiated twice by their own kernels
     (:mod:`~noisy_label_sgd.engines.convolution`: PyTorch's derivative of a strided layer's
-    backward computes 16 output positions for a 3x3 kernel's 9); ``F.gelu``, and Hugging Face's
-    ``NewGELUActivation`` (GPT-2's, written out in 8 operations) as its tanh kernel, with their
-    second derivative written out (:mod:`~noisy_label_sgd.engines.activations`). ResNet-18's grad reg
-    dispatched 5175 operations, 2218 so (1938 with GroupNorm's closed form in its kernel); GPT-2's
-    2935, 2545; the benchmark CNN's computed 3.22x a step's FLOPs, 2.83x so. On this CPU about as
-    fast or faster (CNN batch 128: 0.21-0.22 s against 0.23 s; ResNet-18 batch 32: 1.80-1.84 s
-    against 1.78-1.83 s; GPT-2 4 x 256: 2.69x a step, 2.42x-2.94x before)."""
+    backward computes 16 output positions for a 3x3 kernel's 9); ``F.gelu`` (and Hugging Face's
+    ``NewGELUActivation``, GPT-2's, written out in 8 operations, as its tanh kernel) with its
+    second derivative written out, and ``F.relu`` without the zeros of its second derivative
+    (:mod:`~noisy_label_sgd.engines.activations`). With the closed forms' own lean backwards,
+    ResNet-18's grad reg dispatched 5175 operations before, 1659 so; GPT-2's 2935, 2150; the
+    benchmark CNN's computed 3.22x a step's FLOPs, 2.83x so. On this CPU as fast or faster
+    (``benchmarks/README.md``)."""
     with ExitStack() as stack:
         for name, replacement in (("group_norm", group_norm), ("layer_norm", layer_norm), ("gelu", gelu),
                                   ("relu", relu), ("conv1d", convolution.conv1d), ("conv2d", convolution.conv2d)):

@@ -7,6 +7,11 @@ differentiates every Gram matrix of the ghost norm once, so this halves their ba
 (the Gram path then costs 4 T^2 (in + out) a sample against the per-sample gradients' 6 T in out,
 as :func:`~noisy_label_sgd.engines.closed_forms.ghost_is_cheaper` assumes). The backward is
 written in differentiable operations, so higher derivatives stay exact.
+
+The closed forms end in the sums these products feed: :math:`\sum_{ts} A_{ts} B_{ts}` of two
+Gram matrices (:func:`gram_inner`) and squared norms (:func:`squared_norms`, the one-entry Gram
+matrix of each sample), each with a backward of one product per factor where autograd's of a
+product or power and a sum dispatches five or six operations: grad reg differentiates every one.
 """
 
 from __future__ import annotations
