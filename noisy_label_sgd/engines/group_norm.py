@@ -23,6 +23,17 @@ where bars are means over the group; :math:`P` is symmetric. For the double back
     \partial_x = r\bar q - \tfrac{r^3}{M}\big[(\langle \bar u, \hat g\rangle
         - \tfrac{3r^2}{M} D_u D_{\hat g} + D_q)\,d + D_u\,\bar{\hat g} + D_{\hat g}\,\bar u\big].
 
+Evaluated through the kernels where a term is one of theirs: :math:`rPt` is the backward kernel's
+input gradient at :math:`t` without a weight (so :math:`r\bar q - \tfrac{r^3}{M} D_q d = rPq` is
+one call, with weight :math:`w`), :math:`w\hat x + z` the forward kernel's output and
+:math:`\sum g\,rPu` the backward kernel's weight gradient at the input :math:`rPu` taken as
+normalised (mean 0, deviation 1). The remaining terms of :math:`\partial_x`, written in the first
+backward's own output :math:`g_x` and :math:`v = rPu` (substituting :math:`\bar u = v/r + \hat x\,
+\overline{u \hat x}` and :math:`\bar{\hat g} = g_x/r + \hat x\,\overline{\hat g \hat x}`), are
+:math:`-r\,[\overline{u g_x}\,\hat x + \overline{u \hat x}\,g_x + \overline{\hat g \hat x}\,v]`.
+:func:`per_sample_affine_sq_norms` (GroupNorm's closed form) runs the same backward for all
+samples at once, told they are one sample whose channels are theirs.
+
 Differentiable twice (a third derivative raises: the second is written out, not recorded).
 :func:`layer_norm` is the same with one group over rows.
 """
