@@ -102,30 +102,31 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
 class _Relu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, inplace):
-        if inplace:
-            ctx.mark_dirty(x)
-            out = x.relu_()
-        else:
-            out = torch.relu(x)
+        if not inplace:  # (the input saved, not the output: the same mask, and unpacking a saved
+            # output is an operation)
+            ctx.save_for_backward(x)
+            return torch.relu(x)
+        ctx.mark_dirty(x)
+        out = x.relu_()
         ctx.save_for_backward(out)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        out, = ctx.saved_tensors
+        signs, = ctx.saved_tensors  # (the input or the output: positive at the same places)
         if batched(grad):  # (under vmap a Function records no graph: PyTorch's differentiable kernel)
-            return torch.ops.aten.threshold_backward(grad, out, 0), None
-        return _ReluBackward.apply(grad, out), None
+            return torch.ops.aten.threshold_backward(grad, signs, 0), None
+        return _ReluBackward.apply(grad, signs), None
 
 
 class _ReluBackward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, grad, out):
-        ctx.save_for_backward(out)
-        return torch.ops.aten.threshold_backward(grad, out, 0)
+    def forward(ctx, grad, signs):
+        ctx.save_for_backward(signs)
+        return torch.ops.aten.threshold_backward(grad, signs, 0)
 
     @staticmethod
     def backward(ctx, u):
-        out, = ctx.saved_tensors
-        # (in the output: zero, left out; the kernel is differentiable, so any order stays exact)
-        return torch.ops.aten.threshold_backward(u, out, 0) if ctx.needs_input_grad[0] else None, None
+        signs, = ctx.saved_tensors
+        # (in the signs: zero, left out; the kernel is differentiable, so any order stays exact)
+        return torch.ops.aten.threshold_backward(u, signs, 0) if ctx.needs_input_grad[0] else None, None
