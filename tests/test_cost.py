@@ -118,6 +118,13 @@ def test_grad_reg_dispatches_at_most_4x_a_step_and_syncs_nothing(case):
     assert syncs == 0 and ops <= 4, ops
 
 
+def test_resnet18_grad_reg_holds_what_it_reached():
+    # issue 15's 4x is not met (the strict xfail above); this keeps what was reached from
+    # slipping back: 4.22x (8.2x, then 5.6x before), its GroupNorms' second derivatives 24
+    # operations a layer and the closed forms' backwards one product a factor
+    assert case_ratios("resnet18")["reg_grad"][0] <= 4.25
+
+
 @pytest.mark.parametrize("case", ["mlp", "mlp_b8", "transformer", "resnet18", "cnn", pytest.param(
     "mlp10", marks=pytest.mark.xfail(strict=True, reason=K_BACKWARDS))])
 def test_grad_reg_computes_at_most_3x_a_step(case):

@@ -93,7 +93,7 @@ def test_the_double_backward_dispatches_a_fraction_of_pytorchs():
         return lambda: torch.autograd.grad(gx.pow(2).sum(), [x, weight], retain_graph=True)
 
     ours, pytorchs = cost(double_backward(group_norm)), cost(double_backward(torch.nn.functional.group_norm))
-    assert ours.operations * 2 < pytorchs.operations, (ours, pytorchs)  # (57 against 142)
+    assert ours.operations * 2.5 < pytorchs.operations, (ours, pytorchs)  # (50 against 142)
     assert ours.syncs == 0
 
 
