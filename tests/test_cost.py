@@ -120,7 +120,7 @@ def test_grad_reg_dispatches_at_most_4x_a_step_and_syncs_nothing(case):
 
 def test_resnet18_grad_reg_holds_what_it_reached():
     # issue 15's 4x is not met (the strict xfail above); this keeps what was reached from
-    # slipping back: 4.22x (8.2x, then 5.6x before), its GroupNorms' second derivatives 24
+    # slipping back: 4.22x (8.2x, then 5.6x before), its GroupNorms' second derivatives 25
     # operations a layer and the closed forms' backwards one product a factor
     assert case_ratios("resnet18")["reg_grad"][0] <= 4.25
 

@@ -108,7 +108,7 @@ class _GroupNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, layout, eps):
         n, c, groups = layout  # (samples or rows, channels, groups)
-        out, mean, rstd = torch.ops.aten.native_group_norm(x, weight, bias, n, c, x.numel() // max(n * c, 1),
+        out, mean, rstd = torch.ops.aten.native_group_norm(x, weight, bias, n, c, _positions(x, layout),
                                                            groups, eps)
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.tensor_inputs = tensor_inputs(x, weight, bias)
