@@ -66,7 +66,7 @@ def test_a_strided_layers_second_derivative_costs_what_the_kernels_do():
     first = [cost(lambda: torch.autograd.grad(conv(x, weight, bias, stride=2, padding=1).sum(), x,
                                               create_graph=True)).flops for conv in (conv2d, nn.functional.conv2d)]
     # forward and the input's gradient alone: the parameters' are not asked (a Function is
-    # told only that they could be: seen through a view, the engine says whether they are)
+    # told only that they could be: the engine says whether they are)
     assert first == [2 * forward, 2 * forward]
     ours = cost(norms_backward_then_grad(conv2d, x, weight, bias))
     pytorchs = cost(norms_backward_then_grad(nn.functional.conv2d, x, weight, bias))
@@ -78,6 +78,31 @@ def test_a_strided_layers_second_derivative_costs_what_the_kernels_do():
     for actual, expected in zip(norms_backward_then_grad(conv2d, x, weight, bias)(),
                                 norms_backward_then_grad(nn.functional.conv2d, x, weight, bias)()):
         torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_the_gradients_asked_and_only_those_are_computed():
+    # the engine says which of a Function's inputs it needs: a leaf autograd.grad returns (it
+    # raises when asked about one: taken as yes), one it leaves alone (no), every leaf under
+    # .backward() (yes)
+    x, weight, bias = randn(2, 3, 8, 8), randn(4, 3, 3, 3, seed=1), randn(4, seed=2)
+    forward = 2 * 2 * 4 * 3 * 9 * 8 * 8  # 2 n out in kernel positions
+    for conv in (conv2d, nn.functional.conv2d):
+        asked = lambda: torch.autograd.grad(conv(x, weight, bias, padding=1).sum(), [weight])  # noqa: E731
+        # forward and the weight's gradient: not the input's
+        assert cost(asked).flops == 2 * forward
+    for inputs in ([weight], [bias], [x, weight, bias]):
+        ours, pytorchs = (torch.autograd.grad(conv(x, weight, bias, padding=1).sin().sum(), inputs)
+                          for conv in (conv2d, nn.functional.conv2d))
+        for actual, expected in zip(ours, pytorchs):
+            torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+    grads = []
+    for conv in (conv2d, nn.functional.conv2d):
+        conv(x, weight, bias, padding=1).sin().sum().backward()
+        grads.append([t.grad for t in (x, weight, bias)])
+        for t in (x, weight, bias):
+            t.grad = None
+    for actual, expected in zip(*grads):
+        torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_a_batched_backward_is_differentiable_and_equals_one_direction_at_a_time():

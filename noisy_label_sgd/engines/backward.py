@@ -10,25 +10,23 @@ def asked(ctx, index: int) -> bool:
     """Whether this backward call needs the gradient of input ``index``: it requires grad and
     the engine will use it (``autograd.grad`` at the layers' outputs, as the norms' backward is,
     needs no parameter's gradient; ``ctx.needs_input_grad`` says only that one could be asked).
-    Of a leaf the engine cannot say under ``autograd.grad``: yes then (see :func:`answerable`).
     The Function's forward sets ``ctx.tensor_inputs`` (:func:`tensor_inputs`)."""
     if not ctx.needs_input_grad[index]:
         return False
     node = ctx.next_functions[ctx.tensor_inputs.index(index)][0]
-    if node is None or hasattr(node, "variable"):  # (AccumulateGrad: a leaf's)
+    if node is None:
         return True
-    return torch._C._will_engine_execute_node(node)
+    try:
+        return torch._C._will_engine_execute_node(node)
+    except RuntimeError:
+        if hasattr(node, "variable"):  # (AccumulateGrad: raised for a leaf autograd.grad will
+            return True                # return, and only then; one it does not need is False)
+        raise
 
 
 def tensor_inputs(*inputs) -> tuple[int, ...]:
     """The positions of the tensors among a Function's inputs: its nodes' edges, in order."""
     return tuple(i for i, t in enumerate(inputs) if isinstance(t, torch.Tensor))
-
-
-def answerable(t: torch.Tensor | None) -> torch.Tensor | None:
-    """A leaf that requires grad (a parameter) seen through a view, whose node :func:`asked` can
-    ask the engine about (one operation)."""
-    return t.view_as(t) if t is not None and t.is_leaf and t.requires_grad and torch.is_grad_enabled() else t
 
 
 def kernels_apply(input: torch.Tensor, *params: torch.Tensor | None) -> bool:

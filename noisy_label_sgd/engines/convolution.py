@@ -27,7 +27,7 @@ import functools
 import torch
 from torch import nn
 
-from .backward import answerable, asked, batched, kernels_apply, tensor_inputs
+from .backward import asked, batched, kernels_apply, tensor_inputs
 
 _original = {"conv1d": nn.functional.conv1d, "conv2d": nn.functional.conv2d}
 
@@ -48,8 +48,7 @@ def _convolution(name, dims, input, weight, bias, stride, padding, dilation, gro
     if isinstance(padding, str) or input.dim() != dims + 2 or not kernels_apply(input, weight, bias):
         return _original[name](input, weight, bias, stride, padding, dilation, groups)
     geometry = (_tuple(stride, dims), _tuple(padding, dims), _tuple(dilation, dims), groups)
-    # (the parameters through views: their gradients are not asked by the norms' backward)
-    return _Convolution.apply(input, answerable(weight), answerable(bias), geometry)
+    return _Convolution.apply(input, weight, bias, geometry)
 
 
 def _tuple(value, dims: int) -> list[int]:

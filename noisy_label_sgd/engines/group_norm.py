@@ -30,7 +30,9 @@ one call, with weight :math:`w`), :math:`w\hat x + z` the forward kernel's outpu
 normalised (mean 0, deviation 1). The remaining terms of :math:`\partial_x`, written in the first
 backward's own output :math:`g_x` and :math:`v = rPu` (substituting :math:`\bar u = v/r + \hat x\,
 \overline{u \hat x}` and :math:`\bar{\hat g} = g_x/r + \hat x\,\overline{\hat g \hat x}`), are
-:math:`-r\,[\overline{u g_x}\,\hat x + \overline{u \hat x}\,g_x + \overline{\hat g \hat x}\,v]`.
+:math:`-r\,[\overline{u g_x}\,\hat x + \overline{u \hat x}\,g_x + \overline{\hat g \hat x}\,v]`, evaluated in
+:math:`y = -\hat x` (the forward kernel's output at a weight of -1s) as :math:`r\,[\overline{u g_x}\,y
++ \overline{u y}\,g_x + \overline{\hat g y}\,v]`: the sign without an operation.
 :func:`per_sample_affine_sq_norms` (GroupNorm's closed form) runs the same backward for all
 samples at once, told they are one sample whose channels are theirs.
 
@@ -159,7 +161,7 @@ class _GroupNormBackward(torch.autograd.Function):
         grad = grad.contiguous()
         # (the kernel takes its outputs' dtype and device from the weight, and fails asked for
         # the weight's or bias's gradient without one: a weight of ones then, the same numbers)
-        kernel_weight = weight if weight is not None or not (mask[1] or mask[2]) else _ones(c, x)
+        kernel_weight = weight if weight is not None or not (mask[1] or mask[2]) else _filled(c, 1.0, x)
         gx, gw, gb = torch.ops.aten.native_group_norm_backward(
             grad, x, mean, rstd, kernel_weight, n, c, _positions(x, layout), groups, list(mask))
         ctx.save_for_backward(grad, x, weight, mean, rstd, gx)
@@ -183,8 +185,27 @@ def _positions(x: torch.Tensor, layout) -> int:
     return x.numel() // max(layout[0] * layout[1], 1)
 
 
-def _ones(size: int, like: torch.Tensor) -> torch.Tensor:
-    return _ones_of(size, like.dtype, like.device)
+def _per_channel(t: torch.Tensor, x: torch.Tensor, layout) -> torch.Tensor:
+    """A per-channel t [C] as it broadcasts against x, whose dims are [*rows, *channels,
+    *positions] for the kernels' layout (a GroupNorm's [n, C, H, W], a LayerNorm's [..., *normalised],
+    the per-sample layout's [n C, H, W])."""
+    channels_end = _trailing(x.shape, x.dim(), _positions(x, layout))
+    channels_start = _trailing(x.shape, channels_end, layout[1])
+    shape = (*x.shape[channels_start:channels_end], *[1] * (x.dim() - channels_end))
+    return t if t.shape == shape else t.view(shape)
+
+
+def _trailing(shape, end: int, size: int) -> int:
+    """Where the dims before ``end`` holding ``size`` elements start."""
+    start, held = end, 1
+    while held < size:
+        start -= 1
+        held *= shape[start]
+    return start
+
+
+def _filled(size: int, value: float, like: torch.Tensor) -> torch.Tensor:
+    return _filled_with(size, value, like.dtype, like.device)
 
 
 @lru_cache(maxsize=64)
@@ -195,10 +216,10 @@ def _statistics_of_none(n: int, groups: int, dtype: torch.dtype, device: torch.d
 
 
 @lru_cache(maxsize=64)
-def _ones_of(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _filled_with(size: int, value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     # (made once; materialised: the kernel reads the weight as contiguous memory, an expanded
     # one past its end)
-    return torch.ones(size, dtype=dtype, device=device)
+    return torch.full((size,), value, dtype=dtype, device=device)
 
 
 def _second_derivative(u, w, z, grad, x, weight, mean, rstd, gx, layout, eps, needs):
@@ -209,41 +230,39 @@ def _second_derivative(u, w, z, grad, x, weight, mean, rstd, gx, layout, eps, ne
     n, c, groups = layout
     positions = _positions(x, layout)
     grouped = (n, groups, c // groups, -1)
-    per_channel = (1, groups, c // groups, 1)
     group = (2, 3)
     # (the kernels read the seeds in memory order, whatever their strides)
     u, w, z = (t if t is None else t.contiguous() for t in (u, w, z))
     d_grad = d_x = d_weight = None
     if u is not None:
-        gamma = weight.view(per_channel) if weight is not None else None
-        x_hat = torch.ops.aten.native_group_norm(x, None, None, n, c, positions, groups, eps)[0].view(grouped)
-        v = torch.ops.aten.native_group_norm_backward(  # r P u
+        # y = -x_hat: the forward kernel with a weight of -1s (the sign of d_x's bracket, below)
+        flat_y = torch.ops.aten.native_group_norm(x, _filled(c, -1.0, x), None, n, c, positions, groups, eps)[0]
+        flat_v = torch.ops.aten.native_group_norm_backward(  # v = r P u
             u, x, mean, rstd, None, n, c, positions, groups, [True, False, False])[0]
-        flat_v = v
-        u, g, gx, v = u.view(grouped), grad.view(grouped), gx.view(grouped), v.view(grouped)
-        g_hat = g * gamma if gamma is not None else g
+        gamma = _per_channel(weight, x, layout) if weight is not None else None
         if needs[0]:
-            d_grad = v * gamma if gamma is not None else v
+            d_grad = flat_v * gamma if gamma is not None else flat_v
             if w is not None:
-                d_grad = torch.addcmul(d_grad, x_hat, w.view(per_channel))
+                d_grad = torch.addcmul(d_grad, flat_y, _per_channel(w, x, layout), value=-1)
             if z is not None:
-                d_grad = d_grad + z.view(per_channel)
-            d_grad = d_grad.view(grad.shape)
+                d_grad = d_grad + _per_channel(z, x, layout)
         if needs[2] and weight is not None:  # sum g v per channel: the kernel's weight gradient at an
             # input v "normalised" by mean 0 and deviation 1 (one operation, not three)
             zeros, ones = _statistics_of_none(n, groups, x.dtype, x.device)
             d_weight = torch.ops.aten.native_group_norm_backward(
-                grad, flat_v, zeros, ones, _ones(c, x), n, c, positions, groups, [False, True, False])[1]
-        if needs[1]:  # -r [mean(u g_x) x_hat + mean(u x_hat) g_x + mean(g_hat x_hat) r P u]
-            bracket = torch.addcmul(torch.addcmul(x_hat * (u * gx).mean(group, keepdim=True),
-                                                  (u * x_hat).mean(group, keepdim=True), gx),
-                                    (g_hat * x_hat).mean(group, keepdim=True), v)
-            d_x = bracket * rstd.view(n, groups, 1, 1).neg()
-            d_x = d_x.view(x.shape)
+                grad, flat_v, zeros, ones, _filled(c, 1.0, x), n, c, positions, groups, [False, True, False])[1]
+        if needs[1]:  # -r [mean(u g_x) x_hat + mean(u x_hat) g_x + mean(g_hat x_hat) v], in y = -x_hat:
+            # r [mean(u g_x) y + mean(u y) g_x + mean(g_hat y) v]
+            g_hat = (grad * gamma if gamma is not None else grad).view(grouped)
+            y, v, u, gx = flat_y.view(grouped), flat_v.view(grouped), u.view(grouped), gx.view(grouped)
+            bracket = torch.addcmul(torch.addcmul(y * (u * gx).mean(group, keepdim=True),
+                                                  (u * y).mean(group, keepdim=True), gx),
+                                    (g_hat * y).mean(group, keepdim=True), v)
+            d_x = (bracket * rstd.view(n, groups, 1, 1)).view(x.shape)
     elif needs[0] and w is not None:  # x_hat w + z: the forward kernel's output
         d_grad = torch.ops.aten.native_group_norm(x, w, z, n, c, positions, groups, eps)[0]
     elif needs[0] and z is not None:
-        d_grad = z.view(per_channel).expand(n, groups, c // groups, positions).reshape(grad.shape)
+        d_grad = _per_channel(z, x, layout).expand(grad.shape).contiguous()
     if w is not None and needs[1]:  # r P (w g): the backward kernel's input gradient with weight w
         part = torch.ops.aten.native_group_norm_backward(
             grad, x, mean, rstd, w, n, c, positions, groups, [True, False, False])[0]
