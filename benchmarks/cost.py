@@ -1,6 +1,6 @@
 """What a GPU pays for, counted on any device: dispatched operations, FLOPs, host syncs.
 
-    python benchmarks/cost.py [--cases mlp,mlp_b8,mlp10,cnn,resnet18,transformer4] [--device cpu]
+    python benchmarks/cost.py [--cases mlp,mlp_b8,mlp10,cnn,resnet18,transformer4] [--device cpu] [--autocast bf16]
 
 On a GPU the host is the bottleneck when a call dispatches thousands of small operations, and a
 device-to-host sync stalls the queue. Both are deterministic and can be counted on a CPU:
@@ -163,11 +163,21 @@ def case_runs(case: str, device: torch.device, build_and_shape=None) -> dict[str
 
 
 def case_costs(case: str, device: torch.device, methods=None, build_and_shape=None,
-               accelerator: bool = True) -> dict[str, Cost]:
-    """Each call's cost, with the accelerator's choices by default (see :func:`as_accelerator`)."""
+               accelerator: bool = True, autocast: torch.dtype | None = None) -> dict[str, Cost]:
+    """Each call's cost, with the accelerator's choices by default (see :func:`as_accelerator`),
+    under autocast to ``autocast`` where given (the training step too: each ratio compares like
+    with like)."""
     runs = case_runs(case, device, build_and_shape)
+
+    def autocast_run(run):
+        def call():
+            with torch.autocast(device.type, dtype=autocast):
+                run()
+        return call
+
     with as_accelerator(accelerator):
-        return {m: second_call_cost(run) for m, run in runs.items() if methods is None or m in methods}
+        return {m: second_call_cost(autocast_run(run) if autocast else run)
+                for m, run in runs.items() if methods is None or m in methods}
 
 
 def main() -> None:
@@ -176,24 +186,28 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--cpu-choices", action="store_true",
                    help="count the CPU's own choices (cache-sized pieces), not an accelerator's")
+    p.add_argument("--autocast", choices=["none", "bf16"], default="none",
+                   help="every call (the training step too) under autocast to bfloat16")
     args = p.parse_args()
+    autocast = torch.bfloat16 if args.autocast == "bf16" else None
     device = torch.device(args.device)
     from tqdm import tqdm
 
     results, rows = {}, []
     for case in tqdm(args.cases.split(","), desc="cost", unit="case"):
-        costs = case_costs(case, device, accelerator=not args.cpu_choices)
+        costs = case_costs(case, device, accelerator=not args.cpu_choices, autocast=autocast)
         results[case] = {m: asdict(c) for m, c in costs.items()}
         step = costs["train_step"]
         for method, c in costs.items():
             rows.append([case, method, c.operations, f"{c.operations / step.operations:.2f}x",
                          f"{c.flops / 1e6:.1f}", f"{c.flops / max(1, step.flops):.2f}x", c.syncs])
     env = environment(device)
-    print(f"# {env}; the engines' choices for {'the CPU' if args.cpu_choices else 'an accelerator'}")
+    print(f"# {env}; the engines' choices for {'the CPU' if args.cpu_choices else 'an accelerator'}"
+          + ("; bf16 autocast" if autocast else ""))
     print_table(["case", "call", "ops", "ops vs step", "MFLOP", "FLOPs vs step", "host syncs"], rows)
-    name = f"cost_{device.type}" + ("_cpu_choices" if args.cpu_choices else "")
+    name = f"cost_{device.type}" + ("_cpu_choices" if args.cpu_choices else "") + ("_bf16" if autocast else "")
     print("wrote", write_json(name, {"environment": env, "choices": "cpu" if args.cpu_choices else "accelerator",
-                                     "results": results}))
+                                     "autocast": args.autocast, "results": results}))
 
 
 if __name__ == "__main__":
