@@ -18,10 +18,8 @@ def asked(ctx, index: int) -> bool:
         return True
     try:
         return torch._C._will_engine_execute_node(node)
-    except RuntimeError:
-        if hasattr(node, "variable"):  # (AccumulateGrad: raised for a leaf autograd.grad will
-            return True                # return, and only then; one it does not need is False)
-        raise
+    except RuntimeError:  # (raised only for a node the engine will run: a leaf that
+        return True       # autograd.grad returns; a leaf it does not need is answered False)
 
 
 def tensor_inputs(*inputs) -> tuple[int, ...]:
