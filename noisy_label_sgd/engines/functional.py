@@ -222,7 +222,7 @@ def lean_second_order() -> Iterator[None]:
     ``NewGELUActivation``, GPT-2's, written out in 8 operations, as its tanh kernel) with its
     second derivative written out, and ``F.relu`` without the zeros of its second derivative
     (:mod:`~noisy_label_sgd.engines.activations`). With the closed forms' own lean backwards,
-    ResNet-18's grad reg dispatched 5175 operations before, 1659 so; GPT-2's 2935, 2150; the
+    ResNet-18's grad reg dispatched 5175 operations before, 1548 so; GPT-2's 2935, 2114; the
     benchmark CNN's computed 3.22x a step's FLOPs, 2.83x so. On this CPU as fast or faster
     (``benchmarks/README.md``)."""
     with ExitStack() as stack:
