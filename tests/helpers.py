@@ -587,3 +587,21 @@ IDS = list(CASES)
 def make(name):
     build, inputs = CASES[name]
     return build(), inputs()
+
+
+# method="fast" on a model where some module falls back: the norms are the fast engine's, grad
+# reg (torch.func's) is refused, by every entry point alike
+FAST_REFUSES_GRAD = "method='fast' cannot differentiate the norms of this model: .* per-module fallback"
+# the cases of make() where that happens
+NO_FAST_GRAD = {"reused_weight", "cross_attention_fallback", "reflect_padded_conv_fallback", "matrix_sensing", "relu_1d",
+                "sigmoid_single_point_tanh", "sigmoid_single_point_logistic", "tied_linear_and_custom_module"}
+
+
+def norms_method(model: nn.Module, inputs, method: str = "fast", **options) -> str:
+    """The report's ``method`` of the engine that measures the norms alone."""
+    from noisy_label_sgd.engines import select_engine
+
+    engine = select_engine(model, inputs, method, **options)
+    with engine.measuring():
+        engine.sq_norms()
+    return engine.method

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import IDS, assert_rel_close, brute_reg, brute_reg_grad, make, mlp, randn
+from helpers import FAST_REFUSES_GRAD, IDS, NO_FAST_GRAD, assert_rel_close, brute_reg, brute_reg_grad, make, mlp, randn
 from noisy_label_sgd import implicit_regularizer, regularizer_grad
 
 LAM = 0.3
@@ -20,9 +20,11 @@ def flat_grads(model):
 def test_the_penalty_is_reg_and_its_backward_adds_lam_times_grad_reg(name, method):
     model, x = make(name)
     args = x if isinstance(x, tuple) else (x,)
-    # (method "fast" on a model with a per-module fallback: the norms from the closed forms, grad
-    # reg from torch.func, as the probe does)
     model.train()
+    if method == "fast" and name in NO_FAST_GRAD:  # (grad reg would be torch.func's: refused alike)
+        with pytest.raises(ValueError, match=FAST_REFUSES_GRAD):
+            implicit_regularizer(model, args, method=method, create_graph=True)
+        return
     penalty = implicit_regularizer(model, args, method=method, create_graph=True)
     assert all(m.training for m in model.modules())  # modes restored
     assert_rel_close(penalty.detach(), brute_reg(model, x))

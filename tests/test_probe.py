@@ -155,12 +155,17 @@ def test_float_targets_of_another_precision_are_cast_to_the_outputs():
         assert report.loss == float(nn.functional.mse_loss(model.eval()(x), y.float().double()))
 
 
-def test_fast_probe_on_a_model_with_a_per_module_fallback():
-    # method="fast" binds the norms; grad reg then comes from the vmap path, still exact
-    from helpers import make
+def test_a_probe_on_a_model_with_a_per_module_fallback():
+    # past the vmap engine's J ("auto", a small memory budget): the norms from the fast engine
+    # with its per-module fallback, grad reg from the vmap engine, still exact; method="fast"
+    # refuses that grad reg as regularizer_grad does
+    from helpers import FAST_REFUSES_GRAD, make
 
     model, x = make("cross_attention_fallback")
-    report = RegularizerProbe(model, x, method="fast")()
+    with pytest.raises(ValueError, match=FAST_REFUSES_GRAD):
+        RegularizerProbe(model, x, method="fast")()
+    x = torch.cat([x] * 24)  # (past the small J: 72 samples)
+    report = RegularizerProbe(model, x, memory_budget=2048)()
     assert report.method == "fast (per-module fallback: attn)"
     assert_rel_close(report.reg, float(brute_sq_norms(model, x).mean()))
     assert_rel_close(report.reg_grad_norm, float(brute_reg_grad(model, x).norm()))

@@ -30,10 +30,19 @@ directions of one call and by every call on the same input tensor (Llama's q, k 
 projections share their input's Gram matrix), so key what you store by what it depends on
 besides the input) and register it in this file, with a Gram closed form if there is one::
 
-    @register_closed_form(MyLayer, gram=my_layer_gram, applies=lambda m: m.mode == "plain")
+    @register_closed_form(MyLayer, contract=my_layer_contract, gram=my_layer_gram,
+                          applies=lambda m: m.mode == "plain")
     def my_layer_sq_norms(module, a, g, trainable, memo): ...
 
-Nothing else changes: the fast engine finds every registered type (subclasses included), and the
+``contract(module, a, g, trainable)`` gives, for one output gradient ``g`` shaped like the
+output, the parameters' gradient summed over samples that the formula's per-sample gradients
+imply: the fast engine's certificate (:mod:`~noisy_label_sgd.engines.certificate`) holds it
+against autograd's gradient through the same forward on every measurement, and a module whose
+formula disagrees falls back (a subclass or an instance that overrides ``forward`` never gets
+its base class's formula).
+
+Nothing else changes: the fast engine finds every registered type (subclasses that keep its
+``forward`` included), and the
 model tests compare every closed form with a per-sample autograd loop. A module of another type
 falls back, for that module only, to torch.func per-sample gradients of its own parameters.
 """
@@ -60,6 +69,10 @@ from .trace import FastPathUnsupported, Owner, input_over_calls, owners_of
 @dataclass(frozen=True)
 class ClosedForm:
     sq_norms: Callable[..., torch.Tensor]  # (module, a, g, trainable, memo) -> [n]
+    # (module, a, g, trainable) -> name -> gradient: the sum over samples of the per-sample
+    # gradients the formula assumes, for one output gradient g [*y] (what the certificate
+    # holds against autograd: :mod:`~noisy_label_sgd.engines.certificate`)
+    contract: Callable[..., dict[str, torch.Tensor]]
     gram: Callable[..., torch.Tensor] | None  # (module, a, g, trainable) -> [n k, n k], in g's dtype
     applies: Callable[[nn.Module], bool]  # whether this instance is in the formula's scope
     # the formula treats every leading dim of input and output alike (positions), so the samples
@@ -75,14 +88,26 @@ class ClosedForm:
 CLOSED_FORMS: dict[type[nn.Module] | str, ClosedForm] = {}
 
 
-def register_closed_form(*types: type[nn.Module] | str, gram=None, applies=None, samples_anywhere=False,
-                         bare=False):
+def register_closed_form(*types: type[nn.Module] | str, contract=None, gram=None, applies=None,
+                         samples_anywhere=False, bare=False):
     """Register ``sq_norms`` (the decorated function) as the closed form of ``types`` (classes,
-    or qualified class names ``"module.Class"`` of optional libraries)."""
+    or qualified class names ``"module.Class"`` of optional libraries), with ``contract``: the
+    gradient of the module's parameters, summed over samples, that the formula's per-sample
+    gradients imply for one output gradient (``contract(module, a, g, trainable) -> {name:
+    tensor}``), which the fast engine checks against autograd on every measurement.
+
+    Raises:
+        TypeError: no ``contract`` (a formula that could not be checked would be trusted blindly).
+    """
+    if contract is None:
+        raise TypeError("register_closed_form needs contract=: the parameters' gradient summed over samples "
+                        "that the formula's per-sample gradients imply, contract(module, a, g, trainable) -> "
+                        "{name: tensor}; the fast engine checks it against autograd on every measurement")
 
     def register(sq_norms):
         for t in types:
-            CLOSED_FORMS[t] = ClosedForm(sq_norms, gram, applies or (lambda module: True), samples_anywhere, bare)
+            CLOSED_FORMS[t] = ClosedForm(sq_norms, contract, gram, applies or (lambda module: True),
+                                         samples_anywhere, bare)
         return sq_norms
 
     return register
@@ -93,11 +118,17 @@ def _registered(cls: type) -> ClosedForm | None:
 
 
 def closed_form_of(module: nn.Module) -> ClosedForm | None:
-    """The registered closed form of the module's type or its nearest registered base class."""
+    """The registered closed form of the module's type or its nearest registered base class,
+    where the module computes what that class computes: a subclass that overrides ``forward``
+    (weight standardisation, padding in ``forward``, an activation inside a norm module) or an
+    instance with its own ``forward`` has none (its per-module fallback differentiates what it
+    does)."""
+    if "forward" in vars(module):
+        return None
     for cls in type(module).__mro__:
         form = _registered(cls)
         if form is not None:
-            return form if form.applies(module) else None
+            return form if form.applies(module) and type(module).forward is cls.forward else None
     return None
 
 
@@ -123,10 +154,13 @@ def bind(owners: list[Owner]) -> None:
     for o in owners:
         call = o.calls[0]
         if o.affine:  # (applied at several time steps: the steps are positions)
-            weight, bias = (any(kind in name for name in o.params) for kind in ("weight", "bias"))
-            o.closed_form = partial(affine_map_sq_norms, input_over_calls(o), weight=weight, bias=bias,
+            weight, bias = (next((name for name in o.params if kind in name), None) for kind in ("weight", "bias"))
+            a = input_over_calls(o)
+            o.closed_form = partial(affine_map_sq_norms, a, weight=weight is not None, bias=bias is not None,
                                     memo=memo_of(call) if len(o.calls) == 1 else call.memo)
             o.bare = len(o.calls) == 1
+            o.contract = lambda grads, a=a, w=weight, b=bias: affine_map_contract(a, _stacked(grads), w, b)
+            o.one_sample = partial(_affine_one_sample, a, weight, bias)
             continue
         own = {n for n, p in o.module._parameters.items() if p is not None and p.requires_grad}
         form = closed_form_of(o.module)
@@ -143,6 +177,28 @@ def bind(owners: list[Owner]) -> None:
             # samples first for the formula: the input's dims lead as the output's do
             o.closed_form = partial(samples_moved_first, form.sq_norms, o.module, a.movedim(d, 0), d,
                                     trainable=trainable, memo=memo_of(call, d))
+        if o.closed_form is not None:
+            o.contract = lambda grads, form=form, o=o, a=a, t=trainable: form.contract(o.module, a, grads[0], t)
+            o.one_sample = partial(_one_sample, form, o.module, a, d, trainable)
+
+
+def _stacked(grads: list[torch.Tensor]) -> torch.Tensor:
+    """One output gradient per call, bare, stacked as positions after the samples (as
+    :func:`~noisy_label_sgd.engines.trace.input_over_calls` stacks the inputs)."""
+    return grads[0] if len(grads) == 1 else torch.stack(grads, 1)
+
+
+def _one_sample(form: ClosedForm, module, a, d, trainable, grads, i) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample i's squared norm by the formula, and that of its own per-sample gradient."""
+    a_i, g_i = a.narrow(d, i, 1), grads[0].narrow(d, i, 1)
+    formula = form.sq_norms(module, a_i.movedim(d, 0), g_i.movedim(d, 0).unsqueeze(0), trainable, {})
+    return formula.sum(), sum(v.double().pow(2).sum() for v in form.contract(module, a_i, g_i, trainable).values())
+
+
+def _affine_one_sample(a, weight, bias, grads, i) -> tuple[torch.Tensor, torch.Tensor]:
+    a_i, g_i = a[i:i + 1], _stacked(grads)[i:i + 1]
+    formula = affine_map_sq_norms(a_i, g_i.unsqueeze(0), weight is not None, bias is not None, {})
+    return formula.sum(), sum(v.double().pow(2).sum() for v in affine_map_contract(a_i, g_i, weight, bias).values())
 
 
 def samples_moved_first(sq_norms, module, a, d, g, trainable, memo) -> torch.Tensor:
@@ -180,9 +236,27 @@ def linear_gram(module: nn.Linear, a: torch.Tensor, g: torch.Tensor, trainable) 
     return part
 
 
+def affine_map_contract(a: torch.Tensor, g: torch.Tensor, weight: str | None, bias: str | None,
+                        transposed: bool = False) -> dict[str, torch.Tensor]:
+    """W a + b over all leading dims (samples and positions): sum g^T a and sum g (``transposed``:
+    the weight stored [in, out], Hugging Face's Conv1D)."""
+    a2, g2 = a.reshape(-1, a.shape[-1]).to(g.dtype), g.reshape(-1, g.shape[-1])
+    out = {}
+    if weight is not None:
+        out[weight] = a2.T @ g2 if transposed else g2.T @ a2
+    if bias is not None:
+        out[bias] = g2.sum(0)
+    return out
+
+
+def linear_contract(module: nn.Module, a: torch.Tensor, g: torch.Tensor, trainable) -> dict[str, torch.Tensor]:
+    return affine_map_contract(a, g, "weight" if "weight" in trainable else None,
+                               "bias" if "bias" in trainable else None, transposed=not isinstance(module, nn.Linear))
+
+
 # Hugging Face's Conv1D (GPT-2) is a Linear with its weight stored transposed: the same norms
-@register_closed_form(nn.Linear, "transformers.pytorch_utils.Conv1D", gram=linear_gram, samples_anywhere=True,
-                      bare=True)
+@register_closed_form(nn.Linear, "transformers.pytorch_utils.Conv1D", contract=linear_contract, gram=linear_gram,
+                      samples_anywhere=True, bare=True)
 def linear_sq_norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor, trainable, memo: dict) -> torch.Tensor:
     return affine_map_sq_norms(a, g, "weight" in trainable, "bias" in trainable, memo)
 
@@ -245,7 +319,23 @@ def conv_geometry(module: nn.Module, a: torch.Tensor, g: torch.Tensor):
     return a, g, module.kernel_size, module.stride, module.padding, module.dilation
 
 
-@register_closed_form(nn.Conv1d, nn.Conv2d, applies=_plain_convolution, bare=True)
+def conv_contract(module: nn.Module, a: torch.Tensor, g: torch.Tensor, trainable) -> dict[str, torch.Tensor]:
+    """The weight gradient of the convolution the formula assumes (its geometry read as the
+    formula reads it), and the bias's sum g."""
+    a, g, kernel, stride, padding, dilation = conv_geometry(module, a, g)
+    out = {}
+    if "weight" in trainable:
+        if a.dtype != g.dtype:
+            a = a.to(g.dtype)
+        weight = shape_only((module.out_channels, module.in_channels // module.groups, *kernel), g.dtype, g.device)
+        out["weight"] = weight_gradient(g, a, weight, (list(stride), list(padding), list(dilation), module.groups)
+                                        ).reshape(module.weight.shape)
+    if "bias" in trainable:
+        out["bias"] = g.sum((0, -1, -2))
+    return out
+
+
+@register_closed_form(nn.Conv1d, nn.Conv2d, contract=conv_contract, applies=_plain_convolution, bare=True)
 def conv_sq_norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor, trainable, memo: dict) -> torch.Tensor:
     """A convolution is a Linear over output positions on the input patches."""
     a, g, kernel, stride, padding, dilation = conv_geometry(module, a, g)
@@ -410,10 +500,18 @@ def _running_statistics(module: nn.Module) -> bool:
     return module.track_running_stats and module.running_mean is not None
 
 
-@register_closed_form(nn.LayerNorm, gram=norm_affine_gram, samples_anywhere=True, bare=True)
-@register_closed_form(nn.GroupNorm, gram=norm_affine_gram, bare=True)
-@register_closed_form(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, gram=norm_affine_gram, applies=_running_statistics,
+def norm_affine_contract(module: nn.Module, a: torch.Tensor, g: torch.Tensor, trainable) -> dict[str, torch.Tensor]:
+    """The per-sample affine gradients of :func:`norm_affine_grads` summed over samples."""
+    summed = norm_affine_grads(module, a, g, trainable).sum(0)  # [weight | bias]
+    names = [name for name in ("weight", "bias") if name in trainable]
+    return {name: part.reshape(getattr(module, name).shape) for name, part in zip(names, summed.chunk(len(names)))}
+
+
+@register_closed_form(nn.LayerNorm, contract=norm_affine_contract, gram=norm_affine_gram, samples_anywhere=True,
                       bare=True)
+@register_closed_form(nn.GroupNorm, contract=norm_affine_contract, gram=norm_affine_gram, bare=True)
+@register_closed_form(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, contract=norm_affine_contract,
+                      gram=norm_affine_gram, applies=_running_statistics, bare=True)
 def norm_affine_sq_norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor, trainable, memo: dict) -> torch.Tensor:
     if isinstance(module, nn.GroupNorm) and kernels_apply(a, g):  # (its backward kernel: one call a direction)
         return per_sample_affine_sq_norms(a, [g] if g.dim() == a.dim() else g.unbind(0), module.num_groups,
@@ -429,7 +527,15 @@ def _plain_embedding(module: nn.Embedding) -> bool:
     return module.max_norm is None and not module.scale_grad_by_freq  # (both change the gradient)
 
 
-@register_closed_form(nn.Embedding, applies=_plain_embedding, samples_anywhere=True)
+def embedding_contract(module: nn.Embedding, a: torch.Tensor, g: torch.Tensor, trainable) -> dict[str, torch.Tensor]:
+    """Each position's output gradient added to the row of its index (none to the padding row)."""
+    index, rows = a.reshape(-1), g.reshape(-1, module.embedding_dim)
+    if module.padding_idx is not None:
+        rows = rows * (index != module.padding_idx).unsqueeze(1).to(rows.dtype)
+    return {"weight": torch.zeros(module.weight.shape, dtype=g.dtype, device=g.device).index_add_(0, index, rows)}
+
+
+@register_closed_form(nn.Embedding, contract=embedding_contract, applies=_plain_embedding, samples_anywhere=True)
 def embedding_sq_norms(module: nn.Embedding, a: torch.Tensor, g: torch.Tensor, trainable, memo: dict) -> torch.Tensor:
     """The weight gradient of sample i puts sum_t g_t in the row of each index: its squared norm
     is sum over positions t, s with equal indices of g_t . g_s (the padding index's row gets no
@@ -461,8 +567,13 @@ def rms_normalized(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
     return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)).to(a.dtype)
 
 
+def rms_norm_contract(module: nn.Module, a: torch.Tensor, g: torch.Tensor, trainable) -> dict[str, torch.Tensor]:
+    width = module.weight.numel()
+    return {"weight": (g * rms_normalized(module, a)).reshape(-1, width).sum(0).reshape(module.weight.shape)}
+
+
 @register_closed_form("torch.nn.modules.normalization.RMSNorm", "transformers.models.llama.modeling_llama.LlamaRMSNorm",
-                      samples_anywhere=True)
+                      contract=rms_norm_contract, samples_anywhere=True)
 def rms_norm_sq_norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor, trainable, memo: dict) -> torch.Tensor:
     """The weight's per-sample gradient: g times the normalised input, summed over positions
     (the weight is the module's one parameter, trainable: else it owns none)."""

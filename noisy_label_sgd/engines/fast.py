@@ -42,19 +42,21 @@ from .engine import Engine
 from .functional import Batch, ParamDict, cat_or_one, chunks_of, fused_attention
 from .per_sample import module_per_sample_grads, per_sample_direct, per_sample_gradient_blocks, per_sample_grads
 from .ties import cross_terms, ties_of
-from .trace import Call, FastPathUnsupported, Owner, fast_chunk_size, grads_over_calls, trace
-from .vmap import VmapEngine
+from .certificate import certify
+from .trace import Call, FastPathUnsupported, NoSecondOrder, Owner, fast_chunk_size, grads_over_calls, trace
 
 
 class FastEngine(Engine):
-    def __init__(self, *args, strict: bool, closed_forms: bool, **kwargs) -> None:
+    """Answers what its closed forms cover and raises
+    :class:`~noisy_label_sgd.engines.trace.FastPathUnsupported` otherwise (:class:`NoSecondOrder`
+    where only grad reg's double backward is out of reach); the router
+    (:mod:`~noisy_label_sgd.engines.router`) sends those questions to the vmap engine."""
+
+    method = "fast"  # with the modules that fell back, once the norms ran
+
+    def __init__(self, *args, strict: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.strict = strict  # method "fast": refuse what it cannot do, instead of falling back
-        self.closed_forms = closed_forms  # every owner's type has a closed form (a look at types)
-        self.torch_func = VmapEngine(*args, **kwargs)  # grad reg where closed forms end
-        self.helpers.append(self.torch_func)
-        self.unsupported: str | None = None  # why the model needs the whole-model path, once known
-        self.method = "fast"  # with the modules that fell back, or "vmap" once unsupported
+        self.strict = strict  # method "fast": a formula that fails its certificate raises
 
     def output_size(self) -> int:
         try:  # the fast path's sizing forward, which it needs anyway
@@ -66,49 +68,23 @@ class FastEngine(Engine):
         self.product_chunk_size = self.chunk_size or fitting
         return k
 
-    def _whole_model(self, why: FastPathUnsupported, what: str) -> None:
-        if self.strict:
-            raise ValueError(f"method='fast' cannot {what} this model: {why}") from None
-        self.unsupported = str(why)
-        self.method = self.torch_func.method
-
     def sq_norms(self) -> torch.Tensor:
-        if self.unsupported is None:
-            try:
-                return self._chunked_norms()
-            except FastPathUnsupported as why:
-                self._whole_model(why, "handle")
-        return self.torch_func.sq_norms()
+        return self._chunked_norms()
 
     def grad(self) -> ParamDict:
-        if self.unsupported is None and (self.closed_forms or self.strict):
-            try:
-                return self._double_backward()[1]
-            except FastPathUnsupported as why:
-                if self.strict:
-                    raise ValueError(f"method='fast' cannot differentiate this model's norms: {why}") from None
-        return self.torch_func.grad()
+        return self._double_backward()[1]
 
     def norms_and_grad(self) -> tuple[torch.Tensor, ParamDict]:
-        """One pass where no module falls back; else the norms here, grad reg by torch.func."""
-        if self.unsupported is not None:
-            return self.torch_func.norms_and_grad()
-        if self.closed_forms:
-            try:
-                norms, grad_reg = self._double_backward()
-                self.method = "fast"
-                return norms, grad_reg
-            except FastPathUnsupported:
-                pass
-        return self.sq_norms(), self.torch_func.grad()
+        """One pass: the double backward gives both."""
+        norms, grad_reg = self._double_backward()
+        self.method = "fast"
+        return norms, grad_reg
+
+    def traced(self, batch: Batch) -> tuple[list[Owner], torch.Tensor]:
+        return traced(self.model, batch, self.fm.trainable, self.strict)
 
     def gram(self) -> torch.Tensor | None:
-        if self.unsupported is not None or not self.closed_forms:
-            return None
-        try:
-            owners, h = traced(self.model, self.batch)
-        except FastPathUnsupported:
-            return None
+        owners, h = self.traced(self.batch)
         if not all(o.gram is not None for o in owners) or ties_of(owners):  # (a tie's cross terms: none)
             return None
         by_owner = grads_by_owner(owners, h, range(h.shape[1]), create_graph=False)
@@ -127,16 +103,11 @@ class FastEngine(Engine):
         each layer's blocks are taken as the backward passes it (:func:`streamed_part`), so the
         trace of the whole batch is what must fit; for several, all output gradients at once.
         None where that does not fit, parameters are tied, or a layer's block cannot fit."""
-        if self.unsupported is not None:
+        fitting, k = fast_chunk_size(self.model, self.batch, self.memory_budget)
+        # (its sizing counts the trace and k + 1 copies of the output gradients)
+        if (fitting * (k + 2) if k == 1 else fitting) < self.num_samples:
             return None
-        try:
-            fitting, k = fast_chunk_size(self.model, self.batch, self.memory_budget)
-            # (its sizing counts the trace and k + 1 copies of the output gradients)
-            if (fitting * (k + 2) if k == 1 else fitting) < self.num_samples:
-                return None
-            owners, h = traced(self.model, self.batch)
-        except FastPathUnsupported:
-            return None
+        owners, h = self.traced(self.batch)
         if ties_of(owners):
             return None
         n = h.shape[0]
@@ -174,14 +145,11 @@ class FastEngine(Engine):
 
     def jacobian(self) -> torch.Tensor:
         """J from the traced forward (:meth:`_traced_jacobian`: no torch.func over the whole
-        model, whose forward may not vmap), else by torch.func."""
+        model, whose forward may not vmap)."""
         m = self.measurement
-        if m.jacobian is None and self.unsupported is None:
-            try:
-                m.jacobian = self._traced_jacobian()
-            except FastPathUnsupported:
-                pass
-        return super().jacobian()
+        if m.jacobian is None:
+            m.jacobian = self._traced_jacobian()
+        return m.jacobian
 
     def _traced_jacobian(self) -> torch.Tensor:
         """J [n k, p] per chunk of samples: one backward of every output direction to the
@@ -192,7 +160,7 @@ class FastEngine(Engine):
         fitting, k = fast_chunk_size(self.model, self.batch, self.memory_budget)
         rows = []
         for chunk in chunks_of(self.batch, self.chunk_size or fitting):
-            owners, h = traced(self.model, chunk)
+            owners, h = self.traced(chunk)
             n = h.shape[0]
             by_owner = grads_by_owner(owners, h, range(k), create_graph=False)
             blocks = {}
@@ -216,7 +184,7 @@ class FastEngine(Engine):
         # once would need)
         with fused_attention() if k == 1 else nullcontext():
             for chunk in chunks_of(self.batch, self.chunk_size or fitting):
-                norms, modules = fast_sq_norms(self.model, chunk)
+                norms, modules = fast_sq_norms(self, chunk)
                 parts.append(norms)
                 fell_back.update(modules)
         self.method = "fast" + (f" (per-module fallback: {', '.join(sorted(fell_back))})" if fell_back else "")
@@ -237,7 +205,7 @@ class FastEngine(Engine):
         # the double backward keeps about twice the first backward's tensors
         chunk_size = self.chunk_size or max(1, fast_chunk_size(self.model, self.batch, self.memory_budget)[0] // 2)
         for chunk in chunks_of(self.batch, chunk_size):
-            norms, _ = fast_sq_norms(self.model, chunk, create_graph=True)
+            norms, _ = fast_sq_norms(self, chunk, create_graph=True)
             # (norms that do not depend on the parameters: a linear model, whose grad reg is 0)
             # the mean over all samples: the seed scaled (one operation, not one per parameter)
             grads = torch.autograd.grad(norms.sum() * (1.0 / self.num_samples), list(named.values()),
@@ -318,7 +286,7 @@ def direction_groups(owners: list[Owner], k: int, device: torch.device) -> list[
 
 
 
-def fast_sq_norms(model, batch: Batch, *, create_graph: bool = False, stream: bool = True
+def fast_sq_norms(engine: FastEngine, batch: Batch, *, create_graph: bool = False, stream: bool = True
                   ) -> tuple[torch.Tensor, list[str]]:
     """Per-sample ||J_i||_F^2 of one chunk (model already in eval mode) and the modules that
     fell back.
@@ -331,11 +299,13 @@ def fast_sq_norms(model, batch: Batch, *, create_graph: bool = False, stream: bo
 
     Raises:
         FastPathUnsupported: the model needs the whole-model torch.func path.
+        NoSecondOrder: ``create_graph`` where a module falls back.
     """
-    owners, h = traced(model, batch)
+    owners, h = engine.traced(batch)
     n, k = h.shape
     if create_graph and not all(o.closed_form for o in owners):
-        raise FastPathUnsupported("a module needs a per-module fallback, which has no double backward")
+        fell_back = ", ".join(o.name for o in owners if not o.closed_form)
+        raise NoSecondOrder(f"module(s) {fell_back} need a per-module fallback, which has no double backward")
     ties = ties_of(owners)
     # the norms accumulate in float32 at least (as torch.promote_types(h.dtype, float32), which
     # would be a dispatched operation)
@@ -348,7 +318,7 @@ def fast_sq_norms(model, batch: Batch, *, create_graph: bool = False, stream: bo
             if stream and len(directions) == 1 and not create_graph and not ties:
                 part = streamed_part(owners, h, directions.start, retain_graph=directions.stop < k)
                 if part is None:  # (its graph may be gone)
-                    return fast_sq_norms(model, batch, stream=False)
+                    return fast_sq_norms(engine, batch, stream=False)
             if part is None:
                 part = held_part(owners, h, directions, create_graph, ties)
         part = part.to(dtype)
@@ -356,10 +326,28 @@ def fast_sq_norms(model, batch: Batch, *, create_graph: bool = False, stream: bo
     return total, [o.name for o in owners if not o.closed_form]
 
 
-def traced(model, batch: Batch) -> tuple[list[Owner], torch.Tensor]:
-    """The recording forward, each owner bound to its closed form where it has one."""
+def traced(model, batch: Batch, parameters: ParamDict | None = None, strict: bool = False
+           ) -> tuple[list[Owner], torch.Tensor]:
+    """The recording forward, each owner bound to its closed form where it has one and that
+    form certified on this forward (:func:`~noisy_label_sgd.engines.certificate.certify`): a
+    formula that fails falls back for its module (``strict``: raises, naming it).
+
+    Raises:
+        FastPathUnsupported: the model needs the whole-model path, or (``strict``) a formula failed.
+    """
     owners, h = trace(model, batch)
     closed_forms.bind(owners)
+    if parameters is None:
+        parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    for mismatch in certify(owners, h, parameters):
+        o = mismatch.owner
+        if strict:
+            raise FastPathUnsupported(
+                f"the closed form of module {o.name!r} ({type(o.module).__name__}) fails its certificate on this "
+                f"model: its {mismatch.what} is {mismatch.relative:.2g} (relative) off autograd's (a forward that "
+                "is not its class's, a forward hook, a formula registered wrong); method='auto' falls back for it")
+        o.closed_form = o.gram = o.contract = o.one_sample = None
+        o.bare = False
     return owners, h
 
 

@@ -97,6 +97,18 @@ def per_sample_gradient_blocks(owner: Owner, grads: list[torch.Tensor], n: int,
         yield g.transpose(0, 1).reshape(n * c, -1)
 
 
+class OwnForward(nn.Module):
+    """A module's own ``forward``, without its hooks: the trace records the output of that (the
+    hooks are ops of the graph after it)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module.forward(*args, **kwargs)
+
+
 def module_per_sample_grads(owner: Owner, grads: list[torch.Tensor], n: int) -> dict[str, torch.Tensor]:
     """Per-sample gradients of this module's own parameters, summed over its calls, by a
     vmapped vjp of the module at its recorded inputs: name -> [c, n, *param.shape].
@@ -122,7 +134,8 @@ def module_per_sample_grads(owner: Owner, grads: list[torch.Tensor], n: int) -> 
         def sample_output(p, *values):
             full = [t.unsqueeze(0) if b else t for t, b in zip(values, batched)]
             split = len(full) - len(names)
-            out = functional_call(owner.module, p, tuple(full[:split]), dict(zip(names, full[split:])))
+            out = functional_call(OwnForward(owner.module), {f"module.{k}": v for k, v in p.items()},
+                                  tuple(full[:split]), dict(zip(names, full[split:])))
             return (out[0] if isinstance(out, tuple) else out)[0]
 
         def sample_grads(cotangent, *values):

@@ -28,9 +28,9 @@ from torch import nn
 
 from .closed_forms import closed_form_layers
 from .engine import Engine
-from .fast import FastEngine
 from .functional import Inputs, as_input_tuple, check_chunk_size, default_memory_budget, unwrapped
 from .jacobian import JacobianEngine, is_small_jacobian
+from .router import Router
 from .vmap import VmapEngine
 
 METHODS = ("auto", "fast", "vmap")
@@ -61,11 +61,13 @@ def select_engine(model: nn.Module, inputs: Inputs, method: str = "auto", *, chu
     if method == "vmap":
         return VmapEngine(*args)
     closed_forms = closed_form_layers(model)
+    # (a look at the types: some module has no closed form, so grad reg is torch.func's)
+    second_order = None if closed_forms else "a module without a closed form needs a per-module fallback"
     if method == "fast":
-        return FastEngine(*args, strict=True, closed_forms=closed_forms)
+        return Router(*args, strict=True)
     may_be_small = (dense_projection or not closed_forms) and is_small_jacobian(len(batch[0]), 1)
     if closed_forms and not may_be_small:
-        return FastEngine(*args, strict=False, closed_forms=True)
+        return Router(*args, strict=False)
     engine = VmapEngine(*args)
     with engine.measuring():  # with a one-sample forward for k
         small = is_small_jacobian(engine.rows, engine.fm.num_params)
@@ -73,5 +75,5 @@ def select_engine(model: nn.Module, inputs: Inputs, method: str = "auto", *, chu
     if small:
         return JacobianEngine(*args, k=engine.k)
     if closed_forms:  # (its own sizing forward learns k and the products' chunks)
-        return FastEngine(*args, strict=False, closed_forms=True)
-    return engine if fits else FastEngine(*args, strict=False, closed_forms=False)
+        return Router(*args, strict=False)
+    return engine if fits else Router(*args, strict=False, second_order=second_order)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .per_sample import per_sample_direct, per_sample_grads
-from .trace import FastPathUnsupported, Owner
+from .trace import NoSecondOrder, Owner
 
 
 @dataclass
@@ -60,7 +60,7 @@ def inner_product(a: Owner, name_a: str, b: Owner, name_b: str, by_owner, n: int
         if _embedding_and_linear(first, second):
             return embedding_linear_inner(first, second, by_owner[id(first)][0], by_owner[id(second)][0])
     if create_graph and not (per_sample_direct(a) and per_sample_direct(b)):
-        raise FastPathUnsupported(f"the parameter tied between {a.name!r} and {b.name!r} has no differentiable "
+        raise NoSecondOrder(f"the parameter tied between {a.name!r} and {b.name!r} has no differentiable "
                                   "cross term")
     ga = per_sample_grads(a, by_owner[id(a)], n)[name_a]
     gb = per_sample_grads(b, by_owner[id(b)], n)[name_b]

@@ -36,6 +36,11 @@ class FastPathUnsupported(RuntimeError):
     """The model needs the whole-model torch.func path (the message says why)."""
 
 
+class NoSecondOrder(FastPathUnsupported):
+    """grad reg's double backward is out of reach (a per-module fallback, a tie without a
+    differentiable cross term); the norms are not."""
+
+
 @dataclass
 class Call:
     """One recorded call: its arguments, and where its output enters the autograd graph.
@@ -76,6 +81,12 @@ class Owner:
     # output gradients, and of K = J J^T (None: no closed form)
     closed_form: Callable[[torch.Tensor], torch.Tensor] | None = None
     gram: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # and what the certificate checks (:mod:`~noisy_label_sgd.engines.certificate`), from one
+    # output gradient per call, bare [*y]: the gradient summed over samples that the formula's
+    # per-sample gradients imply (name -> tensor), and for sample i the formula's squared norm
+    # beside that of its own per-sample gradient
+    contract: Callable[[list[torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    one_sample: Callable[[list[torch.Tensor], int], tuple[torch.Tensor, torch.Tensor]] | None = None
     # closed_form also takes one direction's gradient bare, [*y] (see ClosedForm.bare)
     bare: bool = False
 
@@ -150,7 +161,9 @@ def record(owners: list[Owner], model: nn.Module, batch: Batch, expand: frozense
 
         return hook
 
-    handles = [o.module.register_forward_hook(make_hook(o), with_kwargs=True) for o in owners]
+    # first among the module's forward hooks: what the module's own forward returned (a user's
+    # hook that changes the output is then an op of the graph after it)
+    handles = [o.module.register_forward_hook(make_hook(o), with_kwargs=True, prepend=True) for o in owners]
     written_out = {}  # owner -> the instance forward it had before (None: the class's)
     for o in owners:
         own = vars(o.module).get("forward")

@@ -14,7 +14,7 @@ anyway), and as the whole-model fallback of the fast engine.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
@@ -28,11 +28,19 @@ class VmapEngine(Engine):
     method = "vmap"
 
     def measuring(self):
-        """As every engine's, with autocast off: torch.func's vmapped backward formulas mix the
-        autocast dtypes (LayerNorm raised "expected scalar type BFloat16 but found Float"), so
-        this path computes in the parameters' dtype; and embeddings' padding rows as constants
-        in forward mode too (:func:`padding_rows_constant`)."""
-        return _without_autocast(super().measuring(), self.batch[0].device.type)
+        """As every engine's, inside :meth:`contexts`."""
+        return _inside(self.contexts(), super().measuring())
+
+    def contexts(self) -> ExitStack:
+        """What torch.func needs around every question: autocast off (its vmapped backward
+        formulas mix the autocast dtypes: LayerNorm raised "expected scalar type BFloat16 but
+        found Float"), so this path computes in the parameters' dtype; and embeddings' padding
+        rows as constants in forward mode too (:func:`padding_rows_constant`). Entered by the
+        router for every question it sends here."""
+        stack = ExitStack()
+        stack.enter_context(torch.autocast(self.batch[0].device.type, enabled=False))
+        stack.enter_context(padding_rows_constant())
+        return stack
 
     def sq_norms(self) -> torch.Tensor:
         parts = []
@@ -87,8 +95,8 @@ def hessian_gradient_products(fm: FunctionalModel, batch: Batch, k: int) -> tupl
 
 
 @contextmanager
-def _without_autocast(inner, device_type: str):
-    with torch.autocast(device_type, enabled=False), padding_rows_constant(), inner as engine:
+def _inside(outer: ExitStack, inner):
+    with outer, inner as engine:
         yield engine
 
 

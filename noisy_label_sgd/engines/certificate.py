@@ -1,0 +1,164 @@
+r"""The fast engine's certificate: every closed form checked against autograd on the forward it measures.
+
+A closed form is a formula for what a layer computes; the module it is bound to may compute
+something else (a subclass's ``forward``, a forward hook, a parameter also used elsewhere). So
+each traced forward is certified before its numbers are used. With random weights :math:`u_{ij}`
+over the (sample, output) pairs, one backward of :math:`\sum_{ij} u_{ij} h_{ij}` gives autograd's
+gradient of every trainable parameter and the output gradient :math:`\bar g` at every recorded
+layer output; each owner's formula then gives the gradient its per-sample gradients imply,
+:math:`\sum_{ij} u_{ij} G_{ij}` (``Owner.contract``, one weight-gradient product a layer), and
+per parameter the two must agree. By linearity in :math:`u` that holds for random :math:`u` with
+probability one only if every per-sample gradient the formulas imply is right. A module without a
+closed form is held to the same check through its own ``forward`` (a vjp at its recorded
+inputs: what its per-module fallback differentiates). Then, for one random sample, each formula's
+squared norm must equal that of its own per-sample gradient (``Owner.one_sample``): the norms'
+shortcut (ghost norms, fused kernels) against the gradient just certified.
+
+A parameter whose sum disagrees beyond :func:`tolerance` is first given its modules' own
+``forward`` instead of their formulas: if that agrees, those modules fall back
+(:func:`certify` returns them, with the relative mismatch); if not, the parameter reaches the
+output in a way no module call explains (a use outside its module, a global forward hook) and
+the whole-model path is needed (:class:`~noisy_label_sgd.engines.trace.FastPathUnsupported`).
+
+Cost per traced forward: one backward (a training step's, with the parameters' gradients) and one
+product per layer, and one host sync to read the verdict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .trace import FastPathUnsupported, Owner
+
+# The random weights u: drawn from their own generator (never the global one), the same for
+# every certificate, so that a measurement is a pure function of the model and the probe set.
+CERTIFICATE_SEED = 0x5EED
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """The relative mismatch a certificate accepts: sqrt(eps) of the computation's dtype
+    (1.5e-8 in float64, 3.5e-4 in float32, 0.088 in bfloat16). Autograd's and the formula's
+    sums run the same terms in another order, a few eps apart; a wrong formula is off by O(1)
+    (a factor, a transposed input, a missed use)."""
+    return torch.finfo(dtype).eps ** 0.5
+
+
+@dataclass
+class Mismatch:
+    """An owner whose formula failed the certificate, and by how much (relative, the worst of
+    its parameters, or of its one-sample norm)."""
+
+    owner: Owner
+    relative: float
+    what: str  # "gradient" (the formula against autograd) or "norm" (its shortcut against its gradient)
+
+
+def certify(owners: list[Owner], h: torch.Tensor, parameters: dict[str, nn.Parameter]) -> list[Mismatch]:
+    """Check every owner of a traced forward (``h`` [n, k] with its graph, kept for the
+    measurement's own backward); return the owners whose formulas must fall back.
+
+    Raises:
+        FastPathUnsupported: a parameter's gradient is not explained by its modules' calls.
+    """
+    n, k = h.shape
+    generator = torch.Generator().manual_seed(CERTIFICATE_SEED)
+    u = torch.randn(n, k, generator=generator, dtype=torch.float64).to(h.device, h.dtype)
+    sample = int(torch.randint(n, (), generator=generator))
+    records = [(o, c) for o in owners for c in o.calls]
+    names = {id(p): name for name, p in parameters.items()}
+    leaves = list(parameters.values())
+    with torch.enable_grad():
+        grads = torch.autograd.grad(h, [c.edge for _, c in records] + leaves, u, retain_graph=True,
+                                    allow_unused=True)
+    by_owner: dict[int, list[torch.Tensor]] = {}
+    for (o, c), g in zip(records, grads):
+        by_owner.setdefault(id(o), []).append(torch.zeros(c.shape, dtype=c.dtype, device=c.device) if g is None else g)
+    autograd = {id(p): g for p, g in zip(leaves, grads[len(records):])}
+
+    with torch.no_grad():
+        implied = {id(o): o.contract(by_owner[id(o)]) if o.contract else own_forward_contract(o, by_owner[id(o)])
+                   for o in owners}
+        errors = _errors(owners, implied, autograd)
+        norms = [(o, *o.one_sample(by_owner[id(o)], sample)) for o in owners if o.one_sample is not None]
+        verdict = torch.stack([e for _, e in errors] + [_relative(a, b) for _, a, b in norms]).tolist()  # (the sync)
+    mismatches: dict[int, Mismatch] = {}
+    limit = tolerance(h.dtype)
+    failed = [p for (p, _), e in zip(errors, verdict) if e > limit]
+    if failed:
+        # the modules' own forwards in place of their formulas, for the parameters that failed
+        users = {id(o): o for o in owners for p in failed if any(q is p for q in o.params.values()) and o.contract}
+        with torch.no_grad():
+            for i, o in users.items():
+                implied[i] = own_forward_contract(o, by_owner[i])
+            again = torch.stack([e for _, e in _errors(owners, implied, autograd, only=failed)]).tolist()
+        for p, e in zip(failed, again):
+            if e > limit:
+                raise FastPathUnsupported(
+                    f"the gradient of parameter {names.get(id(p), '?')!r} through the calls of its modules is "
+                    f"{e:.2g} (relative) off autograd's: it reaches the output another way (a use outside its "
+                    "module's call, a global forward hook)")
+        worst = dict(zip(failed, verdict[:len(errors)]))
+        for i, o in users.items():
+            relative = max(e for p, e in worst.items() if any(q is p for q in o.params.values()))
+            mismatches[i] = Mismatch(o, relative, "gradient")
+    for (o, _, _), e in zip(norms, verdict[len(errors):]):
+        if e > limit and id(o) not in mismatches:
+            mismatches[id(o)] = Mismatch(o, e, "norm")
+    return list(mismatches.values())
+
+
+def _errors(owners: list[Owner], implied: dict[int, dict[str, torch.Tensor]], autograd: dict[int, torch.Tensor | None],
+            only: list[torch.Tensor] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per parameter, the relative distance between the sum over its owners of what they imply
+    and autograd's gradient."""
+    summed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for o in owners:
+        for name, p in o.params.items():
+            g = implied[id(o)].get(name)
+            if g is None:
+                continue
+            g = g.double()
+            summed[id(p)] = (p, g if id(p) not in summed else summed[id(p)][1] + g)
+    errors = []
+    for pid, (p, total) in summed.items():
+        if only is not None and not any(q is p for q in only):
+            continue
+        reference = autograd.get(pid)
+        reference = torch.zeros_like(total) if reference is None else reference.double()
+        if reference.shape != total.shape:  # (the formula's gradient has another shape: wrong)
+            errors.append((p, torch.ones((), dtype=torch.float64, device=total.device)))
+            continue
+        errors.append((p, _relative(total, reference)))
+    return errors
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """||a - b|| / max(||a||, ||b||) (0 where both vanish)."""
+    a, b = a.double(), b.double()
+    scale = torch.maximum(a.norm(), b.norm())
+    return torch.where(scale > 0, (a - b).norm() / scale, torch.zeros_like(scale))
+
+
+def own_forward_contract(owner: Owner, grads: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The gradient of the owner's parameters through its own ``forward`` at its recorded
+    inputs (hooks not run: the trace records the module's own output), at output gradients
+    ``grads``, summed over its calls."""
+    names = list(owner.params)
+    total: dict[str, torch.Tensor] = {}
+    with torch.enable_grad():
+        for call, g in zip(owner.calls, grads):
+            # (the inputs as constants: a module called twice has its first call upstream of its second)
+            args = [t.detach() if isinstance(t, torch.Tensor) else t for t in call.args]
+            kwargs = {key: t.detach() if isinstance(t, torch.Tensor) else t for key, t in call.kwargs.items()}
+            out = owner.module.forward(*args, **kwargs)
+            out = out[0] if isinstance(out, tuple) else out
+            if not isinstance(out, torch.Tensor) or out.shape != g.shape or not out.requires_grad:
+                return {}  # (nothing to compare: the parameters' sums then miss this use and fail)
+            grads_call = torch.autograd.grad(out, list(owner.params.values()), g, allow_unused=True)
+            for name, d in zip(names, grads_call):
+                if d is not None:
+                    total[name] = total[name] + d if name in total else d
+    return total
