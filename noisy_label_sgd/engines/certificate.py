@@ -20,12 +20,18 @@ A parameter whose sum disagrees beyond :func:`tolerance` is first given its modu
 output in a way no module call explains (a use outside its module, a global forward hook) and
 the whole-model path is needed (:class:`~noisy_label_sgd.engines.trace.FastPathUnsupported`).
 
-Cost per traced forward: one backward (a training step's, with the parameters' gradients) and one
-product per layer, and one host sync to read the verdict.
+A certificate costs one backward (a training step's, with the parameters' gradients), a product
+per layer and one host sync to read the verdict. It is kept per model and per autograd graph
+(:func:`graph_signature`: every node's type, its inputs, the parameters it accumulates into, and
+where the trace recorded each layer output): a later forward with the same graph computes the
+same functions of the parameters, so its verdict stands, and a forward whose graph changed (a
+hook added, a weight used in a new place, another branch taken) is certified anew. The walk
+costs host time only (ResNet-18: 132 nodes, 0.23 ms on the CPU that measured it), no operation.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -56,9 +62,62 @@ class Mismatch:
     what: str  # "gradient" (the formula against autograd) or "norm" (its shortcut against its gradient)
 
 
-def certify(owners: list[Owner], h: torch.Tensor, parameters: dict[str, nn.Parameter]) -> list[Mismatch]:
-    """Check every owner of a traced forward (``h`` [n, k] with its graph, kept for the
-    measurement's own backward); return the owners whose formulas must fall back.
+# model -> graph signature -> the verdict: (owner name, relative, what) per mismatch, or why the
+# model needs the whole-model path
+_VERDICTS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, list[tuple[str, float, str]] | str]] = \
+    weakref.WeakKeyDictionary()
+_VERDICTS_PER_MODEL = 16  # (graphs of one model kept; a model whose graph keeps changing recertifies)
+
+
+def certify(model: nn.Module, owners: list[Owner], h: torch.Tensor, parameters: dict[str, nn.Parameter]
+            ) -> list[Mismatch]:
+    """The owners of a traced forward (``h`` [n, k] with its graph, kept for the measurement's
+    own backward) whose formulas must fall back: from the verdict on the same graph where there
+    is one, else from a certificate (:func:`run_certificate`).
+
+    Raises:
+        FastPathUnsupported: a parameter's gradient is not explained by its modules' calls.
+    """
+    key = graph_signature(h, owners)
+    verdicts = _VERDICTS.setdefault(model, {})
+    if key not in verdicts:
+        try:
+            verdict = [(m.owner.name, m.relative, m.what) for m in run_certificate(owners, h, parameters)]
+        except FastPathUnsupported as why:
+            verdict = str(why)
+        if len(verdicts) >= _VERDICTS_PER_MODEL:
+            verdicts.pop(next(iter(verdicts)))
+        verdicts[key] = verdict
+    verdict = verdicts[key]
+    if isinstance(verdict, str):
+        raise FastPathUnsupported(verdict)
+    by_name = {o.name: o for o in owners}
+    return [Mismatch(by_name[name], relative, what) for name, relative, what in verdict]
+
+
+def graph_signature(h: torch.Tensor, owners: list[Owner]) -> tuple:
+    """The autograd graph of ``h`` as a value: per node (in the order a walk from h finds them)
+    its type, its inputs (as positions in that order) and, for a leaf, the parameter; then where
+    each owner's calls were recorded and whether a formula is bound to it."""
+    position: dict = {}
+    order = []
+    stack = [h.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in position:
+            continue
+        position[node] = len(order)
+        order.append(node)
+        stack.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
+    nodes = tuple((type(node).__name__, tuple((None if m is None else position.get(m), i) for m, i in node.next_functions),
+                   id(getattr(node, "variable", None))) for node in order)
+    records = tuple((o.name, o.contract is not None,
+                     tuple((position.get(c.edge.node), c.edge.output_nr) for c in o.calls)) for o in owners)
+    return (tuple(h.shape[1:]), nodes, records)
+
+
+def run_certificate(owners: list[Owner], h: torch.Tensor, parameters: dict[str, nn.Parameter]) -> list[Mismatch]:
+    """Check every owner of a traced forward; return the owners whose formulas must fall back.
 
     Raises:
         FastPathUnsupported: a parameter's gradient is not explained by its modules' calls.

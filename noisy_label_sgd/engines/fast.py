@@ -339,7 +339,7 @@ def traced(model, batch: Batch, parameters: ParamDict | None = None, strict: boo
     closed_forms.bind(owners)
     if parameters is None:
         parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    for mismatch in certify(owners, h, parameters):
+    for mismatch in certify(model, owners, h, parameters):
         o = mismatch.owner
         if strict:
             raise FastPathUnsupported(
