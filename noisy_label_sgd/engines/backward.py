@@ -4,6 +4,7 @@ and of the call."""
 from __future__ import annotations
 
 import torch
+from .torch_internals import functorch_transforms_active, is_legacy_batched, will_engine_execute_node
 
 
 def asked(ctx, index: int) -> bool:
@@ -17,7 +18,7 @@ def asked(ctx, index: int) -> bool:
     if node is None:
         return True
     try:
-        return torch._C._will_engine_execute_node(node)
+        return will_engine_execute_node(node)
     except RuntimeError:  # (raised only for a node the engine will run: a leaf that
         return True       # autograd.grad returns; a leaf it does not need is answered False)
 
@@ -31,11 +32,11 @@ def kernels_apply(input: torch.Tensor, *params: torch.Tensor | None) -> bool:
     """Whether a written-out Function may take a call: not under torch.func transforms (a
     Function there needs rules of its own) and every tensor in the input's dtype (the fused
     kernels take one)."""
-    return not torch._C._are_functorch_transforms_active() and all(
+    return not functorch_transforms_active() and all(
         t is None or t.dtype == input.dtype for t in params)
 
 
 def batched(grad: torch.Tensor) -> bool:
     """Whether a backward runs under vmap (``is_grads_batched``, torch.func), where a Function
     applied inside records no graph: the differentiable composite must be used there."""
-    return torch._C._functorch.is_legacy_batchedtensor(grad) or torch._C._are_functorch_transforms_active()
+    return is_legacy_batched(grad) or functorch_transforms_active()

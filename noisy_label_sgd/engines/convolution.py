@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .backward import asked, batched, kernels_apply, tensor_inputs
+from .torch_internals import functorch_transforms_active
 
 _original = {"conv1d": nn.functional.conv1d, "conv2d": nn.functional.conv2d}
 
@@ -121,7 +122,7 @@ def weight_gradient(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, geom
     transposed convolution as costly as the forward, where x is the data (a first layer's
     per-sample gradients, :func:`~noisy_label_sgd.engines.closed_forms.grouped_weight_grads`)."""
     if torch.is_grad_enabled() and (g.requires_grad or x.requires_grad) \
-            and not torch._C._are_functorch_transforms_active():
+            and not functorch_transforms_active():
         return _WeightGradient.apply(g, x, weight, geometry)
     return _conv_backward(g, x, weight, geometry, (False, True, False))[1]
 

@@ -44,6 +44,7 @@ from .per_sample import module_per_sample_grads, per_sample_direct, per_sample_g
 from .ties import cross_terms, ties_of
 from .certificate import certify
 from .trace import Call, FastPathUnsupported, NoSecondOrder, Owner, fast_chunk_size, grads_over_calls, trace
+from .torch_internals import functorch_transforms_active
 
 
 class FastEngine(Engine):
@@ -454,7 +455,7 @@ def sum_of(parts: list[torch.Tensor], h: torch.Tensor) -> torch.Tensor:
     if len({p.dtype for p in parts}) > 1:  # (under autocast: promoted pairwise)
         return functools.reduce(torch.add, parts)
     if torch.is_grad_enabled() and any(p.requires_grad for p in parts) \
-            and not torch._C._are_functorch_transforms_active():
+            and not functorch_transforms_active():
         return _SumOfParts.apply(*parts)
     return torch.stack(parts).sum(0)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
+from .torch_internals import functorch_transforms_active
 
 
 def gram(x: torch.Tensor, of: str = "rows", symmetric_seed: bool = False) -> torch.Tensor:
@@ -28,7 +29,7 @@ def gram(x: torch.Tensor, of: str = "rows", symmetric_seed: bool = False) -> tor
     backward is :math:`2 \bar K X`: no transpose and sum; the full form where the backward is
     itself differentiated)."""
     columns = of == "columns"
-    if not torch.is_grad_enabled() or not x.requires_grad or torch._C._are_functorch_transforms_active():
+    if not torch.is_grad_enabled() or not x.requires_grad or functorch_transforms_active():
         # (nothing to differentiate, or under torch.func)
         return torch.bmm(x.transpose(1, 2), x) if columns else torch.bmm(x, x.transpose(1, 2))
     return _Gram.apply(x, columns, symmetric_seed)
@@ -39,7 +40,7 @@ def gram_inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     two Gram matrices), [n]. Its backward is one product per factor (autograd's of a product and
     a sum dispatches five operations)."""
     if not torch.is_grad_enabled() or not (a.requires_grad or b.requires_grad) \
-            or torch._C._are_functorch_transforms_active():
+            or functorch_transforms_active():
         return (a * b).sum((-1, -2))
     return _GramInner.apply(a, b)
 
@@ -48,7 +49,7 @@ def squared_norms(x: torch.Tensor, dims) -> torch.Tensor:
     """``x.pow(2).sum(dims)`` (each sample's squared norm: the one-entry Gram matrix), whose
     backward is one broadcast product (autograd's of a power and a sum dispatches about six
     operations; the closed forms end in one each)."""
-    if not torch.is_grad_enabled() or not x.requires_grad or torch._C._are_functorch_transforms_active():
+    if not torch.is_grad_enabled() or not x.requires_grad or functorch_transforms_active():
         return x.pow(2).sum(dims)
     dims = (dims,) if isinstance(dims, int) else tuple(dims)
     return _SquaredNorms.apply(x, tuple(d % x.dim() for d in dims))

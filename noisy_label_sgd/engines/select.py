@@ -30,6 +30,7 @@ from .closed_forms import closed_form_layers
 from .engine import Engine
 from .functional import Inputs, as_input_tuple, check_chunk_size, default_memory_budget, unwrapped
 from .jacobian import JacobianEngine, is_small_jacobian
+from .preflight import check_model
 from .router import Router
 from .vmap import VmapEngine
 
@@ -47,7 +48,9 @@ def select_engine(model: nn.Module, inputs: Inputs, method: str = "auto", *, chu
 
     Raises:
         ValueError: an unknown method, a bad chunk_size, an empty or inconsistent probe set, a
-            model without trainable parameters or with a BatchNorm without running statistics.
+            model without trainable parameters or with a BatchNorm without running statistics,
+            whose samples are not independent or that uses a trainable parameter under no_grad
+            (:func:`~noisy_label_sgd.engines.preflight.check_model`).
         TypeError: inputs that are not tensors, a model that is not an nn.Module.
     """
     check_method(method)
@@ -55,6 +58,7 @@ def select_engine(model: nn.Module, inputs: Inputs, method: str = "auto", *, chu
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     model = unwrapped(model)  # DDP and torch.compile wrappers: the same parameters
+    check_model(model, batch)
     if memory_budget is None:
         memory_budget = default_memory_budget(batch[0].device)
     args = (model, batch, check_chunk_size(chunk_size), memory_budget)

@@ -30,6 +30,7 @@ from torch.overrides import TorchFunctionMode
 from .attention import self_attention_forward
 from .functional import Batch, per_sample_outputs
 from .recurrent import is_stock_recurrent, unrolled_forward
+from .torch_internals import EDGES_OWNED
 
 
 class FastPathUnsupported(RuntimeError):
@@ -115,14 +116,11 @@ def owners_of(model: nn.Module) -> list[Owner]:
     return owners
 
 
-_EDGES_OWNED = "ownership_token" in torch.autograd.graph.GradientEdge._fields
-
-
 def gradient_edge(t: torch.Tensor) -> torch.autograd.graph.GradientEdge:
     """``torch.autograd.graph.get_gradient_edge(t)``, without its operation for the output of a
     Python Function (the written-out layers'): that makes a view to own the node; the tensor
     itself keeps it alive as well. (Where GradientEdge has no ownership token, an older torch: its own.)"""
-    if t.grad_fn is None or not _EDGES_OWNED:
+    if t.grad_fn is None or not EDGES_OWNED:
         return torch.autograd.graph.get_gradient_edge(t)
     return torch.autograd.graph.GradientEdge(t.grad_fn, t.output_nr, ownership_token=t)
 

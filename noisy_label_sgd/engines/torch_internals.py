@@ -1,0 +1,40 @@
+"""Every private PyTorch API the engines use, in one place, each checked on torch 2.13.0 (CPU) and
+2.14.1 (the build torchvision 0.29.1 needs); a torch that lacks one fails here, by name.
+
+Each has no public equivalent: the engines need to know whether they run under a torch.func
+transform (a written-out Function has no rules there), whether autograd will run a node (so a
+backward computes only the gradients asked for), and whether saved-tensor hooks are active (the
+non-reentrant ``torch.utils.checkpoint``, which torch.func refuses).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def functorch_transforms_active() -> bool:
+    """Whether a torch.func transform (vmap, grad, jvp, ...) is running (``torch._C._are_functorch_transforms_active``)."""
+    return torch._C._are_functorch_transforms_active()
+
+
+def is_legacy_batched(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a batched gradient of ``autograd.grad(..., is_grads_batched=True)``."""
+    return torch._C._functorch.is_legacy_batchedtensor(t)
+
+
+def will_engine_execute_node(node) -> bool:
+    """Whether the running backward will execute ``node`` (``torch._C._will_engine_execute_node``;
+    it raises RuntimeError for a leaf that ``autograd.grad`` returns: see
+    :func:`~noisy_label_sgd.engines.backward.asked`)."""
+    return torch._C._will_engine_execute_node(node)
+
+
+def saved_tensors_hooks_active() -> bool:
+    """Whether default saved-tensor hooks are set now (the non-reentrant checkpoint sets them
+    around its function): ``torch._C._autograd._top_saved_tensors_default_hooks``."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
+# GradientEdge carries an ownership token (torch 2.9 and later): an edge built from a node and an
+# output index then keeps its tensor alive, with no view made to own the node
+EDGES_OWNED = "ownership_token" in torch.autograd.graph.GradientEdge._fields
