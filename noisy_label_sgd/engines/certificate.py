@@ -138,10 +138,15 @@ def run_certificate(owners: list[Owner], h: torch.Tensor, parameters: dict[str, 
     autograd = {id(p): g for p, g in zip(leaves, grads[len(records):])}
 
     with torch.no_grad():
-        implied = {id(o): o.contract(by_owner[id(o)]) if o.contract else own_forward_contract(o, by_owner[id(o)])
-                   for o in owners}
+        implied = {id(o): _evaluated(o.contract, by_owner[id(o)]) if o.contract else
+                   own_forward_contract(o, by_owner[id(o)]) for o in owners}
         errors = _errors(owners, implied, autograd)
-        norms = [(o, *o.one_sample(by_owner[id(o)], sample)) for o in owners if o.one_sample is not None]
+        norms = []  # (a formula that cannot be evaluated on one sample: as far off as can be)
+        failed_to_evaluate = (torch.zeros((), dtype=torch.float64, device=h.device),
+                              torch.ones((), dtype=torch.float64, device=h.device))
+        for o in owners:
+            if o.one_sample is not None:
+                norms.append((o, *_evaluated(o.one_sample, by_owner[id(o)], sample, empty=failed_to_evaluate)))
         verdict = torch.stack([e for _, e in errors] + [_relative(a, b) for _, a, b in norms]).tolist()  # (the sync)
     mismatches: dict[int, Mismatch] = {}
     limit = tolerance(h.dtype)
@@ -167,6 +172,18 @@ def run_certificate(owners: list[Owner], h: torch.Tensor, parameters: dict[str, 
         if e > limit and id(o) not in mismatches:
             mismatches[id(o)] = Mismatch(o, e, "norm")
     return list(mismatches.values())
+
+
+def _evaluated(formula, *args, empty=None):
+    """A formula's result, or an empty one where it cannot be evaluated on this call (its shapes
+    are not the call's: a RuntimeError from an op inside; never an out-of-memory error, which is
+    the caller's to see). An empty contract implies no gradient, so its parameters fail."""
+    try:
+        return formula(*args)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError:
+        return {} if empty is None else empty
 
 
 def _errors(owners: list[Owner], implied: dict[int, dict[str, torch.Tensor]], autograd: dict[int, torch.Tensor | None],

@@ -42,13 +42,15 @@ def per_sample_direct(owner: Owner) -> bool:
 
 
 def _linear_owner(owner: Owner) -> bool:
-    return isinstance(owner.module, nn.Linear) and len(owner.calls) == 1 and len(owner.calls[0].args) == 1
+    # (a certified formula: the module computes what nn.Linear computes)
+    return (isinstance(owner.module, nn.Linear) and owner.closed_form is not None and len(owner.calls) == 1
+            and len(owner.calls[0].args) == 1)
 
 
 def _plain_conv_owner(owner: Owner) -> bool:
     module = owner.module
     return (isinstance(module, (nn.Conv1d, nn.Conv2d)) and _plain_convolution(module) and not owner.affine
-            and len(owner.calls) == 1 and len(owner.calls[0].args) == 1 and owner.calls[0].sample_dim == 0)
+            and owner.closed_form is not None and len(owner.calls) == 1 and len(owner.calls[0].args) == 1 and owner.calls[0].sample_dim == 0)
 
 
 def conv_per_sample_grads(owner: Owner, g: torch.Tensor, channels: slice = slice(None)) -> dict[str, torch.Tensor]:

@@ -71,6 +71,7 @@ def _embedding_and_linear(embedding: Owner, linear: Owner) -> bool:
     e, lin = embedding.module, linear.module
     return (isinstance(e, nn.Embedding) and e.max_norm is None and not e.scale_grad_by_freq
             and type(lin) is nn.Linear and e.weight is lin.weight
+            and embedding.closed_form is not None and linear.closed_form is not None  # (certified)
             and all(len(o.calls) == 1 and o.calls[0].sample_dim == 0 and len(o.calls[0].args) == 1
                     for o in (embedding, linear)))
 

@@ -1,0 +1,384 @@
+"""No silent wrong number on the code people write: the fast engine's certificate, its router, and the
+checks every engine makes first (preflight), each against the brute-force loop in float64."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+from helpers import (FAST_REFUSES_GRAD, FLOAT64_RTOL, assert_rel_close, brute_jacobian, brute_reg_grad,
+                     brute_sq_norms, norms_method, randn, seeded, svd_tangent_projection)
+from noisy_label_sgd import (RegularizerProbe, implicit_regularizer, per_sample_sq_grad_norms, regularizer_grad,
+                             tangent_projection)
+
+N = 70  # past the small-J path, so "auto" takes the fast engine where it can
+
+
+def flat(model, tensors):
+    return torch.cat([tensors[n].reshape(-1) for n, p in model.named_parameters() if p.requires_grad])
+
+
+def vector(model, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in model.named_parameters()}
+
+
+def assert_exact(model, x, method="auto", solver="dense"):
+    """Norms, grad reg and the projection of ``method`` against the brute-force loop and SVD."""
+    J = brute_jacobian(model, x)
+    assert_rel_close(per_sample_sq_grad_norms(model, x, method=method), J.pow(2).reshape(x.shape[0], -1).sum(1))
+    grad = brute_reg_grad(model, x)
+    assert_rel_close(flat(model, regularizer_grad(model, x, method=method)), grad)
+    v = vector(model)
+    projected = flat(model, tangent_projection(model, x, v, method=method, solver=solver))
+    assert_rel_close(projected, svd_tangent_projection(J, flat(model, v)), rtol=0,
+                     atol=1e-8 * float(flat(model, v).norm()))
+
+
+# -- modules whose forward is not their class's ----------------------------------------------
+
+
+class DoubledLinear(nn.Linear):
+    def forward(self, x):  # a subclass with its own forward: nn.Linear's formula would be 2x off
+        return F.linear(x, 2 * self.weight, self.bias)
+
+
+class ChannelLayerNorm(nn.LayerNorm):
+    """ConvNeXt's LayerNorm2d: a LayerNorm over the channels of NCHW."""
+
+    def forward(self, x):
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                            self.eps).permute(0, 3, 1, 2)
+
+
+class PaddedConv(nn.Conv2d):
+    """timm's Conv2dSame: the padding in forward, the convolution unpadded."""
+
+    def forward(self, x):
+        return F.conv2d(F.pad(x, (0, 1, 0, 1)), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class StandardisedConv(nn.Conv2d):
+    """timm's StdConv2d: the weight standardised per output channel in forward."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.var((1, 2, 3), keepdim=True, unbiased=False) + 1e-5).sqrt()
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: the activation inside the norm module."""
+
+    def forward(self, x):
+        return F.silu(super().forward(x))
+
+
+class Vision(nn.Module):
+    def __init__(self, conv=nn.Conv2d, norm=None, width=5):
+        super().__init__()
+        self.conv = conv(2, 3, 3)
+        self.norm = norm(3) if norm else nn.Identity()
+        self.head = nn.Linear(3 * width * width, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.norm(self.conv(x))).flatten(1))
+
+
+def batchnorm_with_statistics(c):
+    bn = BatchNormAct(c).double()
+    g = torch.Generator().manual_seed(4)
+    bn.running_mean.copy_(torch.randn(c, generator=g, dtype=torch.float64))
+    bn.running_var.copy_(torch.rand(c, generator=g, dtype=torch.float64) + 0.5)
+    return bn
+
+
+VISION = {  # name: (model, input width)
+    "padded_conv": (lambda: Vision(PaddedConv, width=5), 6),
+    "standardised_conv": (lambda: Vision(StandardisedConv, width=4), 6),
+    "batchnorm_with_activation": (lambda: Vision(norm=batchnorm_with_statistics, width=4), 6),
+    "channel_layer_norm": (lambda: Vision(norm=ChannelLayerNorm, width=4), 6),
+    "channel_layer_norm_square": (lambda: Vision(norm=ChannelLayerNorm, width=3), 5),  # (W == C)
+}
+
+
+@pytest.mark.parametrize("name", list(VISION))
+def test_a_subclass_with_its_own_forward_never_gets_its_base_classs_formula(name):
+    build, width = VISION[name]
+    model, x = seeded(60, build), randn(N, 2, width, width, seed=61)
+    assert "per-module fallback" in norms_method(model, x, "auto")  # (the module's own forward, differentiated)
+    assert_exact(model, x)
+
+
+def test_a_linear_subclass_with_its_own_forward():
+    model, x = seeded(62, lambda: nn.Sequential(DoubledLinear(5, 4), nn.Tanh(), nn.Linear(4, 2))), randn(N, 5)
+    assert norms_method(model, x, "auto") == "fast (per-module fallback: 0)"
+    assert_exact(model, x)
+    assert_rel_close(per_sample_sq_grad_norms(model, x, method="fast"), brute_sq_norms(model, x))
+    with pytest.raises(ValueError, match=FAST_REFUSES_GRAD):  # (grad reg would be torch.func's)
+        regularizer_grad(model, x, method="fast")
+
+
+# -- hooks, and a forward that changes -------------------------------------------------------
+
+
+def mlp3():
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
+
+
+def test_a_forward_hook_that_changes_a_layers_output_is_part_of_the_graph():
+    model, x = seeded(63, mlp3), randn(N, 5)
+    handle = model[0].register_forward_hook(lambda module, args, out: 2 * out)
+    try:
+        assert norms_method(model, x) == "fast"  # (the trace records the layer's own output)
+        for method in ("auto", "fast"):
+            assert_exact(model, x, method)
+    finally:
+        handle.remove()
+
+
+def test_a_global_forward_hook_sends_the_model_to_the_whole_model_path():
+    model, x = seeded(64, mlp3), randn(N, 5)
+    hook = lambda module, args, out: 2 * out if isinstance(module, nn.Linear) and module.out_features == 4 else None
+    handle = nn.modules.module.register_module_forward_hook(hook)
+    try:
+        assert norms_method(model, x, "auto") == "vmap"
+        assert_exact(model, x)
+        with pytest.raises(ValueError, match=r"parameter '0\.weight' .* off autograd's"):
+            per_sample_sq_grad_norms(model, x, method="fast")
+    finally:
+        handle.remove()
+
+
+class ReadsLater(nn.Module):
+    """A forward that starts using a child's weight outside the child after a first probe."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.outside = nn.Linear(5, 4), nn.Linear(4, 2), False
+
+    def forward(self, x):
+        out = self.l2(torch.tanh(self.l1(x)))
+        return out + x[:, :2] * self.l1.weight[:2, :2].sum() if self.outside else out
+
+
+def test_a_forward_changed_after_a_call_is_certified_anew():
+    model, x = seeded(65, ReadsLater), randn(N, 5)
+    assert norms_method(model, x, "auto") == "fast"
+    assert_exact(model, x)
+    model.outside = True  # (the same shapes: the sizing forward's cache cannot tell)
+    assert norms_method(model, x, "auto") == "vmap"
+    assert_exact(model, x)
+    with pytest.raises(ValueError, match="'l1.weight' .* off autograd's"):
+        per_sample_sq_grad_norms(model, x, method="fast")
+
+
+def test_a_verdict_is_kept_per_graph_and_a_new_graph_is_certified(monkeypatch):
+    from noisy_label_sgd.engines import certificate
+
+    runs = []
+    original = certificate.run_certificate
+    monkeypatch.setattr(certificate, "run_certificate", lambda *a: runs.append(1) or original(*a))
+    model, x = seeded(66, mlp3), randn(N, 5)
+    for _ in range(3):
+        per_sample_sq_grad_norms(model, x)
+    assert len(runs) == 1
+    handle = model[2].register_forward_hook(lambda module, args, out: out * 3)
+    try:
+        per_sample_sq_grad_norms(model, x)
+        per_sample_sq_grad_norms(model, x)
+    finally:
+        handle.remove()
+    assert len(runs) == 2
+
+
+# -- the certificate catches a wrong formula at run time -------------------------------------
+
+
+def plant(monkeypatch, **changes):
+    """nn.Linear's closed form with some of its parts replaced, for this test only."""
+    import dataclasses
+
+    from noisy_label_sgd.engines import closed_forms
+
+    registry = dict(closed_forms.CLOSED_FORMS)
+    registry[nn.Linear] = dataclasses.replace(registry[nn.Linear], **changes)
+    monkeypatch.setattr(closed_forms, "CLOSED_FORMS", registry)
+
+
+def test_a_formula_with_a_wrong_factor_is_caught_at_run_time(monkeypatch):
+    from noisy_label_sgd.engines import closed_forms
+
+    right = closed_forms.CLOSED_FORMS[nn.Linear].sq_norms
+    plant(monkeypatch, sq_norms=lambda module, a, g, trainable, memo: 1.01 * right(module, a, g, trainable, memo))
+    model, x = seeded(67, lambda: nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Conv1d(1, 1, 1), nn.Flatten())), \
+        randn(N, 1, 5)
+    assert norms_method(model, x, "auto") == "fast (per-module fallback: 0)"
+    assert_exact(model, x)
+    with pytest.raises(ValueError, match=r"closed form of module '0' \(Linear\) fails its certificate.* norm is 0.0"):
+        per_sample_sq_grad_norms(model, x, method="fast")
+
+
+def test_a_formula_with_a_transposed_input_is_caught_at_run_time(monkeypatch):
+    from noisy_label_sgd.engines import closed_forms
+
+    def transposed(module, a, g, trainable):  # (square: the shapes cannot tell)
+        right = closed_forms.linear_contract(module, a, g, trainable)
+        return {**right, "weight": right["weight"].T}
+
+    plant(monkeypatch, contract=transposed)
+    model, x = seeded(68, lambda: nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Conv1d(1, 1, 1), nn.Flatten())), \
+        randn(N, 1, 4)
+    assert norms_method(model, x, "auto") == "fast (per-module fallback: 0)"
+    assert_exact(model, x)
+    with pytest.raises(ValueError, match=r"closed form of module '0' \(Linear\) fails its certificate.* gradient is"):
+        regularizer_grad(model, x, method="fast")
+
+
+def test_the_tolerance_is_the_square_root_of_the_dtypes_eps():
+    from noisy_label_sgd.engines.certificate import tolerance
+
+    assert tolerance(torch.float64) == pytest.approx(1.49e-8, rel=1e-2)
+    assert tolerance(torch.float32) == pytest.approx(3.45e-4, rel=1e-2)
+    assert tolerance(torch.bfloat16) == pytest.approx(0.0884, rel=1e-2)
+
+
+# -- a weight reused at the output, and the torch.func fallback's own contexts -----------------
+
+
+class TiedAtOutput(nn.Module):
+    """``z @ self.emb.weight.T`` at the output after ``self.emb(x)`` (6 samples x 5 outputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.mix = nn.Embedding(5, 3), nn.Linear(3, 3)
+
+    def forward(self, ids):
+        return torch.tanh(self.mix(self.emb(ids).mean(1))) @ self.emb.weight.T
+
+
+@pytest.mark.parametrize("method", ["auto", "vmap"])
+@pytest.mark.parametrize("solver", ["dense", "lsqr"])
+def test_a_weight_reused_at_the_output_is_projected_into_the_null_space(method, solver):
+    model = seeded(69, TiedAtOutput)
+    ids = torch.randint(0, 5, (6, 4), generator=torch.Generator().manual_seed(3))
+    J = brute_jacobian(model, ids)
+    v = vector(model)
+    projected = flat(model, tangent_projection(model, ids, v, method=method, solver=solver))
+    assert float((J @ projected).norm()) <= 1e-9 * float(flat(model, v).norm())
+    assert_rel_close(projected, svd_tangent_projection(J, flat(model, v)), rtol=0, atol=1e-8)
+
+
+class Scale(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, d, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.weight * x
+
+
+class TiedPaddedWithCustom(nn.Module):
+    """A padded embedding tied to the head, and a module without a closed form: the norms on the
+    fast engine, grad reg by torch.func, whose forward mode must hold the padding row constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(6, 4, padding_idx=0)
+        self.scale = Scale(4)
+        self.head = nn.Linear(4, 6, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.scale(self.emb(ids)))).mean(1)[:, :2]
+
+
+def test_the_torch_func_fallback_runs_in_its_own_contexts():
+    model = seeded(70, TiedPaddedWithCustom)
+    ids = torch.randint(0, 6, (N, 3), generator=torch.Generator().manual_seed(4))
+    assert norms_method(model, ids, "auto", memory_budget=1 << 14) == "fast (per-module fallback: scale)"
+    grad = regularizer_grad(model, ids, memory_budget=1 << 14)
+    assert_rel_close(flat(model, grad), brute_reg_grad(model, ids))
+    report = RegularizerProbe(model, ids, memory_budget=1 << 14)()
+    assert_rel_close(report.reg_grad_norm, float(brute_reg_grad(model, ids).norm()))
+
+
+def test_under_autocast_the_fallback_computes_in_the_parameters_dtype():
+    model = seeded(71, lambda: nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), Scale(4), nn.Linear(4, 1))).float()
+    x = randn(N, 4).float()
+    expected = regularizer_grad(model, x, memory_budget=1 << 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert norms_method(model, x, "auto", memory_budget=1 << 12) == "fast (per-module fallback: 2)"
+        grad = regularizer_grad(model, x, memory_budget=1 << 12)
+        RegularizerProbe(model, x, memory_budget=1 << 12)()
+    assert_rel_close(flat(model, grad), flat(model, expected), rtol=1e-5)
+
+
+def test_method_fast_refuses_the_same_way_for_every_question():
+    model, x = seeded(72, lambda: nn.Sequential(nn.Linear(4, 4), Scale(4), nn.Linear(4, 1))), randn(N, 4)
+    for ask in (lambda: regularizer_grad(model, x, method="fast"),
+                lambda: RegularizerProbe(model, x, method="fast")(),
+                lambda: implicit_regularizer(model, x, method="fast", create_graph=True)):
+        with pytest.raises(ValueError, match=FAST_REFUSES_GRAD):
+            ask()
+
+
+# -- what every engine checks first ------------------------------------------------------------
+
+
+class BatchCentred(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(5, 3)
+
+    def forward(self, x):
+        z = torch.tanh(self.l(x))
+        return z - z.mean(0, keepdim=True)
+
+
+class BatchSized(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(5, 1)
+
+    def forward(self, x):
+        return self.l(x) / x.shape[0]
+
+
+@pytest.mark.parametrize("build", [BatchCentred, BatchSized])
+def test_a_model_whose_samples_are_not_independent_is_refused_by_every_entry_point(build):
+    model, x = seeded(73, build), randn(8, 5)
+    for method in ("auto", "fast", "vmap"):
+        for ask in (lambda: per_sample_sq_grad_norms(model, x, method=method),
+                    lambda: RegularizerProbe(model, x, method=method)()):
+            with pytest.raises(ValueError, match="depends on the other samples of the batch"):
+                ask()
+
+
+class NoGradInside(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.l, self.out, self.how = nn.Linear(5, 3), nn.Linear(3, 1), how
+
+    def forward(self, x):
+        if self.how == "no_grad":
+            with torch.no_grad():
+                z = self.l(x)
+        elif self.how in ("reentrant", "non_reentrant"):
+            z = checkpoint(lambda t: torch.tanh(self.l(t)), x, use_reentrant=self.how == "reentrant")
+        else:
+            z = torch.tanh(self.l(x))
+        return self.out(z)
+
+
+@pytest.mark.parametrize("how, message", [("no_grad", "'l.weight' is used under torch.no_grad()"),
+                                          ("reentrant", "'l.weight' is used under torch.no_grad()"),
+                                          ("non_reentrant", "'l.weight' is used inside torch.utils.checkpoint")])
+def test_a_parameter_without_gradient_or_inside_a_checkpoint_is_refused_naming_it(how, message):
+    model, x = seeded(74, lambda: NoGradInside(how)), randn(8, 5)
+    for method in ("auto", "fast", "vmap"):
+        with pytest.raises(ValueError, match=message):
+            per_sample_sq_grad_norms(model, x, method=method)
+    model.how = "plain"  # (the same model without it: a new check, exact)
+    assert_rel_close(per_sample_sq_grad_norms(model, x), brute_sq_norms(model, x), rtol=FLOAT64_RTOL)
