@@ -111,7 +111,7 @@ def graph_signature(h: torch.Tensor, owners: list[Owner]) -> tuple:
         stack.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
     nodes = tuple((type(node).__name__, tuple((None if m is None else position.get(m), i) for m, i in node.next_functions),
                    id(getattr(node, "variable", None))) for node in order)
-    records = tuple((o.name, o.contract is not None,
+    records = tuple((o.name, o.contract is not None, o.original is not None,
                      tuple((position.get(c.edge.node), c.edge.output_nr) for c in o.calls)) for o in owners)
     return (tuple(h.shape[1:]), nodes, records)
 
@@ -126,7 +126,9 @@ def run_certificate(owners: list[Owner], h: torch.Tensor, parameters: dict[str, 
     generator = torch.Generator().manual_seed(CERTIFICATE_SEED)
     u = torch.randn(n, k, generator=generator, dtype=torch.float64).to(h.device, h.dtype)
     sample = int(torch.randint(n, (), generator=generator))
-    records = [(o, c) for o in owners for c in o.calls]
+    # (an operation's owner brings its module's own call: its own forward, where the formula fails)
+    records = [(o, c) for o in owners for c in o.calls] + \
+        [(o.original, c) for o in owners if o.original is not None for c in o.original.calls]
     names = {id(p): name for name, p in parameters.items()}
     leaves = list(parameters.values())
     with torch.enable_grad():
@@ -156,7 +158,8 @@ def run_certificate(owners: list[Owner], h: torch.Tensor, parameters: dict[str, 
         users = {id(o): o for o in owners for p in failed if any(q is p for q in o.params.values()) and o.contract}
         with torch.no_grad():
             for i, o in users.items():
-                implied[i] = own_forward_contract(o, by_owner[i])
+                module_call = o.original or o
+                implied[i] = renamed(own_forward_contract(module_call, by_owner[id(module_call)]), module_call, o)
             again = torch.stack([e for _, e in _errors(owners, implied, autograd, only=failed)]).tolist()
         for p, e in zip(failed, again):
             if e > limit:
@@ -216,6 +219,12 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a, b = a.double(), b.double()
     scale = torch.maximum(a.norm(), b.norm())
     return torch.where(scale > 0, (a - b).norm() / scale, torch.zeros_like(scale))
+
+
+def renamed(gradients: dict[str, torch.Tensor], source: Owner, target: Owner) -> dict[str, torch.Tensor]:
+    """Gradients named as ``source`` names its parameters, named as ``target`` does."""
+    names = {id(p): name for name, p in source.params.items()}
+    return {name: gradients[names[id(p)]] for name, p in target.params.items() if names.get(id(p)) in gradients}
 
 
 def own_forward_contract(owner: Owner, grads: list[torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -63,7 +63,7 @@ from .functional import cat_or_one
 from .gram import gram, gram_inner, squared_norms
 from .group_norm import per_sample_affine_sq_norms
 from .recurrent import is_stock_recurrent
-from .trace import FastPathUnsupported, Owner, input_over_calls, owners_of
+from .trace import Call, FastPathUnsupported, Owner, input_over_calls, owners_of
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,10 @@ def bind(owners: list[Owner]) -> None:
     input tensor share one memo."""
     memos: dict[tuple[int, int], dict] = {}  # (id of the input, its sample dim) -> memo
     memo_of = lambda call, d=0: memos.setdefault((id(call.args[0]), d), call.memo)
-    for o in owners:
+    for i, o in enumerate(owners):
+        op_owner = operation_owner(o)
+        if op_owner is not None:
+            owners[i] = o = op_owner
         call = o.calls[0]
         if o.affine:  # (applied at several time steps: the steps are positions)
             weight, bias = (next((name for name in o.params if kind in name), None) for kind in ("weight", "bias"))
@@ -163,7 +166,7 @@ def bind(owners: list[Owner]) -> None:
             o.one_sample = partial(_affine_one_sample, a, weight, bias)
             continue
         own = {n for n, p in o.module._parameters.items() if p is not None and p.requires_grad}
-        form = closed_form_of(o.module)
+        form = o.form or closed_form_of(o.module)
         if form is None or len(o.calls) != 1 or call.kwargs or len(call.args) != 1 or set(o.params) != own:
             continue
         trainable = frozenset(o.params)
@@ -180,6 +183,66 @@ def bind(owners: list[Owner]) -> None:
         if o.closed_form is not None:
             o.contract = lambda grads, form=form, o=o, a=a, t=trainable: form.contract(o.module, a, grads[0], t)
             o.one_sample = partial(_one_sample, form, o.module, a, d, trainable)
+
+
+def operation_owner(o: Owner) -> Owner | None:
+    """The owner made of the one operation a module without a closed form of its own applied to
+    all its parameters (:mod:`~noisy_label_sgd.engines.ops`), where that operation has one: a
+    ``F.linear`` as an affine map, a stock layer's operation with the module's own arguments (a
+    subclass that pads, permutes or activates around it) by that layer's closed form. None
+    where there is none."""
+    if o.affine or o.original is not None or len(o.calls) != 1 or o.calls[0].op is None:
+        return None
+    op = o.calls[0].op
+    if op.sample_dim is None or op.edge is None:
+        return None
+    module, arguments = o.module, op.arguments
+    form = None
+    if op.kind == "linear":
+        if op.sample_dim != 0 or "weight" not in op.params:  # (an affine map's input: samples first)
+            return None
+    else:
+        form = _stock_form(module, op.kind, arguments)
+        if form is None or any(getattr(module, slot, None) is not p for slot, p in op.params.items()):
+            return None
+    call = Call((op.input,), {}, op.edge, op.shape, op.dtype, op.device, sample_dim=op.sample_dim, op=op)
+    return Owner(o.name, module, dict(op.params), [call], affine=op.kind == "linear", original=o, form=form)
+
+
+def _stock_form(module: nn.Module, kind: str, arguments: dict) -> ClosedForm | None:
+    """The closed form of the stock layer whose operation ``kind`` the module applied, where the
+    module is one and the operation's arguments are its own (its formula reads them off it)."""
+    same = lambda name, value, default=None: arguments.get(name, default) == value
+    pair = lambda v, d: tuple(v) if isinstance(v, (tuple, list)) else (v,) * d
+    if kind in ("conv1d", "conv2d"):
+        d = 1 if kind == "conv1d" else 2
+        if not isinstance(module, nn.Conv1d if d == 1 else nn.Conv2d) or isinstance(arguments.get("padding"), str):
+            return None
+        if (pair(arguments.get("stride", 1), d), pair(arguments.get("padding", 0), d), pair(arguments.get("dilation", 1), d),
+                arguments.get("groups", 1)) != (module.stride, module.padding, module.dilation, module.groups):
+            return None
+        form = CLOSED_FORMS[nn.Conv1d if d == 1 else nn.Conv2d]
+    elif kind == "layer_norm" and isinstance(module, nn.LayerNorm):
+        if tuple(arguments.get("normalized_shape", ())) != module.normalized_shape or not same("eps", module.eps, 1e-5):
+            return None
+        form = CLOSED_FORMS[nn.LayerNorm]
+    elif kind == "group_norm" and isinstance(module, nn.GroupNorm):
+        if not same("num_groups", module.num_groups) or not same("eps", module.eps, 1e-5):
+            return None
+        form = CLOSED_FORMS[nn.GroupNorm]
+    elif kind == "batch_norm" and isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if (arguments.get("running_mean") is not module.running_mean or arguments.get("running_var") is not
+                module.running_var or arguments.get("training", False) or not same("eps", module.eps, 1e-5)):
+            return None
+        form = CLOSED_FORMS[nn.BatchNorm2d]
+    elif kind == "embedding" and isinstance(module, nn.Embedding):
+        if not (same("padding_idx", module.padding_idx) and arguments.get("max_norm") is None
+                and not arguments.get("scale_grad_by_freq", False)):
+            return None
+        form = CLOSED_FORMS[nn.Embedding]
+    else:
+        return None
+    return form if form.applies(module) else None
 
 
 def _stacked(grads: list[torch.Tensor]) -> torch.Tensor:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 from torch import nn
 
 from .backward import asked, batched, kernels_apply, tensor_inputs
@@ -34,12 +35,19 @@ _original = {"conv1d": nn.functional.conv1d, "conv2d": nn.functional.conv2d}
 
 
 def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """``F.conv1d``, the same numbers, with the backward of :mod:`this module <.convolution>`."""
+    """``F.conv1d``, the same numbers, with the backward of :mod:`this module <.convolution>`
+    (seen by torch function modes as itself, as ``F.conv1d`` is: the trace's op recorder)."""
+    if has_torch_function_variadic(input, weight, bias):
+        return handle_torch_function(conv1d, (input, weight, bias), input, weight, bias, stride, padding, dilation,
+                                     groups)
     return _convolution("conv1d", 1, input, weight, bias, stride, padding, dilation, groups)
 
 
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """``F.conv2d``, the same numbers, with the backward of :mod:`this module <.convolution>`."""
+    if has_torch_function_variadic(input, weight, bias):
+        return handle_torch_function(conv2d, (input, weight, bias), input, weight, bias, stride, padding, dilation,
+                                     groups)
     return _convolution("conv2d", 2, input, weight, bias, stride, padding, dilation, groups)
 
 

@@ -347,8 +347,11 @@ def traced(model, batch: Batch, parameters: ParamDict | None = None, strict: boo
                 f"the closed form of module {o.name!r} ({type(o.module).__name__}) fails its certificate on this "
                 f"model: its {mismatch.what} is {mismatch.relative:.2g} (relative) off autograd's (a forward that "
                 "is not its class's, a forward hook, a formula registered wrong); method='auto' falls back for it")
-        o.closed_form = o.gram = o.contract = o.one_sample = None
-        o.bare = False
+        if o.original is not None:  # (the module's own call again, by its per-module fallback)
+            owners[owners.index(o)] = o.original
+        else:
+            o.closed_form = o.gram = o.contract = o.one_sample = None
+            o.bare = False
     return owners, h
 
 

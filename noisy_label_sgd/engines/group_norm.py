@@ -46,6 +46,7 @@ import math
 from functools import lru_cache
 
 import torch
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from .backward import asked, batched, kernels_apply, tensor_inputs
 from .gram import squared_norms
@@ -56,6 +57,8 @@ def group_norm(input: torch.Tensor, num_groups: int, weight: torch.Tensor | None
     """``F.group_norm``, the same numbers, with a twice-differentiable backward of few operations.
     Falls back to ``F.group_norm`` where the fused kernel does not apply (torch.func transforms,
     mixed dtypes)."""
+    if has_torch_function_variadic(input, weight, bias):  # (seen by modes as itself, as F.group_norm is)
+        return handle_torch_function(group_norm, (input, weight, bias), input, num_groups, weight, bias, eps)
     if not kernels_apply(input, weight, bias):
         return _original_group_norm(input, num_groups, weight, bias, eps)
     # (the backward kernel misreads a channels-last input beside a contiguous gradient: both
@@ -73,6 +76,8 @@ def layer_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | Non
     one position each): the same numbers, with :func:`group_norm`'s second derivative. The input
     keeps its shape (the kernels are told the rows and channels: no view to record and
     differentiate twice)."""
+    if has_torch_function_variadic(input, weight, bias):
+        return handle_torch_function(layer_norm, (input, weight, bias), input, normalized_shape, weight, bias, eps)
     size = 1
     for d in normalized_shape:
         size *= d

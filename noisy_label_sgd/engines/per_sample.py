@@ -136,6 +136,8 @@ def module_per_sample_grads(owner: Owner, grads: list[torch.Tensor], n: int) -> 
         def sample_output(p, *values):
             full = [t.unsqueeze(0) if b else t for t, b in zip(values, batched)]
             split = len(full) - len(names)
+            if owner.original is not None:  # (an operation's owner: the operation, not the module)
+                return call.op.apply(full[0], p)[0]
             out = functional_call(OwnForward(owner.module), {f"module.{k}": v for k, v in p.items()},
                                   tuple(full[:split]), dict(zip(names, full[split:])))
             return (out[0] if isinstance(out, tuple) else out)[0]

@@ -29,6 +29,7 @@ from torch.overrides import TorchFunctionMode
 
 from .attention import self_attention_forward
 from .functional import Batch, per_sample_outputs
+from .ops import OpCall, OpRecorder, Watch
 from .recurrent import is_stock_recurrent, unrolled_forward
 from .torch_internals import EDGES_OWNED
 
@@ -63,6 +64,9 @@ class Call:
     sample_dim: int = 0
     # what every output direction reuses: the input's per-sample squared norms (2-D inputs)
     memo: dict = field(default_factory=dict, repr=False)
+    # the one recognised operation that took all the module's trainable parameters, where the
+    # module was watched (:mod:`~noisy_label_sgd.engines.ops`)
+    op: OpCall | None = None
 
 
 @dataclass
@@ -90,6 +94,11 @@ class Owner:
     one_sample: Callable[[list[torch.Tensor], int], tuple[torch.Tensor, torch.Tensor]] | None = None
     # closed_form also takes one direction's gradient bare, [*y] (see ClosedForm.bare)
     bare: bool = False
+    # an owner made of the one operation its module applied (:mod:`~noisy_label_sgd.engines.ops`):
+    # the module-level owner it replaces (restored where its formula fails the certificate), and
+    # the closed form of that operation
+    original: Owner | None = None
+    form: object | None = None
 
 
 def input_over_calls(owner: Owner) -> torch.Tensor:
@@ -125,24 +134,38 @@ def gradient_edge(t: torch.Tensor) -> torch.autograd.graph.GradientEdge:
     return torch.autograd.graph.GradientEdge(t.grad_fn, t.output_nr, ownership_token=t)
 
 
-def record(owners: list[Owner], model: nn.Module, batch: Batch, expand: frozenset[str] = frozenset()) -> torch.Tensor:
-    """The model's forward with a hook on every owner that records its calls.
+def record(owners: list[Owner], model: nn.Module, batch: Batch, expand: frozenset[str] = frozenset(),
+           watched: frozenset[str] = frozenset()) -> torch.Tensor:
+    """The model's forward with a hook on every owner that records its calls, and the operations
+    that take the parameters of the owners named in ``watched`` (:class:`~.ops.OpRecorder`).
 
     The owners named in ``expand`` return an output shared by all samples ([1, ...], broadcast
     by what follows): expanded to the batch (and their inputs with it), so that the backward
     reaches one copy per sample and their gradients are per sample.
     """
     n = batch[0].shape[0]
+    recorder = OpRecorder(gradient_edge)
+
+    def make_watch(owner: Owner):
+        params = {id(p): p for p in owner.params.values()}
+        return lambda module, args: recorder.running.append((params, Watch())) and None
 
     def make_hook(owner: Owner):
         def hook(module, args, kwargs, output):
+            call, replaced = record_call(module, args, kwargs, output)
+            if owner.name in watched:
+                call.op = recorder.running.pop()[1].single(owner.params)
+            return replaced
+
+        def record_call(module, args, kwargs, output) -> tuple[Call, torch.Tensor | None]:
+            """The call recorded, and the output that replaces the module's (None: its own)."""
             if owner.name in expand and isinstance(output, torch.Tensor) and output.dim() and output.shape[0] == 1:
                 output = output.expand(n, *output.shape[1:])
                 args = tuple(t.expand(n, *t.shape[1:]) if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 1
                              else t for t in args)
                 owner.calls.append(Call(args, kwargs, _call_of(args, output).edge, output.shape, output.dtype,
                                         output.device))
-                return output
+                return owner.calls[-1], output
             several = isinstance(output, tuple) and any(t is not None for t in output[1:])
             # a tuple whose other entries are None (nn.MultiheadAttention, need_weights=False),
             # or a module traced written out (its affine maps are what the closed forms see)
@@ -156,12 +179,14 @@ def record(owners: list[Owner], model: nn.Module, batch: Batch, expand: frozense
                     raise FastPathUnsupported(f"the output of module {owner.name!r} is not differentiable")
                 edge = gradient_edge(output)
             owner.calls.append(Call(args, kwargs, edge, output.shape, output.dtype, output.device, several))
+            return owner.calls[-1], None
 
         return hook
 
     # first among the module's forward hooks: what the module's own forward returned (a user's
     # hook that changes the output is then an op of the graph after it)
     handles = [o.module.register_forward_hook(make_hook(o), with_kwargs=True, prepend=True) for o in owners]
+    handles += [o.module.register_forward_pre_hook(make_watch(o), prepend=True) for o in owners if o.name in watched]
     written_out = {}  # owner -> the instance forward it had before (None: the class's)
     for o in owners:
         own = vars(o.module).get("forward")
@@ -172,7 +197,11 @@ def record(owners: list[Owner], model: nn.Module, batch: Batch, expand: frozense
             written_out[id(o)] = (o, own)
             o.module.forward = unrolled_forward(o.module, record=_packer(o))
     try:
-        out = model(*batch)
+        if watched:
+            with recorder:
+                out = model(*batch)
+        else:
+            out = model(*batch)
     finally:
         for h in handles:
             h.remove()
@@ -246,19 +275,32 @@ def trace(model: nn.Module, batch: Batch) -> tuple[list[Owner], torch.Tensor]:
     layout = one_sample_layout(model, batch)
     owners = owners_of(model)
     with torch.enable_grad():
-        h = per_sample_outputs(record(owners, model, batch, layout.expanded), batch)
+        h = per_sample_outputs(record(owners, model, batch, layout.expanded, layout.watched), batch)
     owners = _split_packed(_merge_uncalled(owners))
-    set_sample_dims(owners, layout.sample_dims)
+    set_sample_dims(owners, layout.sample_dims, layout.op_sample_dims)
     return owners, h
 
 
-def set_sample_dims(owners: list[Owner], sample_dims: dict[str, list[int | None]]) -> None:
-    """Where the samples run in every recorded output (``Call.sample_dim``; the written-out
-    maps' are samples-first by construction): a closed form that treats leading dims as
-    positions takes any dim, the others only dim 0."""
+def watched_owners(owners: list[Owner]) -> frozenset[str]:
+    """The owners whose class has no closed form that applies (or is not what their forward
+    computes): the trace records the operations that take their parameters."""
+    from .closed_forms import closed_form_of  # (the closed forms read the trace's records)
+
+    return frozenset(o.name for o in owners if closed_form_of(o.module) is None
+                     and not isinstance(o.module, nn.MultiheadAttention) and not is_stock_recurrent(o.module))
+
+
+def set_sample_dims(owners: list[Owner], sample_dims: dict[str, list[int | None]],
+                    op_sample_dims: dict[str, list[int | None]] | None = None) -> None:
+    """Where the samples run in every recorded output (``Call.sample_dim``, and its operation's,
+    ``OpCall.sample_dim``; the written-out maps' are samples-first by construction): a closed
+    form that treats leading dims as positions takes any dim, the others only dim 0."""
     for o in owners:
         if o.affine:
             continue
+        for call, d in zip(o.calls, (op_sample_dims or {}).get(o.name, [])):
+            if call.op is not None:
+                call.op.sample_dim = d
         dims = sample_dims.get(o.name, [])
         if len(dims) != len(o.calls):
             raise FastPathUnsupported(f"module {o.name!r} is called {len(o.calls)} times for this batch but "
@@ -282,6 +324,10 @@ class Layout:
     sample_dims: dict[str, list[int | None]]
     # owners whose output is shared by all samples, traced expanded to the batch (see record)
     expanded: frozenset[str]
+    # owners whose operations the trace records (:func:`watched_owners`), and per call the
+    # sample dim of the recorded operation's output (None: none, or no operation)
+    watched: frozenset[str]
+    op_sample_dims: dict[str, list[int | None]]
 
 
 # The one-sample forward per model and per-sample input signature: a probe calls with the same
@@ -299,15 +345,19 @@ def one_sample_layout(model: nn.Module, batch: Batch) -> Layout:
     layouts = _LAYOUTS.setdefault(model, {})
     if signature not in layouts:
         owners, twice = owners_of(model), owners_of(model)
+        watched = watched_owners(owners)
         two = tuple(t[:1].expand(2, *t.shape[1:]) for t in batch)
         with torch.no_grad():
             with ParameterUses(model, owners) as uses:
-                out = record(owners, model, tuple(t[:1] for t in batch))
-            out_twice = record(twice, model, two)
+                out = record(owners, model, tuple(t[:1] for t in batch), watched=watched)
+            out_twice = record(twice, model, two, watched=watched)
         outside = sorted(name for name in uses.outside if any(o.name == name and o.calls for o in owners))
         floats = sum(c.shape.numel() for o in owners for c in [*o.calls, *(call for _, _, call in o.packed)])
         sample_dims = {o.name: [sample_dim(one.shape, two.shape) for one, two in zip(o.calls, t.calls)]
                        for o, t in zip(owners, twice) if len(o.calls) == len(t.calls)}
+        op_sample_dims = {o.name: [sample_dim(one.op.shape, two.op.shape) if one.op and two.op else None
+                                   for one, two in zip(o.calls, t.calls)]
+                          for o, t in zip(owners, twice) if o.name in watched and len(o.calls) == len(t.calls)}
         shared = frozenset(o.name for o in owners if o.name in sample_dims and any(
             d is None and c.shape[0] == 1 for d, c in zip(sample_dims[o.name], o.calls)))
         expanded = frozenset()
@@ -317,7 +367,8 @@ def one_sample_layout(model: nn.Module, batch: Batch) -> Layout:
                     expanded = shared
                     sample_dims = {name: [0 if name in shared and d is None else d for d in dims]
                                    for name, dims in sample_dims.items()}
-        layouts[signature] = Layout(out.numel(), floats, out.element_size(), outside, sample_dims, expanded)
+        layouts[signature] = Layout(out.numel(), floats, out.element_size(), outside, sample_dims, expanded, watched,
+                                    op_sample_dims)
     return layouts[signature]
 
 

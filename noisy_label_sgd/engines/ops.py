@@ -1,0 +1,133 @@
+"""The operations that consume a module's parameters, as a trace records them.
+
+A closed form is a formula for one operation (``F.linear``, ``F.conv2d``, ``F.layer_norm``, ...)
+on its input, not for a module class: a subclass that pads in ``forward`` (timm's Conv2dSame),
+permutes around its norm (ConvNeXt's LayerNorm2d) or applies an activation after it (timm's
+BatchNormAct2d) computes the same operation on another input, or leaves it at another output.
+While the trace runs such a module, :class:`OpRecorder` (a thread-local ``TorchFunctionMode``)
+watches every function that takes one of the module's own trainable parameters: where exactly one
+recognised operation takes them all, directly as its weight and bias, the module's call is
+recorded as that operation's (:class:`OpCall`: its input, its arguments, the gradient edge of its
+output), and the closed form binds to it (:func:`~noisy_label_sgd.engines.closed_forms.bind`).
+Any other use (``2 * weight``, a weight standardised first, two operations) leaves the module to
+its per-module fallback. The certificate (:mod:`~noisy_label_sgd.engines.certificate`) holds the
+result against autograd either way.
+
+Only modules whose class has no closed form of its own are watched (a mode adds host time to
+every function it sees: about 3 us a call on the CPU that measured it), and only while they run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from . import convolution, group_norm
+
+F = nn.functional
+
+# kind -> the positional names of its arguments (the functional signature), and where the
+# trainable parameters may sit
+_SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "linear": (("input", "weight", "bias"), ("weight", "bias")),
+    "conv1d": (("input", "weight", "bias", "stride", "padding", "dilation", "groups"), ("weight", "bias")),
+    "conv2d": (("input", "weight", "bias", "stride", "padding", "dilation", "groups"), ("weight", "bias")),
+    "layer_norm": (("input", "normalized_shape", "weight", "bias", "eps"), ("weight", "bias")),
+    "group_norm": (("input", "num_groups", "weight", "bias", "eps"), ("weight", "bias")),
+    "batch_norm": (("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+                   ("weight", "bias")),
+    "embedding": (("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
+                  ("weight",)),
+}
+
+# the functions of each kind (torch's, and the engines' own twice-differentiable ones, which
+# lean_second_order puts in their place)
+KINDS = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.layer_norm: "layer_norm",
+         F.group_norm: "group_norm", F.batch_norm: "batch_norm", F.embedding: "embedding",
+         convolution.conv1d: "conv1d", convolution.conv2d: "conv2d", group_norm.layer_norm: "layer_norm",
+         group_norm.group_norm: "group_norm"}
+
+
+@dataclass
+class OpCall:
+    """One recognised operation that took all of a module's trainable parameters."""
+
+    kind: str
+    input: torch.Tensor
+    arguments: dict  # the other arguments by their functional names ("stride", "eps", ...)
+    params: dict[str, nn.Parameter]  # its parameter slots ("weight", "bias") -> the module's parameter
+    edge: torch.autograd.graph.GradientEdge | None
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+    sample_dim: int | None = None  # where the samples run in its output (set after the trace)
+
+    def apply(self, input: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The operation again, on ``input`` with the parameters ``params`` (by slot) and its
+        other arguments as recorded."""
+        names, slots = _SIGNATURES[self.kind]
+        values = {**self.arguments, **params, "input": input}
+        return getattr(F, self.kind)(**{name: values[name] for name in names if name in values})
+
+
+@dataclass
+class Watch:
+    """What the recorder saw during one call of a watched module."""
+
+    ops: list[OpCall] = field(default_factory=list)
+    other_use: bool = False  # a parameter taken by anything else
+
+    def single(self, params: dict[str, nn.Parameter]) -> OpCall | None:
+        """The one operation that took every trainable parameter of the module, if that is all."""
+        if self.other_use or len(self.ops) != 1:
+            return None
+        op = self.ops[0]
+        return op if {id(p) for p in op.params.values()} == {id(p) for p in params.values()} else None
+
+
+class OpRecorder(TorchFunctionMode):
+    """Records, for the innermost watched module running (``running``: a stack of
+    (parameters by id, :class:`Watch`)), the operations that take its parameters."""
+
+    def __init__(self, gradient_edge) -> None:
+        super().__init__()
+        self.running: list[tuple[dict[int, nn.Parameter], Watch]] = []
+        self.gradient_edge = gradient_edge
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        if not self.running or not isinstance(result, torch.Tensor):  # (metadata is no use)
+            return result
+        params, watch = self.running[-1]
+        taken = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and id(t) in params]
+        if not taken:
+            return result
+        op = _op_call(func, args, kwargs, params, result, self.gradient_edge)
+        if op is None:
+            watch.other_use = True
+        else:
+            watch.ops.append(op)
+        return result
+
+
+def _op_call(func, args, kwargs, params, result, gradient_edge) -> OpCall | None:
+    kind = KINDS.get(func)
+    if kind is None:
+        return None
+    names, slots = _SIGNATURES[kind]
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    if not isinstance(bound.get("input"), torch.Tensor) or id(bound["input"]) in params:
+        return None
+    taken = {slot: bound[slot] for slot in slots if isinstance(bound.get(slot), torch.Tensor)}
+    others = [t for name, t in bound.items() if name not in slots and isinstance(t, torch.Tensor) and id(t) in params]
+    if others or not all(id(t) in params for t in taken.values()):
+        return None  # (a parameter as the input or a statistic, or a slot holding something derived)
+    edge = gradient_edge(result) if torch.is_grad_enabled() and result.grad_fn is not None else None
+    arguments = {name: value for name, value in bound.items() if name != "input" and name not in slots}
+    return OpCall(kind, bound["input"], arguments, {slot: params[id(t)] for slot, t in taken.items()}, edge,
+                  result.shape, result.dtype, result.device)
