@@ -275,12 +275,14 @@ def test_a_weight_reused_at_the_output_is_projected_into_the_null_space(method, 
 
 
 class Scale(nn.Module):
+    """No closed form: the weight through exp first (a scale x * w alone is an elementwise use)."""
+
     def __init__(self, d):
         super().__init__()
-        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, d, dtype=torch.float64))
+        self.weight = nn.Parameter(torch.linspace(-0.5, 0.5, d, dtype=torch.float64))
 
     def forward(self, x):
-        return self.weight * x
+        return self.weight.exp() * x
 
 
 class TiedPaddedWithCustom(nn.Module):
@@ -386,3 +388,55 @@ def test_a_parameter_without_gradient_or_inside_a_checkpoint_is_refused_naming_i
             per_sample_sq_grad_norms(model, x, method=method)
     model.how = "plain"  # (the same model without it: a new check, exact)
     assert_rel_close(per_sample_sq_grad_norms(model, x), brute_sq_norms(model, x), rtol=FLOAT64_RTOL)
+
+
+# -- bare parameters used elementwise ------------------------------------------------------------
+
+
+class LayerScaled(nn.Module):
+    """ConvNeXt's block: a depthwise convolution, a channel LayerNorm, a layer scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1, groups=3)
+        self.norm = ChannelLayerNorm(3)
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, 3))
+
+    def forward(self, x):
+        return x + self.norm(self.conv(x)).mul(self.gamma.reshape(1, -1, 1, 1))
+
+
+class TokenEmbeddings(nn.Module):
+    """A ViT's embeddings: patches by a Linear, a class token by cat, position embeddings by add."""
+
+    def __init__(self, d=4, patches=3):
+        super().__init__()
+        self.patch = nn.Linear(5, d)
+        self.cls_token = nn.Parameter(torch.linspace(-1, 1, d).view(1, 1, d))
+        self.position = nn.Parameter(torch.linspace(0, 1, (patches + 1) * d).view(1, patches + 1, d))
+
+    def forward(self, x):  # x: [n, patches, 5]
+        tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), self.patch(x)], dim=1)
+        return tokens + self.position
+
+
+class Pooled(nn.Module):
+    def __init__(self, body, width):
+        super().__init__()
+        self.body, self.head = body, nn.Linear(width, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x)).flatten(1))
+
+
+@pytest.mark.parametrize("name", ["layer_scale", "token_embeddings"])
+def test_bare_parameters_used_elementwise_are_on_the_fast_path(name):
+    if name == "layer_scale":
+        model, x = seeded(75, lambda: Pooled(LayerScaled(), 3 * 4 * 4)), randn(N, 3, 4, 4, seed=76)
+        expected = "fast"
+    else:
+        model, x = seeded(77, lambda: Pooled(TokenEmbeddings(), 4 * 4)), randn(N, 3, 5, seed=78)
+        expected = "fast"
+    assert norms_method(model, x, "auto") == expected
+    for method in ("auto", "fast"):
+        assert_exact(model, x, method)

@@ -681,14 +681,15 @@ def test_float32_grad_reg_and_every_solver_match_float64(name):
 
 
 class Scale(nn.Module):
-    """y = w * x elementwise: a layer the library has no closed form for, until one is registered."""
+    """y = exp(w) * x elementwise: a layer the library has no closed form for, until one is
+    registered (w * x alone is a bare parameter's elementwise use, written out)."""
 
     def __init__(self, d):
         super().__init__()
-        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, d, dtype=torch.float64))
+        self.weight = nn.Parameter(torch.linspace(-0.5, 0.5, d, dtype=torch.float64))
 
     def forward(self, x):
-        return self.weight * x
+        return self.weight.exp() * x
 
 
 def test_a_closed_form_registered_from_outside_is_used_and_differentiated(monkeypatch):
@@ -701,12 +702,12 @@ def test_a_closed_form_registered_from_outside_is_used_and_differentiated(monkey
     with pytest.raises(TypeError, match="needs contract="):
         register_closed_form(Scale)
 
-    def scale_contract(module, a, g, trainable):  # the per-sample g * a, summed over samples
-        return {"weight": (g * a).sum(0)}
+    def scale_contract(module, a, g, trainable):  # the per-sample g * a exp(w), summed over samples
+        return {"weight": (g * a * module.weight.exp()).sum(0)}
 
     @register_closed_form(Scale, contract=scale_contract)
-    def scale_sq_norms(module, a, g, trainable, memo):  # d h / d w = g * a, per sample
-        return (g * a).pow(2).sum(-1).sum(0)
+    def scale_sq_norms(module, a, g, trainable, memo):  # d h / d w = g * a exp(w), per sample
+        return (g * a * module.weight.exp()).pow(2).sum(-1).sum(0)
 
     report = RegularizerProbe(model, x)()
     assert report.method == "fast"  # no fallback, grad reg by the double backward

@@ -127,8 +127,8 @@ def run_certificate(owners: list[Owner], h: torch.Tensor, parameters: dict[str, 
     u = torch.randn(n, k, generator=generator, dtype=torch.float64).to(h.device, h.dtype)
     sample = int(torch.randint(n, (), generator=generator))
     # (an operation's owner brings its module's own call: its own forward, where the formula fails)
-    records = [(o, c) for o in owners for c in o.calls] + \
-        [(o.original, c) for o in owners if o.original is not None for c in o.original.calls]
+    originals = list({id(o.original): o.original for o in owners if o.original is not None}.values())
+    records = [(o, c) for o in owners for c in o.calls] + [(o, c) for o in originals for c in o.calls]
     names = {id(p): name for name, p in parameters.items()}
     leaves = list(parameters.values())
     with torch.enable_grad():

@@ -59,6 +59,7 @@ from torch import nn
 from . import functional
 from .backward import kernels_apply
 from .convolution import weight_gradient
+from .elementwise import elementwise_sq_norms
 from .functional import cat_or_one
 from .gram import gram, gram_inner, squared_norms
 from .group_norm import per_sample_affine_sq_norms
@@ -132,6 +133,14 @@ def closed_form_of(module: nn.Module) -> ClosedForm | None:
     return None
 
 
+def covered(owners: list[Owner]) -> bool:
+    """Whether every owner of a sizing forward (:func:`~noisy_label_sgd.engines.trace.one_sample_layout`)
+    has a closed form: its class's, or its operations' (none of them falls back)."""
+    return all(o.affine or isinstance(o.module, nn.MultiheadAttention) or is_stock_recurrent(o.module)
+               or closed_form_of(o.module) is not None or operation_owners(o, sizing=True) is not None
+               for o in owners)
+
+
 def closed_form_layers(model: nn.Module) -> bool:
     """Whether every module owning trainable parameters is of a registered type (or
     ``nn.MultiheadAttention`` or a recurrent layer, traced as affine maps); a look at the types
@@ -151,11 +160,21 @@ def bind(owners: list[Owner]) -> None:
     input tensor share one memo."""
     memos: dict[tuple[int, int], dict] = {}  # (id of the input, its sample dim) -> memo
     memo_of = lambda call, d=0: memos.setdefault((id(call.args[0]), d), call.memo)
-    for i, o in enumerate(owners):
-        op_owner = operation_owner(o)
-        if op_owner is not None:
-            owners[i] = o = op_owner
+    for i in reversed(range(len(owners))):  # (an owner may become several: its operations)
+        made = operation_owners(owners[i])
+        if made is not None:
+            owners[i:i + 1] = made
+    for o in owners:
         call = o.calls[0]
+        if o.elementwise is not None:
+            use, other, d = o.elementwise, call.args[0], call.sample_dim
+            o.closed_form = partial(elementwise_sq_norms, use, other, d)
+            o.bare = True
+            name = next(iter(o.params))
+            o.contract = lambda grads, use=use, other=other, d=d, name=name: {
+                name: use.per_sample(other, grads[0].unsqueeze(0), d).sum((0, 1))}
+            o.one_sample = partial(_elementwise_one_sample, use, other, d, name)
+            continue
         if o.affine:  # (applied at several time steps: the steps are positions)
             weight, bias = (next((name for name in o.params if kind in name), None) for kind in ("weight", "bias"))
             a = input_over_calls(o)
@@ -185,28 +204,36 @@ def bind(owners: list[Owner]) -> None:
             o.one_sample = partial(_one_sample, form, o.module, a, d, trainable)
 
 
-def operation_owner(o: Owner) -> Owner | None:
-    """The owner made of the one operation a module without a closed form of its own applied to
-    all its parameters (:mod:`~noisy_label_sgd.engines.ops`), where that operation has one: a
-    ``F.linear`` as an affine map, a stock layer's operation with the module's own arguments (a
-    subclass that pads, permutes or activates around it) by that layer's closed form. None
-    where there is none."""
-    if o.affine or o.original is not None or len(o.calls) != 1 or o.calls[0].op is None:
+def operation_owners(o: Owner, sizing: bool = False) -> list[Owner] | None:
+    """The owners made of the operations a module without a closed form of its own applied to
+    its parameters (:mod:`~noisy_label_sgd.engines.ops`), where each has one: a ``F.linear`` as
+    an affine map, a stock layer's operation with the module's own arguments (a subclass that
+    pads, permutes or activates around it) by that layer's closed form, a bare parameter's
+    elementwise use written out. None where one has none (the module falls back whole).
+    (``sizing``: of a forward without gradients, which records no edges.)"""
+    if o.affine or o.original is not None or len(o.calls) != 1 or not o.calls[0].ops:
         return None
-    op = o.calls[0].op
-    if op.sample_dim is None or op.edge is None:
-        return None
-    module, arguments = o.module, op.arguments
-    form = None
-    if op.kind == "linear":
-        if op.sample_dim != 0 or "weight" not in op.params:  # (an affine map's input: samples first)
+    made = []
+    for op in o.calls[0].ops:
+        if op.sample_dim is None or op.edge is None and not sizing:
             return None
-    else:
-        form = _stock_form(module, op.kind, arguments)
-        if form is None or any(getattr(module, slot, None) is not p for slot, p in op.params.items()):
-            return None
-    call = Call((op.input,), {}, op.edge, op.shape, op.dtype, op.device, sample_dim=op.sample_dim, op=op)
-    return Owner(o.name, module, dict(op.params), [call], affine=op.kind == "linear", original=o, form=form)
+        params, form = dict(op.params), None
+        if op.elementwise is not None:
+            if op.elementwise.view_shape[op.sample_dim] != 1:  # (shared by the samples, or not per-sample)
+                return None
+            params = {name: p for name, p in o.params.items() if p is op.elementwise.param}
+        elif op.kind == "linear":
+            if op.sample_dim != 0 or "weight" not in op.params:  # (an affine map's input: samples first)
+                return None
+        else:
+            form = _stock_form(o.module, op.kind, op.arguments)
+            if form is None or any(getattr(o.module, slot, None) is not p for slot, p in op.params.items()):
+                return None
+        call = Call((op.input,), {}, op.edge, op.shape, op.dtype, op.device, sample_dim=op.sample_dim, ops=[op])
+        name = o.name if len(o.calls[0].ops) == 1 else f"{o.name}.{next(iter(params))}"
+        made.append(Owner(name, o.module, params, [call], affine=op.kind == "linear", original=o, form=form,
+                          elementwise=op.elementwise))
+    return made
 
 
 def _stock_form(module: nn.Module, kind: str, arguments: dict) -> ClosedForm | None:
@@ -243,6 +270,13 @@ def _stock_form(module: nn.Module, kind: str, arguments: dict) -> ClosedForm | N
     else:
         return None
     return form if form.applies(module) else None
+
+
+def _elementwise_one_sample(use, other, d, name, grads, i) -> tuple[torch.Tensor, torch.Tensor]:
+    g_i = grads[0].narrow(d, i, 1)
+    other_i = None if other is None else other.narrow(d, i, 1)
+    formula = elementwise_sq_norms(use, other_i, d, g_i)
+    return formula.sum(), use.per_sample(other_i, g_i.unsqueeze(0), d).double().pow(2).sum()
 
 
 def _stacked(grads: list[torch.Tensor]) -> torch.Tensor:

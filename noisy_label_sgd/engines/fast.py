@@ -348,7 +348,10 @@ def traced(model, batch: Batch, parameters: ParamDict | None = None, strict: boo
                 f"model: its {mismatch.what} is {mismatch.relative:.2g} (relative) off autograd's (a forward that "
                 "is not its class's, a forward hook, a formula registered wrong); method='auto' falls back for it")
         if o.original is not None:  # (the module's own call again, by its per-module fallback)
-            owners[owners.index(o)] = o.original
+            if o in owners:  # (its other operations go with it)
+                at = owners.index(o)
+                owners[:] = [q for q in owners if q.original is not o.original]
+                owners.insert(at, o.original)
         else:
             o.closed_form = o.gram = o.contract = o.one_sample = None
             o.bare = False

@@ -9,8 +9,10 @@ watches every function that takes one of the module's own trainable parameters: 
 recognised operation takes them all, directly as its weight and bias, the module's call is
 recorded as that operation's (:class:`OpCall`: its input, its arguments, the gradient edge of its
 output), and the closed form binds to it (:func:`~noisy_label_sgd.engines.closed_forms.bind`).
-Any other use (``2 * weight``, a weight standardised first, two operations) leaves the module to
-its per-module fallback. The certificate (:mod:`~noisy_label_sgd.engines.certificate`) holds the
+Bare parameters used elementwise (a layer scale, position embeddings, a class token, through
+views of the parameter) are operations of their own (:mod:`~noisy_label_sgd.engines.elementwise`),
+one per parameter. Any other use (``2 * weight`` as a weight, a weight standardised first, a
+parameter taken twice) leaves the module to its per-module fallback. The certificate (:mod:`~noisy_label_sgd.engines.certificate`) holds the
 result against autograd either way.
 
 Only modules whose class has no closed form of its own are watched (a mode adds host time to
@@ -26,6 +28,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import convolution, group_norm
+from .elementwise import Elementwise, ParameterView, derived, use_of
 
 F = nn.functional
 
@@ -64,6 +67,8 @@ class OpCall:
     dtype: torch.dtype
     device: torch.device
     sample_dim: int | None = None  # where the samples run in its output (set after the trace)
+    # a bare parameter's elementwise use (``input``: the activations multiplied, or None)
+    elementwise: Elementwise | None = None
 
     def apply(self, input: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """The operation again, on ``input`` with the parameters ``params`` (by slot) and its
@@ -78,14 +83,17 @@ class Watch:
     """What the recorder saw during one call of a watched module."""
 
     ops: list[OpCall] = field(default_factory=list)
+    views: dict[int, ParameterView] = field(default_factory=dict)  # tensors that are views of a parameter
+    kept: list[torch.Tensor] = field(default_factory=list)  # (those tensors, alive while their ids are keys)
     other_use: bool = False  # a parameter taken by anything else
 
-    def single(self, params: dict[str, nn.Parameter]) -> OpCall | None:
-        """The one operation that took every trainable parameter of the module, if that is all."""
-        if self.other_use or len(self.ops) != 1:
+    def partition(self, params: dict[str, nn.Parameter]) -> list[OpCall] | None:
+        """The operations that took the module's trainable parameters, each its own, all of them
+        once; None where a parameter was used otherwise (or not at all)."""
+        if self.other_use or not self.ops:
             return None
-        op = self.ops[0]
-        return op if {id(p) for p in op.params.values()} == {id(p) for p in params.values()} else None
+        taken = [id(p) for op in self.ops for p in op.params.values()]
+        return self.ops if sorted(taken) == sorted(id(p) for p in params.values()) else None
 
 
 class OpRecorder(TorchFunctionMode):
@@ -103,10 +111,25 @@ class OpRecorder(TorchFunctionMode):
         if not self.running or not isinstance(result, torch.Tensor):  # (metadata is no use)
             return result
         params, watch = self.running[-1]
-        taken = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and id(t) in params]
-        if not taken:
+        flat = [t for a in (*args, *kwargs.values()) for t in (a if isinstance(a, (list, tuple)) else (a,))]
+        tensors = [t for t in flat if isinstance(t, torch.Tensor)]
+        if not any(id(t) in params or id(t) in watch.views for t in tensors):
             return result
-        op = _op_call(func, args, kwargs, params, result, self.gradient_edge)
+        view = derived(func, args, kwargs, result, watch.views, params)
+        if view is not None:  # (a view of a parameter: what takes it next is its use)
+            watch.views[id(result)] = view
+            watch.kept.append(result)
+            return result
+        op = None
+        if not any(id(t) in watch.views for t in tensors):
+            op = _op_call(func, args, kwargs, params, result, self.gradient_edge)
+        if op is None:
+            use = use_of(func, args, kwargs, result, watch.views, params)
+            if use is not None:
+                elementwise, other = use
+                edge = self.gradient_edge(result) if torch.is_grad_enabled() and result.grad_fn is not None else None
+                op = OpCall(elementwise.kind, other, {}, {"weight": elementwise.param}, edge, result.shape,
+                            result.dtype, result.device, elementwise=elementwise)
         if op is None:
             watch.other_use = True
         else:

@@ -22,6 +22,9 @@ def per_sample_grads(owner: Owner, grads: list[torch.Tensor], n: int) -> dict[st
     output directions: an affine map (a Linear, or a written-out map; its calls are positions)
     from its input and output gradients, a convolution by :func:`conv_per_sample_grads`, any
     other module by :func:`module_per_sample_grads`."""
+    if owner.elementwise is not None:  # (a bare parameter's elementwise use)
+        call = owner.calls[0]
+        return {name: owner.elementwise.per_sample(call.args[0], grads[0], call.sample_dim) for name in owner.params}
     if _plain_conv_owner(owner):
         return conv_per_sample_grads(owner, grads[0])
     if not (owner.affine or _linear_owner(owner)):
@@ -38,7 +41,7 @@ def per_sample_direct(owner: Owner) -> bool:
     """Whether the owner's per-sample gradients come without autograd (a Linear or affine map
     by einsum, a convolution by a grouped weight gradient): safe inside a backward hook, and
     differentiable once more."""
-    return owner.affine or _linear_owner(owner) or _plain_conv_owner(owner)
+    return owner.affine or owner.elementwise is not None or _linear_owner(owner) or _plain_conv_owner(owner)
 
 
 def _linear_owner(owner: Owner) -> bool:
@@ -137,7 +140,7 @@ def module_per_sample_grads(owner: Owner, grads: list[torch.Tensor], n: int) -> 
             full = [t.unsqueeze(0) if b else t for t, b in zip(values, batched)]
             split = len(full) - len(names)
             if owner.original is not None:  # (an operation's owner: the operation, not the module)
-                return call.op.apply(full[0], p)[0]
+                return call.ops[0].apply(full[0], p)[0]
             out = functional_call(OwnForward(owner.module), {f"module.{k}": v for k, v in p.items()},
                                   tuple(full[:split]), dict(zip(names, full[split:])))
             return (out[0] if isinstance(out, tuple) else out)[0]

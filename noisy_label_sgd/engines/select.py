@@ -8,7 +8,8 @@ the module types first and running the model only when it must:
    gets the jacobian engine for a small J (at most 64 rows n k and 2^18 entries), whatever the
    layers: one J then answers the norms, grad reg and the projection.
 1. every module owning trainable parameters has a closed form (or is
-   ``nn.MultiheadAttention``): the fast engine. Its norms cost about a training step, its grad
+   ``nn.MultiheadAttention``), by its class or, where that has none, by the operations it applies
+   (a sizing forward, cached, says: :func:`operations_covered`): the fast engine. Its norms cost about a training step, its grad
    reg a double backward, with no per-sample Jacobian ever formed; where the model turns out to
    need the whole-model path after all (a module returning a non-tuple structure, parameters used
    without calling their module), it hands every question to the vmap engine from then on.
@@ -28,10 +29,11 @@ from torch import nn
 
 from .closed_forms import closed_form_layers
 from .engine import Engine
-from .functional import Inputs, as_input_tuple, check_chunk_size, default_memory_budget, unwrapped
+from .functional import Inputs, as_input_tuple, check_chunk_size, default_memory_budget, evaluation_mode, unwrapped
 from .jacobian import JacobianEngine, is_small_jacobian
 from .preflight import check_model
 from .router import Router
+from .trace import FastPathUnsupported, one_sample_layout
 from .vmap import VmapEngine
 
 METHODS = ("auto", "fast", "vmap")
@@ -40,6 +42,16 @@ METHODS = ("auto", "fast", "vmap")
 def check_method(method: str) -> None:
     if method not in METHODS:
         raise ValueError(f"Invalid method: {method!r} (choose one of {METHODS})")
+
+
+def operations_covered(model: nn.Module, batch) -> bool:
+    """Whether a sizing forward (cached) finds a closed form for every module, by the operations
+    it applies where its class has none (:mod:`~noisy_label_sgd.engines.ops`)."""
+    with evaluation_mode(model):
+        try:
+            return one_sample_layout(model, batch).covered
+        except FastPathUnsupported:
+            return False
 
 
 def select_engine(model: nn.Module, inputs: Inputs, method: str = "auto", *, chunk_size: int | None = None,
@@ -64,7 +76,7 @@ def select_engine(model: nn.Module, inputs: Inputs, method: str = "auto", *, chu
     args = (model, batch, check_chunk_size(chunk_size), memory_budget)
     if method == "vmap":
         return VmapEngine(*args)
-    closed_forms = closed_form_layers(model)
+    closed_forms = closed_form_layers(model) or operations_covered(model, batch)
     # (a look at the types: some module has no closed form, so grad reg is torch.func's)
     second_order = None if closed_forms else "a module without a closed form needs a per-module fallback"
     if method == "fast":

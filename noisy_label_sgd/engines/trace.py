@@ -64,9 +64,9 @@ class Call:
     sample_dim: int = 0
     # what every output direction reuses: the input's per-sample squared norms (2-D inputs)
     memo: dict = field(default_factory=dict, repr=False)
-    # the one recognised operation that took all the module's trainable parameters, where the
-    # module was watched (:mod:`~noisy_label_sgd.engines.ops`)
-    op: OpCall | None = None
+    # the recognised operations that took the module's trainable parameters (each its own, all
+    # of them), where the module was watched (:mod:`~noisy_label_sgd.engines.ops`)
+    ops: list[OpCall] | None = None
 
 
 @dataclass
@@ -99,6 +99,8 @@ class Owner:
     # the closed form of that operation
     original: Owner | None = None
     form: object | None = None
+    # a bare parameter's elementwise use (:mod:`~noisy_label_sgd.engines.elementwise`)
+    elementwise: object | None = None
 
 
 def input_over_calls(owner: Owner) -> torch.Tensor:
@@ -154,7 +156,7 @@ def record(owners: list[Owner], model: nn.Module, batch: Batch, expand: frozense
         def hook(module, args, kwargs, output):
             call, replaced = record_call(module, args, kwargs, output)
             if owner.name in watched:
-                call.op = recorder.running.pop()[1].single(owner.params)
+                call.ops = recorder.running.pop()[1].partition(owner.params)
             return replaced
 
         def record_call(module, args, kwargs, output) -> tuple[Call, torch.Tensor | None]:
@@ -291,16 +293,18 @@ def watched_owners(owners: list[Owner]) -> frozenset[str]:
 
 
 def set_sample_dims(owners: list[Owner], sample_dims: dict[str, list[int | None]],
-                    op_sample_dims: dict[str, list[int | None]] | None = None) -> None:
+                    op_sample_dims: dict[str, list[list[int | None] | None]] | None = None, strict: bool = True) -> None:
     """Where the samples run in every recorded output (``Call.sample_dim``, and its operation's,
     ``OpCall.sample_dim``; the written-out maps' are samples-first by construction): a closed
     form that treats leading dims as positions takes any dim, the others only dim 0."""
     for o in owners:
         if o.affine:
             continue
-        for call, d in zip(o.calls, (op_sample_dims or {}).get(o.name, [])):
-            if call.op is not None:
-                call.op.sample_dim = d
+        for call, dims in zip(o.calls, (op_sample_dims or {}).get(o.name, [])):
+            for op, d in zip(call.ops or (), dims or ()):
+                op.sample_dim = d
+        if not strict:  # (the operations' alone: a sizing forward's owners)
+            continue
         dims = sample_dims.get(o.name, [])
         if len(dims) != len(o.calls):
             raise FastPathUnsupported(f"module {o.name!r} is called {len(o.calls)} times for this batch but "
@@ -325,9 +329,11 @@ class Layout:
     # owners whose output is shared by all samples, traced expanded to the batch (see record)
     expanded: frozenset[str]
     # owners whose operations the trace records (:func:`watched_owners`), and per call the
-    # sample dim of the recorded operation's output (None: none, or no operation)
+    # sample dims of the recorded operations' outputs (None: no operations)
     watched: frozenset[str]
-    op_sample_dims: dict[str, list[int | None]]
+    op_sample_dims: dict[str, list[list[int | None] | None]]
+    # every owner has a closed form, its class's or its operations' (none falls back)
+    covered: bool
 
 
 # The one-sample forward per model and per-sample input signature: a probe calls with the same
@@ -355,7 +361,8 @@ def one_sample_layout(model: nn.Module, batch: Batch) -> Layout:
         floats = sum(c.shape.numel() for o in owners for c in [*o.calls, *(call for _, _, call in o.packed)])
         sample_dims = {o.name: [sample_dim(one.shape, two.shape) for one, two in zip(o.calls, t.calls)]
                        for o, t in zip(owners, twice) if len(o.calls) == len(t.calls)}
-        op_sample_dims = {o.name: [sample_dim(one.op.shape, two.op.shape) if one.op and two.op else None
+        op_sample_dims = {o.name: [[sample_dim(a.shape, b.shape) for a, b in zip(one.ops, two.ops)]
+                                   if one.ops and two.ops and len(one.ops) == len(two.ops) else None
                                    for one, two in zip(o.calls, t.calls)]
                           for o, t in zip(owners, twice) if o.name in watched and len(o.calls) == len(t.calls)}
         shared = frozenset(o.name for o in owners if o.name in sample_dims and any(
@@ -367,8 +374,16 @@ def one_sample_layout(model: nn.Module, batch: Batch) -> Layout:
                     expanded = shared
                     sample_dims = {name: [0 if name in shared and d is None else d for d in dims]
                                    for name, dims in sample_dims.items()}
+        from .closed_forms import covered  # (the closed forms read the trace's records)
+
+        try:
+            sized = _split_packed(_merge_uncalled(owners))
+            set_sample_dims(sized, {}, op_sample_dims, strict=False)
+            all_covered = covered(sized)
+        except FastPathUnsupported:
+            all_covered = False
         layouts[signature] = Layout(out.numel(), floats, out.element_size(), outside, sample_dims, expanded, watched,
-                                    op_sample_dims)
+                                    op_sample_dims, all_covered)
     return layouts[signature]
 
 
