@@ -5,6 +5,12 @@ VENV ?= .venv
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
+# The real torchvision and timm models (tests/zoo) in an environment of their own: torchvision
+# 0.29.1 needs torch 2.14.1 (a CUDA build that runs on the CPU, from local disk), named in every
+# install so that nothing replaces it.
+ZOO_VENV ?= .venv-zoo
+ZOO_TORCH ?= torch==2.14.1 torchvision==0.29.1
+ZOO_PY := $(ZOO_VENV)/bin/python
 
 .PHONY: demo test clean
 
@@ -24,8 +30,17 @@ demo: $(VENV)/.installed
 	@echo "summaries: runs/*/summary.json"
 	@echo "live logs: $(VENV)/bin/tensorboard --logdir runs"
 
-test: $(VENV)/.installed
+$(ZOO_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(ZOO_VENV)
+	$(ZOO_PY) -m pip install -q --upgrade pip
+	$(ZOO_PY) -m pip install -q $(ZOO_TORCH)
+	$(ZOO_PY) -m pip install -q $(ZOO_TORCH) "timm==1.0.31" "pytest>=7" "tensorboard>=2.14" "numpy>=1.24"
+	$(ZOO_PY) -m pip install -q --no-deps -e .
+	touch $@
+
+test: $(VENV)/.installed $(ZOO_VENV)/.installed
 	$(PY) -m pytest -q
+	$(ZOO_PY) -m pytest -q tests/zoo
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) $(ZOO_VENV) runs build *.egg-info

@@ -52,8 +52,8 @@ class BareScale(nn.Module):
         self.inner = nn.Linear(5, 4)
         self.head = nn.Linear(4, 2)
 
-    def forward(self, x):
-        return self.head(torch.tanh(self.inner(x * self.scale)))
+    def forward(self, x):  # (exp: no elementwise closed form, x * scale alone would have one)
+        return self.head(torch.tanh(self.inner(x * self.scale.exp())))
 
 
 STREAMED = ["inplace_relu_residual", "cnn_groupnorm", "transformer_encoder_layer", "conv1d_sequence_linear",
@@ -629,8 +629,8 @@ def test_the_fast_path_sizes_its_chunks_once_per_model_and_input_signature(monke
     model, x = make("mlp_multi_output")
     traced = []
     record = trace.record
-    monkeypatch.setattr(trace, "record", lambda owners, m, batch, *expand: traced.append(batch[0].shape[0])
-                        or record(owners, m, batch, *expand))
+    monkeypatch.setattr(trace, "record", lambda owners, m, batch, *expand, **watched: traced.append(batch[0].shape[0])
+                        or record(owners, m, batch, *expand, **watched))
     for _ in range(2):
         per_sample_sq_grad_norms(model, x, method="fast")
     # one layout (a forward of one sample and one of two), two traces
