@@ -152,6 +152,33 @@ def llama_4x256():
     return LanguageModelScore(transformers.LlamaForCausalLM(config))  # vocabulary 32000
 
 
+class PooledHidden(nn.Module):
+    """A Hugging Face vision model built from a config, scalar output: the mean of its last hidden state."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x).last_hidden_state.flatten(1).mean(1)
+
+
+def vit_4x128():
+    import transformers
+
+    config = transformers.ViTConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
+                                    image_size=32, patch_size=4, hidden_dropout_prob=0.0,
+                                    attention_probs_dropout_prob=0.0)  # 64 patches and a class token
+    return PooledHidden(transformers.ViTModel(config, add_pooling_layer=False))
+
+
+def convnext_4stage():
+    import transformers
+
+    config = transformers.ConvNextConfig(hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 2, 1], image_size=32)
+    return PooledHidden(transformers.ConvNextModel(config))
+
+
 def token_ids(vocabulary):
     return lambda shape, generator: torch.randint(0, vocabulary, shape, generator=generator)
 
@@ -169,6 +196,9 @@ CASES = {
     "relu1d": ("1-D two-layer ReLU, width 1000, n = 12", ReLU1D, (12, 1)),
     "gpt2": ("GPT-2 4x(d=256), tied head, seq 64, scalar, batch 16", gpt2_4x256, ((16, 64), token_ids(50257))),
     "llama": ("Llama 4x(d=256), GQA, tied head, seq 64, scalar, batch 16", llama_4x256, ((16, 64), token_ids(32000))),
+    "vit": ("ViT 4x(d=128) (Hugging Face), 3x32x32 in 64 patches, scalar, batch 32", vit_4x128, (32, 3, 32, 32)),
+    "convnext": ("ConvNeXt 4 stages 32-256 (Hugging Face), 3x32x32, scalar, batch 32", convnext_4stage,
+                 (32, 3, 32, 32)),
 }
 
 

@@ -368,12 +368,10 @@ def one_sample_layout(model: nn.Module, batch: Batch) -> Layout:
         shared = frozenset(o.name for o in owners if o.name in sample_dims and any(
             d is None and c.shape[0] == 1 for d, c in zip(sample_dims[o.name], o.calls)))
         expanded = frozenset()
-        if shared:  # expanded, the outputs must not change (nothing reduces over their dim 0)
-            with torch.no_grad():
-                if torch.equal(record(owners_of(model), model, two, shared), out_twice):
-                    expanded = shared
-                    sample_dims = {name: [0 if name in shared and d is None else d for d in dims]
-                                   for name, dims in sample_dims.items()}
+        if shared and _same_when_expanded(model, two, shared, out_twice):
+            expanded = shared
+            sample_dims = {name: [0 if name in shared and d is None else d for d in dims]
+                           for name, dims in sample_dims.items()}
         from .closed_forms import covered  # (the closed forms read the trace's records)
 
         try:
@@ -385,6 +383,20 @@ def one_sample_layout(model: nn.Module, batch: Batch) -> Layout:
         layouts[signature] = Layout(out.numel(), floats, out.element_size(), outside, sample_dims, expanded, watched,
                                     op_sample_dims, all_covered)
     return layouts[signature]
+
+
+def _same_when_expanded(model: nn.Module, two: Batch, shared: frozenset[str], out_twice: torch.Tensor) -> bool:
+    """Whether the model's outputs stay the same with the outputs of ``shared`` expanded to the
+    batch (nothing reduces over their dim 0). A model whose own ops refuse the expanded shapes (a
+    RuntimeError from inside its forward: Swin's attention with its relative position bias) does
+    not take them."""
+    try:
+        with torch.no_grad():
+            return torch.equal(record(owners_of(model), model, two, shared), out_twice)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError:
+        return False
 
 
 def sample_dim(one: torch.Size, two: torch.Size) -> int | None:
