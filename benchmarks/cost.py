@@ -1,6 +1,6 @@
 """What a GPU pays for, counted on any device: dispatched operations, FLOPs, host syncs.
 
-    python benchmarks/cost.py [--cases mlp,mlp_b8,mlp10,cnn,resnet18,transformer4] [--device cpu] [--autocast bf16]
+    python benchmarks/cost.py [--cases mlp,mlp_b8,mlp10,cnn,resnet18,transformer4,vit] [--device cpu] [--autocast bf16]
 
 On a GPU the host is the bottleneck when a call dispatches thousands of small operations, and a
 device-to-host sync stalls the queue. Both are deterministic and can be counted on a CPU:
@@ -196,7 +196,7 @@ def case_costs(case: str, device: torch.device, methods=None, build_and_shape=No
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cases", default="mlp,mlp_b8,mlp10,cnn,resnet18,transformer4,transformer,relu1d,gpt2,llama")
+    p.add_argument("--cases", default="mlp,mlp_b8,mlp10,cnn,resnet18,transformer4,transformer,relu1d,gpt2,llama,vit,convnext")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--cpu-choices", action="store_true",
                    help="count the CPU's own choices (cache-sized pieces), not an accelerator's")

@@ -68,6 +68,13 @@ class StandardisedConv(nn.Conv2d):
         return F.conv2d(x, w, self.bias, self.stride, self.padding)
 
 
+class GatedRMSNorm(nn.RMSNorm):
+    """An RMSNorm whose forward gates its output: F.rms_norm, then an activation."""
+
+    def forward(self, x):
+        return torch.sigmoid(F.rms_norm(x, self.normalized_shape, self.weight, self.eps)) * x
+
+
 class BatchNormAct(nn.BatchNorm2d):
     """timm's BatchNormAct2d: the activation inside the norm module."""
 
@@ -113,6 +120,13 @@ def test_a_subclass_with_its_own_forward_is_measured_by_what_it_computes(name):
     assert_exact(model, x)
     if method == "fast":  # (grad reg by the double backward through the operation's closed form)
         assert_exact(model, x, "fast")
+
+
+def test_an_rms_norm_subclass_keeps_its_operations_closed_form():
+    model = seeded(79, lambda: nn.Sequential(nn.Linear(5, 16), GatedRMSNorm(16, eps=1e-6), nn.Linear(16, 1)))
+    x = randn(N, 5)
+    assert norms_method(model, x, "auto") == "fast"
+    assert_exact(model, x)
 
 
 def test_a_linear_subclass_with_its_own_forward():
@@ -441,3 +455,20 @@ def test_bare_parameters_used_elementwise_are_on_the_fast_path(name):
     assert norms_method(model, x, "auto") == expected
     for method in ("auto", "fast"):
         assert_exact(model, x, method)
+
+
+@pytest.mark.parametrize("name", ["tied_embedding_and_head", "tied_linears", "tied_linear_and_custom_module"])
+def test_k_by_layers_adds_the_cross_terms_of_a_tied_parameter(name):
+    # K = J J^T a layer at a time (the dense projection where J does not fit): a tied parameter's
+    # uses added before their product, (G_A + G_B)(G_A + G_B)^T
+    from helpers import make
+    from noisy_label_sgd.engines import select_engine
+
+    model, x = make(name)
+    x = randn(40, *x.shape[1:], seed=12)
+    engine = select_engine(model, x, "fast")
+    with engine.measuring():
+        K = engine.gram_by_layers()
+    J = brute_jacobian(model, x)
+    assert K is not None
+    assert_rel_close(K, J @ J.T)

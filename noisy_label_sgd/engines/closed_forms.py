@@ -262,6 +262,10 @@ def _stock_form(module: nn.Module, kind: str, arguments: dict) -> ClosedForm | N
                 module.running_var or arguments.get("training", False) or not same("eps", module.eps, 1e-5)):
             return None
         form = CLOSED_FORMS[nn.BatchNorm2d]
+    elif kind == "rms_norm" and isinstance(module, nn.RMSNorm):
+        if tuple(arguments.get("normalized_shape", ())) != module.normalized_shape or arguments.get("eps") != module.eps:
+            return None
+        form = CLOSED_FORMS["torch.nn.modules.normalization.RMSNorm"]
     elif kind == "embedding" and isinstance(module, nn.Embedding):
         if not (same("padding_idx", module.padding_idx) and arguments.get("max_norm") is None
                 and not arguments.get("scale_grad_by_freq", False)):

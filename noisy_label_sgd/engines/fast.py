@@ -103,14 +103,16 @@ class FastEngine(Engine):
         and one backward instead of LSQR's jvp and vjp per iteration. For one output per sample
         each layer's blocks are taken as the backward passes it (:func:`streamed_part`), so the
         trace of the whole batch is what must fit; for several, all output gradients at once.
-        None where that does not fit, parameters are tied, or a layer's block cannot fit."""
+        A parameter tied between layers has its uses' per-sample gradients added before their
+        product (the cross terms: (G_A + G_B)(G_A + G_B)^T). None where that does not fit or a
+        layer's block cannot fit."""
         fitting, k = fast_chunk_size(self.model, self.batch, self.memory_budget)
         # (its sizing counts the trace and k + 1 copies of the output gradients)
         if (fitting * (k + 2) if k == 1 else fitting) < self.num_samples:
             return None
         owners, h = self.traced(self.batch)
-        if ties_of(owners):
-            return None
+        tied = {id(tie.parameter) for tie in ties_of(owners)}
+        tied_sums: dict[int, torch.Tensor] = {}  # a tied parameter's per-sample gradients, its uses added
         n = h.shape[0]
         K = torch.zeros(n * k, n * k, dtype=torch.float64, device=h.device)
         fits = True
@@ -119,6 +121,19 @@ class FastEngine(Engine):
             nonlocal fits
             if k == 1:  # (streamed: bare)
                 grads = [g.unsqueeze(0) for g in grads]
+            if any(id(p) in tied for p in o.params.values()):
+                if n * k * sum(p.numel() for p in o.params.values()) * 8 > self.memory_budget // 4:
+                    fits = False
+                    return None
+                with sdpa_kernel(SDPBackend.MATH):
+                    for name, g in per_sample_grads(o, grads, n).items():
+                        block = g.detach().double().transpose(0, 1).reshape(n * k, -1)  # rows (i, j)
+                        p = o.params[name]
+                        if id(p) in tied:
+                            tied_sums[id(p)] = block + tied_sums[id(p)] if id(p) in tied_sums else block
+                        else:
+                            K.addmm_(block, block.T)
+                return None
             if o.gram is not None:
                 try:
                     K.add_(o.gram(grads_over_calls(grads).double()).detach())
@@ -142,6 +157,8 @@ class FastEngine(Engine):
             by_owner = grads_by_owner(owners, h, range(k), create_graph=False)
             for o in owners:
                 take(o, by_owner.pop(id(o)))
+        for block in tied_sums.values():
+            K.addmm_(block, block.T)
         return K if fits else None
 
     def jacobian(self) -> torch.Tensor:

@@ -44,12 +44,13 @@ _SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
                    ("weight", "bias")),
     "embedding": (("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
                   ("weight",)),
+    "rms_norm": (("input", "normalized_shape", "weight", "eps"), ("weight",)),
 }
 
 # the functions of each kind (torch's, and the engines' own twice-differentiable ones, which
 # lean_second_order puts in their place)
 KINDS = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.layer_norm: "layer_norm",
-         F.group_norm: "group_norm", F.batch_norm: "batch_norm", F.embedding: "embedding",
+         F.group_norm: "group_norm", F.batch_norm: "batch_norm", F.embedding: "embedding", F.rms_norm: "rms_norm",
          convolution.conv1d: "conv1d", convolution.conv2d: "conv2d", group_norm.layer_norm: "layer_norm",
          group_norm.group_norm: "group_norm"}
 
