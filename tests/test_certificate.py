@@ -472,3 +472,32 @@ def test_k_by_layers_adds_the_cross_terms_of_a_tied_parameter(name):
     J = brute_jacobian(model, x)
     assert K is not None
     assert_rel_close(K, J @ J.T)
+
+
+class ExpScaleShift(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(-0.5, 0.5, d, dtype=torch.float64))
+        self.bias = nn.Parameter(torch.linspace(0.1, 0.2, d, dtype=torch.float64))
+
+    def forward(self, x):
+        return x * self.weight.exp() + self.bias
+
+
+def test_a_registered_formula_that_forgets_a_parameter_is_caught(monkeypatch):
+    # its norms and its contract agree with each other (both leave the bias out): the comparison
+    # with autograd, parameter by parameter, is what catches it
+    from noisy_label_sgd.engines import closed_forms, register_closed_form
+
+    monkeypatch.setattr(closed_forms, "CLOSED_FORMS", dict(closed_forms.CLOSED_FORMS))
+
+    @register_closed_form(ExpScaleShift, contract=lambda module, a, g, trainable: {
+        "weight": (g * a * module.weight.exp()).sum(0)})
+    def weight_only(module, a, g, trainable, memo):
+        return (g * a * module.weight.exp()).pow(2).sum(-1).sum(0)
+
+    model, x = seeded(80, lambda: nn.Sequential(nn.Linear(4, 4), ExpScaleShift(4), nn.Linear(4, 1))), randn(N, 4)
+    assert norms_method(model, x, "auto") == "fast (per-module fallback: 1)"
+    assert_rel_close(per_sample_sq_grad_norms(model, x), brute_sq_norms(model, x))
+    with pytest.raises(ValueError, match=r"closed form of module '1' \(ExpScaleShift\) fails its certificate"):
+        per_sample_sq_grad_norms(model, x, method="fast")

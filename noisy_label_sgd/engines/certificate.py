@@ -167,7 +167,7 @@ def run_certificate(owners: list[Owner], h: torch.Tensor, parameters: dict[str, 
                     f"the gradient of parameter {names.get(id(p), '?')!r} through the calls of its modules is "
                     f"{e:.2g} (relative) off autograd's: it reaches the output another way (a use outside its "
                     "module's call, a global forward hook)")
-        worst = dict(zip(failed, verdict[:len(errors)]))
+        worst = {p: e for (p, _), e in zip(errors, verdict) if e > limit}
         for i, o in users.items():
             relative = max(e for p, e in worst.items() if any(q is p for q in o.params.values()))
             mismatches[i] = Mismatch(o, relative, "gradient")
@@ -193,20 +193,20 @@ def _errors(owners: list[Owner], implied: dict[int, dict[str, torch.Tensor]], au
             only: list[torch.Tensor] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per parameter, the relative distance between the sum over its owners of what they imply
     and autograd's gradient."""
-    summed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    summed: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
     for o in owners:
         for name, p in o.params.items():
-            g = implied[id(o)].get(name)
-            if g is None:
-                continue
-            g = g.double()
-            summed[id(p)] = (p, g if id(p) not in summed else summed[id(p)][1] + g)
+            g = implied[id(o)].get(name)  # (none: the formula implies no gradient, or could not say)
+            before = summed.get(id(p), (p, None))[1]
+            g = None if g is None else g.double()
+            summed[id(p)] = (p, g if before is None else before if g is None else before + g)
     errors = []
     for pid, (p, total) in summed.items():
         if only is not None and not any(q is p for q in only):
             continue
         reference = autograd.get(pid)
-        reference = torch.zeros_like(total) if reference is None else reference.double()
+        reference = torch.zeros(p.shape, dtype=torch.float64, device=p.device) if reference is None else reference.double()
+        total = torch.zeros_like(reference) if total is None else total
         if reference.shape != total.shape:  # (the formula's gradient has another shape: wrong)
             errors.append((p, torch.ones((), dtype=torch.float64, device=total.device)))
             continue

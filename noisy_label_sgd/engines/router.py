@@ -66,13 +66,12 @@ class Router(Engine):
             return question()
 
     def _route(self, fast: Callable[[], T], vmap: Callable[[], T], what: str, second_order: bool = False) -> T:
+        # (strict never records a refusal: it raises it)
         if self.whole_model is None and not (second_order and self.second_order is not None):
             try:
                 return fast()
             except FastPathUnsupported as why:
                 self._refused(why, what)
-        elif self.strict:  # (known before asking: the module types)
-            raise ValueError(f"method='fast' cannot {what} this model: {self.second_order}")
         return self._by_vmap(vmap)
 
     # -- the questions -------------------------------------------------------------------------
