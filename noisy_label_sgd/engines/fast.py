@@ -19,9 +19,11 @@ called more than once (a reused weight: its per-sample gradient is the sum over 
 back, for that module only, to torch.func per-sample gradients of its own parameters (a vmapped
 vjp of the module at its recorded input); the method is then named
 "fast (per-module fallback: ...)". A parameter tied between two modules adds the cross terms of
-its two uses (:mod:`~noisy_label_sgd.engines.ties`). Where the model needs the whole-model path
-(:class:`~noisy_label_sgd.engines.trace.FastPathUnsupported`), ``"auto"`` turns to the vmap
-engine from then on and ``"fast"`` raises.
+its two uses (:mod:`~noisy_label_sgd.engines.ties`). Every traced forward is certified first
+(:func:`traced`, :mod:`~noisy_label_sgd.engines.certificate`). Where the model needs the
+whole-model path (:class:`~noisy_label_sgd.engines.trace.FastPathUnsupported`), this engine
+raises; the router (:mod:`~noisy_label_sgd.engines.router`) turns to the vmap engine from then
+on under ``"auto"`` and refuses under ``"fast"``.
 
 grad reg differentiates the closed-form norms once more (double backward) when no module falls
 back; otherwise it comes from the vmap engine. The Gram matrix K has closed forms for Linear
