@@ -225,17 +225,23 @@ def plant(monkeypatch, **changes):
     monkeypatch.setattr(closed_forms, "CLOSED_FORMS", registry)
 
 
+def assert_caught(seed, width, ask, what):
+    """A Linear (square) before a convolution: its planted formula falls back under "auto" (exact)
+    and is refused by "fast", naming the module and what failed."""
+    model = seeded(seed, lambda: nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Conv1d(1, 1, 1), nn.Flatten()))
+    x = randn(N, 1, width)
+    assert norms_method(model, x, "auto") == "fast (per-module fallback: 0)"
+    assert_exact(model, x)
+    with pytest.raises(ValueError, match=rf"closed form of module '0' \(Linear\) fails its certificate.* {what}"):
+        ask(model, x, method="fast")
+
+
 def test_a_formula_with_a_wrong_factor_is_caught_at_run_time(monkeypatch):
     from noisy_label_sgd.engines import closed_forms
 
     right = closed_forms.CLOSED_FORMS[nn.Linear].sq_norms
     plant(monkeypatch, sq_norms=lambda module, a, g, trainable, memo: 1.01 * right(module, a, g, trainable, memo))
-    model, x = seeded(67, lambda: nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Conv1d(1, 1, 1), nn.Flatten())), \
-        randn(N, 1, 5)
-    assert norms_method(model, x, "auto") == "fast (per-module fallback: 0)"
-    assert_exact(model, x)
-    with pytest.raises(ValueError, match=r"closed form of module '0' \(Linear\) fails its certificate.* norm is 0.0"):
-        per_sample_sq_grad_norms(model, x, method="fast")
+    assert_caught(67, 5, per_sample_sq_grad_norms, "norm is 0.0")
 
 
 def test_a_formula_with_a_transposed_input_is_caught_at_run_time(monkeypatch):
@@ -246,12 +252,7 @@ def test_a_formula_with_a_transposed_input_is_caught_at_run_time(monkeypatch):
         return {**right, "weight": right["weight"].T}
 
     plant(monkeypatch, contract=transposed)
-    model, x = seeded(68, lambda: nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Conv1d(1, 1, 1), nn.Flatten())), \
-        randn(N, 1, 4)
-    assert norms_method(model, x, "auto") == "fast (per-module fallback: 0)"
-    assert_exact(model, x)
-    with pytest.raises(ValueError, match=r"closed form of module '0' \(Linear\) fails its certificate.* gradient is"):
-        regularizer_grad(model, x, method="fast")
+    assert_caught(68, 4, regularizer_grad, "gradient is")
 
 
 def test_the_tolerance_is_the_square_root_of_the_dtypes_eps():

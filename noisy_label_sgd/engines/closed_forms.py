@@ -171,9 +171,9 @@ def bind(owners: list[Owner]) -> None:
             o.closed_form = partial(elementwise_sq_norms, use, other, d)
             o.bare = True
             name = next(iter(o.params))
+            # (no one-sample check: its norm is that of the very per-sample gradients its contract sums)
             o.contract = lambda grads, use=use, other=other, d=d, name=name: {
                 name: use.per_sample(other, grads[0].unsqueeze(0), d).sum((0, 1))}
-            o.one_sample = partial(_elementwise_one_sample, use, other, d, name)
             continue
         if o.affine:  # (applied at several time steps: the steps are positions)
             weight, bias = (next((name for name in o.params if kind in name), None) for kind in ("weight", "bias"))
@@ -274,13 +274,6 @@ def _stock_form(module: nn.Module, kind: str, arguments: dict) -> ClosedForm | N
     else:
         return None
     return form if form.applies(module) else None
-
-
-def _elementwise_one_sample(use, other, d, name, grads, i) -> tuple[torch.Tensor, torch.Tensor]:
-    g_i = grads[0].narrow(d, i, 1)
-    other_i = None if other is None else other.narrow(d, i, 1)
-    formula = elementwise_sq_norms(use, other_i, d, g_i)
-    return formula.sum(), use.per_sample(other_i, g_i.unsqueeze(0), d).double().pow(2).sum()
 
 
 def _stacked(grads: list[torch.Tensor]) -> torch.Tensor:

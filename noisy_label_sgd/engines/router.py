@@ -83,12 +83,14 @@ class Router(Engine):
         return self._route(self.fast.grad, self.vmap.grad, "differentiate the norms of", second_order=True)
 
     def norms_and_grad(self) -> tuple[torch.Tensor, ParamDict]:
-        if self.whole_model is None and self.second_order is not None and not self.strict:
-            return self.sq_norms(), self.grad()  # (the norms here, grad reg by torch.func)
-        both = self._route(self.fast.norms_and_grad, lambda: None, "differentiate the norms of", second_order=True)
-        if both is None:  # (just refused)
-            return (self.sq_norms(), self.grad()) if self.whole_model is None else self._by_vmap(self.vmap.norms_and_grad)
-        return both
+        if self.whole_model is None and self.second_order is None:
+            try:
+                return self.fast.norms_and_grad()  # (one double backward gives both)
+            except FastPathUnsupported as why:
+                self._refused(why, "differentiate the norms of")
+        if self.whole_model is not None:
+            return self._by_vmap(self.vmap.norms_and_grad)
+        return self.sq_norms(), self.grad()  # (the norms here, grad reg by torch.func)
 
     def jacobian(self) -> torch.Tensor:
         """J from the fast engine's trace, else by torch.func (as the products J v and J^T u

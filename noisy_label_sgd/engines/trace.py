@@ -150,7 +150,11 @@ def record(owners: list[Owner], model: nn.Module, batch: Batch, expand: frozense
 
     def make_watch(owner: Owner):
         params = {id(p): p for p in owner.params.values()}
-        return lambda module, args: recorder.running.append((params, Watch())) and None
+
+        def watch(module, args) -> None:  # (the module's calls nest: a stack)
+            recorder.running.append((params, Watch()))
+
+        return watch
 
     def make_hook(owner: Owner):
         def hook(module, args, kwargs, output):
