@@ -16,6 +16,7 @@ with its hook runner, and a subclass calling the wrapped parent would run hooks 
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -26,7 +27,7 @@ from torch.utils.hooks import RemovableHandle
 from .hooks import NoisyLoss, attach_output_noise, noisy_loss
 from .noise import LabelNoise, StdSchedule
 
-__all__ = ["LabelNoiseSGD", "add_label_noise", "label_noise_of", "STATE_KEY"]
+__all__ = ["LabelNoiseSGD", "add_label_noise", "label_noise_of", "remove_label_noise", "STATE_KEY"]
 
 STATE_KEY = "label_noise"
 
@@ -34,6 +35,18 @@ STATE_KEY = "label_noise"
 def label_noise_of(optimizer: torch.optim.Optimizer) -> LabelNoise | None:
     """The LabelNoise attached to ``optimizer`` by add_label_noise/LabelNoiseSGD, else None."""
     return getattr(optimizer, "_label_noise", None)
+
+
+def remove_label_noise(optimizer: torch.optim.Optimizer) -> LabelNoise | None:
+    """Undo :func:`add_label_noise`: the optimizer's hooks removed, its stream free for another
+    optimizer (a trainer that replaces its optimizer). Returns the stream, or None."""
+    noise = label_noise_of(optimizer)
+    if noise is not None:
+        for handle in optimizer._label_noise_handles:  # type: ignore[attr-defined]
+            handle.remove()
+        del optimizer._label_noise, optimizer._label_noise_handles  # type: ignore[attr-defined]
+        noise._optimizer = None
+    return noise
 
 
 def add_label_noise(
@@ -63,7 +76,9 @@ def add_label_noise(
 
     Raises:
         TypeError: ``optimizer`` is not an optimizer.
-        RuntimeError: label noise is already attached to this optimizer.
+        RuntimeError: label noise is already attached to this optimizer, or ``noise`` already
+            advances with another one.
+        ValueError: ``noise`` together with any of the arguments it replaces.
 
     Example:
         >>> opt = torch.optim.Adam(model.parameters())
@@ -80,10 +95,22 @@ def add_label_noise(
                 f"add_label_noise needs std (the standard deviation of {distribution!r} label noise); "
                 "pass std=0.0 for a stream without noise"
             )
-        noise = LabelNoise(0.0 if std is None else std, distribution, seed, p=p, num_classes=num_classes,
-                           rank=rank)
+        noise = LabelNoise(std, distribution, seed, p=p, num_classes=num_classes, rank=rank)
     elif not isinstance(noise, LabelNoise):
         raise TypeError(f"noise must be a LabelNoise, got {type(noise).__name__}")
+    else:
+        given = [name for name, value in (("std", std), ("p", p), ("num_classes", num_classes), ("rank", rank))
+                 if value is not None]
+        given += [name for name, value, default in (("distribution", distribution, "gaussian"), ("seed", seed, 0))
+                  if value != default]
+        if given:
+            raise ValueError(f"pass either noise= or its arguments, not both (got noise= and {', '.join(given)}=)")
+    owner = noise._optimizer() if noise._optimizer is not None else None
+    if owner is not None:
+        raise RuntimeError(
+            f"this LabelNoise already advances with another optimizer ({type(owner).__name__}): shared, it would "
+            "advance twice per step; give each optimizer its own LabelNoise (another seed or rank)"
+        )
 
     def rewinding(closure: Callable[[], Any]) -> Callable[[], Any]:
         first_call, first_samples = noise.call, noise.samples_this_step
@@ -125,6 +152,7 @@ def add_label_noise(
     # the completed step count; torch has no prepend flag for step hooks
     optimizer._optimizer_step_post_hooks.move_to_end(post_handle.id, last=False)
     optimizer._label_noise = noise  # type: ignore[attr-defined]
+    noise._optimizer = weakref.ref(optimizer)
     optimizer._label_noise_handles = [  # type: ignore[attr-defined]
         optimizer.register_step_pre_hook(pre_step),
         post_handle,
@@ -190,8 +218,8 @@ class LabelNoiseSGD(torch.optim.SGD):
                     "num_classes=...)"
                 )
             noise = LabelNoise(noise_std, distribution, seed)
-        elif noise_std is not None:
-            raise ValueError("pass either noise_std or noise, not both")
+        elif noise_std is not None or distribution != "gaussian" or seed != 0:
+            raise ValueError("pass either noise= or noise_std/distribution/seed, not both")
         super().__init__(
             params, lr, momentum, dampening, weight_decay, nesterov,
             maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused,

@@ -182,7 +182,7 @@ def test_bad_targets_raise_and_change_nothing(kwargs, targets, error, message):
 
 def test_bad_schedule_value_raises_at_draw_time():
     noise = LabelNoise(lambda step: -1.0)
-    with pytest.raises(ValueError, match=r"Invalid noise std: -1\.0"):
+    with pytest.raises(ValueError, match=r"Invalid noise std \(the schedule's value at step 0\): -1\.0"):
         noise.perturb(torch.zeros(3))
     assert noise.call == 0
 

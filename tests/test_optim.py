@@ -247,7 +247,7 @@ BAD_OPTIMIZER = [
     (dict(lr=0.1, noise_std=float("nan")), ValueError, r"Invalid noise std: nan"),
     (dict(lr=0.1, noise_std=0.1, distribution="cauchy"), ValueError, r"distribution: 'cauchy'"),
     (dict(lr=0.1, noise_std=0.1, distribution="flip"), ValueError, r"noise=LabelNoise\(distribution='flip'"),
-    (dict(lr=0.1, noise_std=0.1, noise=LabelNoise(0.1)), ValueError, r"either noise_std or noise"),
+    (dict(lr=0.1, noise_std=0.1, noise=LabelNoise(0.1)), ValueError, r"either noise= or noise_std"),
     (dict(lr=-0.1, noise_std=0.1), ValueError, r"Invalid learning rate: -0\.1"),
     (dict(lr=0.1, momentum=-0.5, noise_std=0.1), ValueError, r"Invalid momentum value: -0\.5"),
 ]

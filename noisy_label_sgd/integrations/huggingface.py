@@ -15,7 +15,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from ..noise import LabelNoise
-from ..optim import add_label_noise, label_noise_of
+from ..optim import add_label_noise, label_noise_of, remove_label_noise
 from ..probe import ProbeReport, check_probe_and_period
 
 __all__ = ["LabelNoiseTrainer", "ProbeCallback"]
@@ -41,6 +41,9 @@ class LabelNoiseTrainer(Trainer):
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(*args, **kwargs)
         if label_noise_of(optimizer) is None:
+            previous = self.label_noise._optimizer() if self.label_noise._optimizer is not None else None
+            if previous is not None:  # an optimizer this Trainer built before (another train() call)
+                remove_label_noise(previous)
             add_label_noise(optimizer, noise=self.label_noise)
         elif label_noise_of(optimizer) is not self.label_noise:
             raise RuntimeError("the optimizer already carries another label-noise stream")
