@@ -12,12 +12,13 @@ ranks never share a stream.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 import weakref
 from typing import Any, Callable, Union
 
 import torch
+
+from .arguments import is_int, is_real
 
 __all__ = ["LabelNoise", "ADDITIVE_DISTRIBUTIONS", "DISTRIBUTIONS", "STREAM_VERSION"]
 
@@ -66,15 +67,6 @@ def uniform_bits(generator: torch.Generator, key: int, shape: torch.Size, device
 def symmetric_unit(bits: torch.Tensor) -> torch.Tensor:
     """(2k + 1) / 2^52 - 1 for k in [0, 2^52): float64 uniform strictly inside (-1, 1), exact."""
     return bits.double().mul_(2.0 ** (1 - _BITS)).add_(2.0 ** -_BITS - 1)
-
-
-def is_int(value: object) -> bool:
-    """An integer as torch.optim would take one: a Python or NumPy integer, not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_counter(name: str, value: object, *, optional: bool = False) -> int | None:

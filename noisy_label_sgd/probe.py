@@ -8,10 +8,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .arguments import is_int
 from .distributed import all_gather_cat, all_reduce_sum, is_distributed
 from .engines import Engine, select_engine
-from .engines.functional import (FunctionalModel, Inputs, as_input_tuple, check_chunk_size,
+from .engines.functional import (FunctionalModel, Inputs, as_input_tuple, check_chunk_size, check_memory_budget,
                                  evaluation_mode, per_sample_outputs, unwrapped)
+from .engines.finite import check_finite
 from .engines.select import check_method
 from .engines.tangent import check_solver, project
 
@@ -85,10 +87,14 @@ class ProbeReport:
 def check_probe_and_period(probe: object, every: int) -> int:
     """What every logger of the probe takes (the monitor, the trainer callbacks): a callable
     probe and a period of at least one optimizer step; returns the period as an int."""
+    if isinstance(probe, nn.Module):  # (a module is callable too: the usual slip)
+        raise TypeError(
+            f"probe must be a RegularizerProbe, got the module {type(probe).__name__}; wrap it: "
+            "RegularizerProbe(model, probe_inputs)")
     if not callable(probe):
         raise TypeError(f"probe must be a RegularizerProbe, got {type(probe).__name__}")
-    if int(every) != every or every < 1:
-        raise ValueError(f"Invalid every: {every} (must be an int >= 1)")
+    if not is_int(every) or every < 1:
+        raise ValueError(f"Invalid every: {every!r} (must be an int >= 1)")
     return int(every)
 
 
@@ -135,18 +141,19 @@ class RegularizerProbe:
         if targets is not None:
             if not isinstance(targets, torch.Tensor):
                 raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
+            if targets.dim() == 0:
+                raise ValueError(f"targets need a leading sample dimension of size {n}, got a 0-dim tensor")
             if targets.shape[0] != n:
                 raise ValueError(
                     f"inputs have {n} samples but targets have {targets.shape[0]}"
                 )
         check_solver(solver)
         check_chunk_size(chunk_size)
-        for i, t in enumerate(self.inputs):  # (one host sync each, once)
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise ValueError(f"probe input {i} contains NaN or Inf values")
+        check_memory_budget(memory_budget)
         if targets is not None and targets.is_floating_point() and not bool(torch.isfinite(targets).all()):
             raise ValueError("the probe targets contain NaN or Inf values")
         FunctionalModel(model)  # the model's own errors, at construction
+        check_finite(model, self.inputs)  # (again at every measurement: the parameters change)
         self.model = model
         self.targets = None if targets is None else self._checked_targets(targets)
         self.method = method

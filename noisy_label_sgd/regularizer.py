@@ -29,7 +29,7 @@ from torch.autograd.function import once_differentiable
 
 from .engines import select_engine
 from .engines.functional import DEFAULT_MEMORY_BUDGET, Inputs, ParamDict
-from .engines.tangent import check_solver, project
+from .engines.tangent import check_solver, check_solver_options, project
 
 __all__ = [
     "per_sample_sq_grad_norms",
@@ -200,6 +200,9 @@ def tangent_projection(
         :math:`P_T v` as a dict name -> tensor.
     """
     check_solver(solver)
+    check_solver_options(rcond, tol, max_iter)
+    if not isinstance(vector, dict):  # (before any forward of the model)
+        check_vector({}, vector)
     engine = select_engine(model, inputs, method, chunk_size=chunk_size, memory_budget=memory_budget)
     with engine.measuring():
         fm = engine.fm
@@ -220,6 +223,8 @@ def check_vector(params: ParamDict, vector: ParamDict) -> ParamDict:
             f"{sorted(set(params) - set(vector))}, unexpected {sorted(set(vector) - set(params))}"
         )
     for name, p in params.items():
+        if not isinstance(vector[name], torch.Tensor):
+            raise TypeError(f"vector[{name!r}] must be a tensor, got {type(vector[name]).__name__}")
         if vector[name].shape != p.shape:
             raise ValueError(f"vector[{name!r}] has shape {tuple(vector[name].shape)}, expected {tuple(p.shape)}")
     return {name: vector[name].to(p.dtype) for name, p in params.items()}

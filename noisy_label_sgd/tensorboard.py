@@ -35,6 +35,7 @@ from torch.utils.hooks import RemovableHandle
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
+from .arguments import check_positive_int
 from .distributed import rank as process_rank
 from .optim import label_noise_of
 from .probe import ProbeReport, RegularizerProbe, check_probe_and_period
@@ -132,8 +133,12 @@ class TensorBoardMonitor:
         every = check_probe_and_period(probe, every)
         if (log_dir is None) == (writer is None):
             raise ValueError("pass exactly one of log_dir and writer")
-        if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
-            raise ValueError(f"Invalid batch_size: {batch_size}")
+        check_positive_int("batch_size", batch_size)
+        check_positive_int("total_steps", total_steps)
+        if not isinstance(prefix, str):
+            raise TypeError(f"Invalid prefix: {prefix!r} (must be a str)")
+        if hparams is not None and not isinstance(hparams, dict):
+            raise TypeError(f"Invalid hparams: {hparams!r} (must be a dict name -> value)")
         self.probe = probe
         self.every = int(every)
         self.histograms = histograms

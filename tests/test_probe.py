@@ -124,7 +124,7 @@ BAD_PROBES = [
     (lambda: (mlp(), (data()[0], data()[0][:3]), None), {}, ValueError, "disagree in their sample dimension"),
     (lambda: (mlp(), data()[0], [1.0]), {}, TypeError, "targets must be a tensor, got list"),
     (lambda: (mlp(), data()[0].index_fill(0, torch.tensor([2]), float("nan")), None), {}, ValueError,
-     "probe input 0 contains NaN or Inf"),
+     "input 0 holds NaN or Inf"),
     (lambda: (mlp(), data()[0], data()[1].index_fill(0, torch.tensor([1]), float("inf"))), {}, ValueError,
      "probe targets contain NaN or Inf"),
 ]

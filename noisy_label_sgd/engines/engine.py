@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.func import jacrev, vmap
 
+from .finite import check_finite
 from .functional import Batch, FunctionalModel, ParamDict, chunks_of, evaluation_mode
 
 # Above this many rows of J an eigendecomposition of K = J J^T costs too much: J is not formed
@@ -78,6 +79,7 @@ class Engine:
     def measuring(self) -> Iterator[Engine]:
         """Evaluation mode, the parameters read now; what was formed is dropped at the end."""
         with evaluation_mode(self.model):
+            check_finite(self.model, self.batch)
             measurement = Measurement(FunctionalModel(self.model))
             for engine in (self, *self.helpers):
                 engine.measurement, engine.fm = measurement, measurement.fm

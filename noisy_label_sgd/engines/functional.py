@@ -18,6 +18,7 @@ from torch import nn
 from torch.func import functional_call, jvp, vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..arguments import check_positive_int
 from . import convolution
 from .activations import gelu, new_gelu_forward, relu
 from .group_norm import group_norm, layer_norm
@@ -63,9 +64,12 @@ def unwrapped(model: nn.Module) -> nn.Module:
 
 
 def check_chunk_size(chunk_size: int | None) -> int | None:
-    if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
-        raise ValueError(f"Invalid chunk_size: {chunk_size} (must be a positive int)")
-    return None if chunk_size is None else int(chunk_size)
+    return check_positive_int("chunk_size", chunk_size)
+
+
+def check_memory_budget(memory_budget: int | None) -> int | None:
+    """Bytes, a positive int (None: :func:`default_memory_budget`)."""
+    return check_positive_int("memory_budget", memory_budget)
 
 
 class FunctionalModel:

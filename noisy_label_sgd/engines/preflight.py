@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .finite import check_finite
 from .functional import Batch, evaluation_mode, per_sample_outputs
 from .torch_internals import saved_tensors_hooks_active
 
@@ -48,6 +49,7 @@ def check_model(model: nn.Module, batch: Batch) -> None:
     checked = _CHECKED.setdefault(model, set())
     if signature in checked:
         return
+    check_finite(model, batch)  # (NaN would read as samples that depend on each other)
     with evaluation_mode(model):
         with ParameterUses(model) as uses:
             model(*(t[:1] for t in batch))

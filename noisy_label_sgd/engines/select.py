@@ -29,7 +29,8 @@ from torch import nn
 
 from .closed_forms import closed_form_layers
 from .engine import Engine
-from .functional import Inputs, as_input_tuple, check_chunk_size, default_memory_budget, evaluation_mode, unwrapped
+from .functional import (Inputs, as_input_tuple, check_chunk_size, check_memory_budget, default_memory_budget,
+                         evaluation_mode, unwrapped)
 from .jacobian import JacobianEngine, is_small_jacobian
 from .preflight import check_model
 from .router import Router
@@ -40,7 +41,7 @@ METHODS = ("auto", "fast", "vmap")
 
 
 def check_method(method: str) -> None:
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"Invalid method: {method!r} (choose one of {METHODS})")
 
 
@@ -66,6 +67,7 @@ def select_engine(model: nn.Module, inputs: Inputs, method: str = "auto", *, chu
         TypeError: inputs that are not tensors, a model that is not an nn.Module.
     """
     check_method(method)
+    chunk_size, memory_budget = check_chunk_size(chunk_size), check_memory_budget(memory_budget)
     batch = as_input_tuple(inputs)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -73,7 +75,7 @@ def select_engine(model: nn.Module, inputs: Inputs, method: str = "auto", *, chu
     check_model(model, batch)
     if memory_budget is None:
         memory_budget = default_memory_budget(batch[0].device)
-    args = (model, batch, check_chunk_size(chunk_size), memory_budget)
+    args = (model, batch, chunk_size, memory_budget)
     if method == "vmap":
         return VmapEngine(*args)
     closed_forms = closed_form_layers(model) or operations_covered(model, batch)

@@ -38,6 +38,7 @@ from typing import Callable
 
 import torch
 
+from ..arguments import check_positive_int, is_real
 from .engine import JACOBIAN_MAX_ROWS, Engine
 
 SOLVERS = ("auto", "dense", "lsqr")
@@ -49,6 +50,16 @@ def check_solver(solver: str) -> None:
                          "where conjugate gradients on J J^T lost cond(J)^2")
     if solver not in SOLVERS:
         raise ValueError(f"Invalid solver: {solver!r} (choose one of {SOLVERS})")
+
+
+def check_solver_options(rcond: float | None, tol: float | None, max_iter: int | None) -> None:
+    """The projection's options, refused alike whichever solver would run: ``rcond`` a real in
+    [0, 1), ``tol`` a real in (0, 1), ``max_iter`` an int >= 1 (None: the defaults)."""
+    if rcond is not None and not (is_real(rcond) and 0 <= rcond < 1):  # (NaN fails the comparison)
+        raise ValueError(f"Invalid rcond: {rcond!r} (must be a real number in [0, 1))")
+    if tol is not None and not (is_real(tol) and 0 < tol < 1):
+        raise ValueError(f"Invalid tol: {tol!r} (must be a real number in (0, 1))")
+    check_positive_int("max_iter", max_iter)
 
 
 def default_rcond(rows: int, dtype: torch.dtype) -> float:
@@ -105,7 +116,8 @@ def project(engine: Engine, v: torch.Tensor, *, solver: str = "auto", rcond: flo
     whose only cross-rank need is a sum.
     """
     check_solver(solver)
-    rcond = default_rcond(engine.rows, v.dtype) if rcond is None else rcond
+    check_solver_options(rcond, tol, max_iter)
+    rcond = default_rcond(engine.rows, v.dtype) if rcond is None else float(rcond)
     products = Products(engine, v.dtype, all_reduce)
     v64 = v.double()
     dense = all_reduce is None and solver != "lsqr"
