@@ -20,7 +20,8 @@ output directions; a closed form turns them into that module's part of every sam
   running statistics: an affine map per channel): :math:`\nabla_\gamma = \sum g\,\hat{x}`,
   :math:`\nabla_\beta = \sum g` over the positions that share a parameter;
 * ``nn.RMSNorm`` and Llama's RMSNorm: :math:`\nabla_w = \sum g\,\hat{x}` over positions;
-* ``nn.Embedding`` (no ``max_norm``, no ``scale_grad_by_freq``): :math:`\|\nabla_W h_{ij}\|^2 =
+* ``nn.Embedding`` (no ``scale_grad_by_freq``; a ``max_norm`` renormalises as a constant inside a
+  measurement, :mod:`~noisy_label_sgd.engines.untouched`): :math:`\|\nabla_W h_{ij}\|^2 =
   \sum_{t,s:\ x_{it} = x_{is}} g_{ijt}\cdot g_{ijs}` over positions whose index is not the
   padding index.
 
@@ -267,8 +268,7 @@ def _stock_form(module: nn.Module, kind: str, arguments: dict) -> ClosedForm | N
             return None
         form = CLOSED_FORMS["torch.nn.modules.normalization.RMSNorm"]
     elif kind == "embedding" and isinstance(module, nn.Embedding):
-        if not (same("padding_idx", module.padding_idx) and arguments.get("max_norm") is None
-                and not arguments.get("scale_grad_by_freq", False)):
+        if not (same("padding_idx", module.padding_idx) and not arguments.get("scale_grad_by_freq", False)):
             return None
         form = CLOSED_FORMS[nn.Embedding]
     else:
@@ -618,7 +618,9 @@ def norm_affine_sq_norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor, tr
 
 
 def _plain_embedding(module: nn.Embedding) -> bool:
-    return module.max_norm is None and not module.scale_grad_by_freq  # (both change the gradient)
+    # (max_norm: inside a measurement the renormalisation is a constant, engines.untouched, and the
+    # gradient the lookup's; scale_grad_by_freq changes it)
+    return not module.scale_grad_by_freq
 
 
 def embedding_contract(module: nn.Embedding, a: torch.Tensor, g: torch.Tensor, trainable) -> dict[str, torch.Tensor]:

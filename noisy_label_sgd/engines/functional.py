@@ -23,6 +23,7 @@ from . import convolution
 from .activations import gelu, new_gelu_forward, relu
 from .group_norm import group_norm, layer_norm
 from .recurrent import unrolled_recurrences
+from .untouched import kept_as_found
 
 Inputs = torch.Tensor | Sequence[torch.Tensor]
 ParamDict = dict[str, torch.Tensor]
@@ -263,7 +264,9 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
     nn.TransformerEncoderLayer / nn.MultiheadAttention: in eval mode in float32, with no input requiring grad (as under torch.func), they take a fused kernel that
     has no forward AD (a jvp through it raises) and no double backward; recurrent layers
     written out over time steps (:mod:`~noisy_label_sgd.engines.recurrent`: torch.func has no
-    batching rule for the fused ones); hardsigmoid as a composite (:func:`twice_differentiable`)."""
+    batching rule for the fused ones); hardsigmoid as a composite (:func:`twice_differentiable`);
+    buffers and embedding tables that the forward writes left as found
+    (:func:`~noisy_label_sgd.engines.untouched.kept_as_found`)."""
     modes = [(module, module.training) for module in model.modules()]
     cuda_devices = sorted(
         {t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"}
@@ -275,7 +278,8 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
         # the caller's torch.no_grad() or inference_mode() is for its own code: the
         # measurement differentiates (and returns tensors without a graph)
         with torch.inference_mode(False), torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), \
-                torch.random.fork_rng(devices=cuda_devices), unrolled_recurrences(model), twice_differentiable():
+                torch.random.fork_rng(devices=cuda_devices), unrolled_recurrences(model), twice_differentiable(), \
+                kept_as_found(model):
             yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)

@@ -38,3 +38,9 @@ def saved_tensors_hooks_active() -> bool:
 # GradientEdge carries an ownership token (torch 2.9 and later): an edge built from a node and an
 # output index then keeps its tensor alive, with no view made to own the node
 EDGES_OWNED = "ownership_token" in torch.autograd.graph.GradientEdge._fields
+
+
+def version_of(t: torch.Tensor) -> int:
+    """The in-place write counter of ``t`` (``Tensor._version``), shared with its views and with
+    ``detach()`` (not with ``.data``): how a measurement sees a forward write a parameter or buffer."""
+    return t._version
