@@ -79,7 +79,10 @@ for step in range(start, args.steps):
     loss_fn(model(xb), yb).backward()
     opt.step()
     if (step + 1) % args.save_every == 0 and rank == 0:
-        torch.save({"model": model.module.state_dict(), "optimizer": opt.state_dict(), "step": step + 1}, checkpoint)
+        # atomically: a kill inside the save leaves the previous checkpoint, never a truncated one
+        partial = f"{checkpoint}.partial"
+        torch.save({"model": model.module.state_dict(), "optimizer": opt.state_dict(), "step": step + 1}, partial)
+        os.replace(partial, checkpoint)
     dist.barrier() if (step + 1) % args.save_every == 0 else None
 
 report = monitor.log()  # a collective: every rank takes part

@@ -56,10 +56,10 @@ def renormalised(weight: torch.Tensor, max_norm: float, norm_type: float) -> tor
     """``weight`` with the values ``torch.embedding_renorm_`` would write in every row (rows with a
     norm above ``max_norm`` scaled by ``max_norm / (norm + 1e-7)``, computed in float64 as the
     kernel does), and the gradient of ``weight`` itself (the renormalisation a constant)."""
-    with torch.no_grad():
-        norms = torch.linalg.vector_norm(weight, ord=norm_type, dim=-1, keepdim=True).double()
-        scale = torch.where(norms > max_norm, max_norm / (norms + 1e-7), torch.ones_like(norms))
-        values = weight * scale.to(weight.dtype)
+    constant = weight.detach()  # (detached, not no_grad: forward-mode AD ignores no_grad)
+    norms = torch.linalg.vector_norm(constant, ord=norm_type, dim=-1, keepdim=True).double()
+    scale = torch.where(norms > max_norm, max_norm / (norms + 1e-7), torch.ones_like(norms))
+    values = constant * scale.to(weight.dtype)
     return values + (weight - weight.detach())  # (adds exact zeros: the values are the kernel's)
 
 
