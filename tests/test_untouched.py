@@ -11,6 +11,8 @@ from noisy_label_sgd import (LabelNoise, RegularizerProbe, per_sample_sq_grad_no
 from noisy_label_sgd.engines.torch_internals import functorch_transforms_active
 from noisy_label_sgd.noise import stream_key, uniform_bits
 
+from helpers import IDS, make
+
 
 class Counting(nn.Module):
     """A head whose forward counts its calls in place (not under torch.func, which refuses the
@@ -163,3 +165,16 @@ def test_labels_whose_dtype_cannot_hold_the_classes_are_refused():
     noise = LabelNoise(distribution="flip", p=0.5, num_classes=200)
     with pytest.raises(ValueError, match=r"torch\.int8 hold at most 128 classes, not num_classes=200"):
         noise.perturb(torch.tensor([1, 2], dtype=torch.int8))
+
+
+@pytest.mark.parametrize("name", IDS)
+def test_the_probe_leaves_every_parameter_and_buffer_of_the_battery_as_found(name):
+    model, x = make(name)
+    before = state(model)
+    grads_before = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    RegularizerProbe(model, x)()
+    after = state(model)
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    assert all(p.grad is None for p, g in zip(model.parameters(), grads_before) if g is None)
