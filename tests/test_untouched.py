@@ -67,7 +67,6 @@ def test_an_embedding_with_max_norm_is_measured_exactly_and_left_unwritten(metho
     model, x = renorming_model()
     before = state(model)
     expected_norms, expected_grad = brute_force(model, x)
-    assert torch.equal(state(model)["0.weight"], before["0.weight"])  # (the brute force used a copy)
     norms = per_sample_sq_grad_norms(model, x, method=method)
     grad = regularizer_grad(model, x, method=method)
     report = RegularizerProbe(model, x, method=method)()
