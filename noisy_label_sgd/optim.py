@@ -49,6 +49,15 @@ def remove_label_noise(optimizer: torch.optim.Optimizer) -> LabelNoise | None:
     return noise
 
 
+def _refuse_beside_noise(**arguments: Any) -> None:
+    """``noise=`` replaces the stream's arguments: any of them given beside it is refused
+    (by the names the caller used)."""
+    defaults = {"distribution": "gaussian", "seed": 0}
+    given = [name for name, value in arguments.items() if value != defaults.get(name)]
+    if given:
+        raise ValueError(f"pass either noise= or its arguments, not both (got noise= and {'=, '.join(given)}=)")
+
+
 def add_label_noise(
     optimizer: torch.optim.Optimizer,
     std: StdSchedule | None = None,
@@ -99,12 +108,7 @@ def add_label_noise(
     elif not isinstance(noise, LabelNoise):
         raise TypeError(f"noise must be a LabelNoise, got {type(noise).__name__}")
     else:
-        given = [name for name, value in (("std", std), ("p", p), ("num_classes", num_classes), ("rank", rank))
-                 if value is not None]
-        given += [name for name, value, default in (("distribution", distribution, "gaussian"), ("seed", seed, 0))
-                  if value != default]
-        if given:
-            raise ValueError(f"pass either noise= or its arguments, not both (got noise= and {', '.join(given)}=)")
+        _refuse_beside_noise(std=std, distribution=distribution, seed=seed, p=p, num_classes=num_classes, rank=rank)
     owner = noise._optimizer() if noise._optimizer is not None else None
     if owner is not None:
         raise RuntimeError(
@@ -175,10 +179,12 @@ class LabelNoiseSGD(torch.optim.SGD):
         params, lr, momentum, dampening, weight_decay, nesterov, maximize, foreach,
             differentiable, fused: as for ``torch.optim.SGD``.
         noise_std: label-noise standard deviation, or a callable ``step -> std``.
-        distribution: ``"gaussian"``, ``"rademacher"`` or ``"uniform"``; for class-label
-            flipping pass ``noise=LabelNoise(distribution="flip", p=..., num_classes=...)``.
+        distribution: ``"gaussian"``, ``"rademacher"``, ``"uniform"``, or ``"flip"`` for
+            class labels (with ``p`` and ``num_classes``, no ``noise_std``; the loss is then
+            e.g. ``opt.noisy_loss(nn.CrossEntropyLoss())``).
         seed: noise stream seed.
-        noise: a ready :class:`LabelNoise` instead of ``noise_std``/``distribution``/``seed``.
+        p, num_classes, rank: as for :class:`LabelNoise`.
+        noise: a ready :class:`LabelNoise` instead of the arguments above.
 
     Example:
         >>> opt = LabelNoiseSGD(model.parameters(), lr=0.05, momentum=0.9, noise_std=0.1)
@@ -205,21 +211,21 @@ class LabelNoiseSGD(torch.optim.SGD):
         noise_std: StdSchedule | None = None,
         distribution: str = "gaussian",
         seed: int = 0,
+        p: float | None = None,
+        num_classes: int | None = None,
+        rank: int | None = None,
         noise: LabelNoise | None = None,
     ) -> None:
-        if noise is None:
-            if noise_std is None:
-                raise TypeError(
-                    "LabelNoiseSGD needs noise_std=... (0 gives plain SGD) or noise=LabelNoise(...)"
-                )
-            if distribution == "flip":
-                raise ValueError(
-                    "for class-label flipping pass noise=LabelNoise(distribution='flip', p=..., "
-                    "num_classes=...)"
-                )
-            noise = LabelNoise(noise_std, distribution, seed)
-        elif noise_std is not None or distribution != "gaussian" or seed != 0:
-            raise ValueError("pass either noise= or noise_std/distribution/seed, not both")
+        if noise is None and noise_std is None and distribution != "flip":
+            raise TypeError(
+                "LabelNoiseSGD needs noise_std=... (0 gives plain SGD), distribution='flip' with p= and "
+                "num_classes=, or noise=LabelNoise(...)"
+            )
+        if noise is None:  # (the stream's arguments checked before SGD checks its own)
+            noise = LabelNoise(noise_std, distribution, seed, p=p, num_classes=num_classes, rank=rank)
+        else:
+            _refuse_beside_noise(noise_std=noise_std, distribution=distribution, seed=seed, p=p,
+                                 num_classes=num_classes, rank=rank)
         super().__init__(
             params, lr, momentum, dampening, weight_decay, nesterov,
             maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused,

@@ -19,6 +19,9 @@ from .engines.tangent import check_solver, project
 
 __all__ = ["RegularizerProbe", "ProbeReport"]
 
+LOSSES = ("auto", "mse", "cross_entropy")
+IGNORE_INDEX = -100  # (nn.CrossEntropyLoss's default: labels equal to it are left out)
+
 
 @dataclass(frozen=True)
 class ProbeReport:
@@ -30,7 +33,11 @@ class ProbeReport:
         manifold_grad_norm: :math:`\\|P_T \\nabla \\mathrm{reg}\\|`, the part tangent to the
             zero-error manifold: the direction label noise drifts along (zero at a stable point).
         normal_grad_norm: :math:`\\|\\nabla \\mathrm{reg} - P_T \\nabla \\mathrm{reg}\\|`.
-        loss: clean mean squared error on the probe set (``None`` without targets).
+        loss: the clean loss on the probe set (``None`` without targets): the mean squared
+            error, or for class labels the cross-entropy of the logits (see ``loss_function``).
+        loss_function: ``"mse"`` or ``"cross_entropy"`` (``None`` without targets).
+        accuracy: for class labels, the fraction of probe samples (targets other than the
+            ignore index) whose largest logit is the label's; ``None`` otherwise.
         per_sample: :math:`\\|J_i\\|_F^2` per sample, shape [n].
         manifold_grad: :math:`P_T \\nabla \\mathrm{reg}` itself, flat over the trainable
             parameters in ``named_parameters()`` order (the direction the drift takes, with a
@@ -61,6 +68,8 @@ class ProbeReport:
     jacobian_rank: int | None = None
     smallest_kept_singular_ratio: float | None = None
     manifold_grad: torch.Tensor | None = field(default=None, repr=False)
+    loss_function: str | None = None
+    accuracy: float | None = None
 
     @property
     def manifold_fraction(self) -> float:
@@ -79,6 +88,8 @@ class ProbeReport:
         }
         if self.loss is not None:
             values["probe_loss"] = self.loss
+        if self.accuracy is not None:
+            values["probe_accuracy"] = self.accuracy
         if self.jacobian_rank is not None:
             values["jacobian_rank"] = self.jacobian_rank
         return values
@@ -113,7 +124,14 @@ class RegularizerProbe:
     Args:
         model: any module returning a tensor of predictions with a leading sample dimension.
         inputs: probe inputs, a tensor [n, ...] or a sequence of tensors (the model's args).
-        targets: optional targets [n, ...] for the clean probe loss (mean squared error).
+        targets: optional targets [n, ...] for the clean probe loss: floating point for the
+            mean squared error against the outputs, or integer class labels for the
+            cross-entropy of the outputs as logits (``nn.CrossEntropyLoss``'s convention: logits
+            [n, C] for labels [n], [n, C, d...] for [n, d...]; labels equal to -100 ignored);
+            the report then also has the accuracy. reg is that of the outputs either way: for
+            a classifier, of all C logits.
+        loss: ``"auto"`` (the mean squared error for float targets, cross-entropy for
+            integer class labels), ``"mse"`` or ``"cross_entropy"``.
         method, chunk_size, memory_budget: see :func:`per_sample_sq_grad_norms`.
         solver: tangent projection solver, ``"auto"``, ``"dense"`` or ``"lsqr"``.
 
@@ -133,8 +151,11 @@ class RegularizerProbe:
         chunk_size: int | None = None,
         solver: str = "auto",
         memory_budget: int | None = None,
+        loss: str = "auto",
     ) -> None:
         check_method(method)
+        if not isinstance(loss, str) or loss not in LOSSES:
+            raise ValueError(f"Invalid loss: {loss!r} (choose one of {LOSSES})")
         model = unwrapped(model)
         self.inputs = as_input_tuple(inputs)
         n = self.inputs[0].shape[0]
@@ -155,32 +176,55 @@ class RegularizerProbe:
         FunctionalModel(model)  # the model's own errors, at construction
         check_finite(model, self.inputs)  # (again at every measurement: the parameters change)
         self.model = model
-        self.targets = None if targets is None else self._checked_targets(targets)
+        self.loss_function: str | None = None
+        self._output_shape: torch.Size | None = None  # one sample's output, as the model returns it
+        self.targets = None if targets is None else self._checked_targets(targets, loss)
         self.method = method
         self.chunk_size = chunk_size
         self.solver = solver
         self.memory_budget = memory_budget
         self._engine: Engine | None = None
 
-    def _checked_targets(self, targets: torch.Tensor) -> torch.Tensor:
+    def _checked_targets(self, targets: torch.Tensor, loss: str) -> torch.Tensor:
         """The targets as the clean loss will use them, checked now against one forward of the
         first probe sample (a probe that cannot work fails here, in the user's code, not as a
-        warning from inside an optimizer step): floating point, as many entries per sample as
-        the model outputs, on its device, in its output dtype."""
+        warning from inside an optimizer step), on the model's device: for the mean squared
+        error floating point, as many entries per sample as the model outputs, in its output
+        dtype; for cross-entropy integer labels in [0, C) (or the ignore index) that
+        ``nn.functional.cross_entropy`` takes beside the model's output."""
         with evaluation_mode(self.model), torch.no_grad():
-            out = per_sample_outputs(self.model(*(t[:1] for t in self.inputs)), tuple(t[:1] for t in self.inputs))
-        k = out.shape[1]
-        if not targets.is_floating_point():
-            raise TypeError(
-                f"targets have dtype {targets.dtype}, but the probe's loss is the mean squared error "
-                f"against the model's {k} outputs per sample: pass floating-point targets of that "
-                "shape (e.g. one-hot rows for class labels), or no targets"
-            )
-        if targets[0].numel() != k:
-            raise ValueError(f"targets have {targets[0].numel()} entries per sample but the model outputs {k}")
+            raw = self.model(*(t[:1] for t in self.inputs))
+            out = per_sample_outputs(raw, tuple(t[:1] for t in self.inputs))
         if targets.device != out.device:
             raise ValueError(f"targets are on {targets.device} but the model's outputs on {out.device}")
-        return targets.to(out.dtype)
+        self._output_shape = raw.shape[1:]
+        k = out.shape[1]
+        integer = not targets.is_floating_point() and not targets.is_complex() and targets.dtype != torch.bool
+        self.loss_function = ("cross_entropy" if integer else "mse") if loss == "auto" else loss
+        if self.loss_function == "mse":
+            if not targets.is_floating_point():
+                raise TypeError(
+                    f"targets have dtype {targets.dtype}, but the probe's loss is the mean squared error "
+                    f"against the model's {k} outputs per sample: pass floating-point targets of that "
+                    "shape, or integer class labels with loss='auto' or 'cross_entropy'"
+                )
+            if targets[0].numel() != k:
+                raise ValueError(f"targets have {targets[0].numel()} entries per sample but the model outputs {k}")
+            return targets.to(out.dtype)
+        if not integer:
+            raise TypeError(f"loss='cross_entropy' takes integer class labels, got targets of dtype {targets.dtype}")
+        if raw.dim() < 2 or tuple(targets.shape[1:]) != tuple(raw.shape[2:]):
+            raise ValueError(
+                f"class labels of shape [n, {', '.join(map(str, targets.shape[1:]))}] need logits of shape "
+                f"[n, C{''.join(f', {d}' for d in targets.shape[1:])}] (nn.CrossEntropyLoss's convention); "
+                f"the model outputs [n, {', '.join(map(str, raw.shape[1:]))}]"
+            )
+        classes = raw.shape[1]
+        labels = targets.long()
+        if not bool(((labels >= 0) & (labels < classes) | (labels == IGNORE_INDEX)).all()):
+            raise ValueError(f"class labels must lie in [0, {classes}) (or be {IGNORE_INDEX}, ignored), the "
+                             f"model's {classes} logits")
+        return labels
 
     @property
     def num_samples(self) -> int:
@@ -216,7 +260,7 @@ class RegularizerProbe:
             projection = project(engine, grad_flat, solver=self.solver,
                                  all_reduce=all_reduce_sum if distributed else None)
             manifold_flat = projection.vector
-            loss = None if self.targets is None else self._clean_loss(fm, engine.measurement.outputs)
+            loss, accuracy = (None, None) if self.targets is None else self._clean_loss(fm, engine.measurement.outputs)
         numbers = [per_sample.mean(), grad_flat.norm(), manifold_flat.norm(), (grad_flat - manifold_flat).norm()]
         dense = projection.rank is not None
         if dense:
@@ -237,21 +281,31 @@ class RegularizerProbe:
             jacobian_rank=int(spectrum[0]) if dense else None,
             smallest_kept_singular_ratio=spectrum[1] if dense else None,
             manifold_grad=manifold_flat.detach(),
+            loss_function=self.loss_function,
+            accuracy=accuracy,
         )
 
-    def _clean_loss(self, fm: FunctionalModel, out: torch.Tensor | None) -> float:
-        """Mean squared error over every target entry of the (union of the) probe set(s), from
-        the outputs ``out`` [n, k] when already at hand."""
-        assert self.targets is not None
+    def _clean_loss(self, fm: FunctionalModel, out: torch.Tensor | None) -> tuple[float, float | None]:
+        """The clean loss (and for class labels the accuracy) over every target of the (union
+        of the) probe set(s), from the outputs ``out`` [n, k] when already at hand."""
+        assert self.targets is not None and self._output_shape is not None
         with torch.no_grad():
             if out is None:
                 out = fm.batch_output(fm.params, self.inputs)
-            target = self.targets.reshape(out.shape)
-            if not is_distributed():
-                return float(nn.functional.mse_loss(out, target))
-            sums = torch.stack([(out - target).pow(2).sum(), torch.tensor(float(out.numel()), dtype=out.dtype)])
-            total = all_reduce_sum(sums)
-            return float(total[0] / total[1])
+            if self.loss_function == "mse":
+                sums = [(out - self.targets.reshape(out.shape)).pow(2).sum(), out.new_tensor(float(out.numel()))]
+            else:
+                logits = out.reshape(out.shape[0], *self._output_shape)
+                counted = self.targets != IGNORE_INDEX
+                correct = (logits.argmax(1) == self.targets) & counted
+                sums = [nn.functional.cross_entropy(logits, self.targets, reduction="sum", ignore_index=IGNORE_INDEX),
+                        counted.sum().to(out.dtype), correct.sum().to(out.dtype)]
+            sums = torch.stack(sums).to(torch.float64)
+            if is_distributed():
+                sums = all_reduce_sum(sums)
+            totals = sums.tolist()  # (one host sync for all of them)
+        count = max(totals[1], 1.0)
+        return totals[0] / count, (totals[2] / count if len(totals) > 2 else None)
 
     def __repr__(self) -> str:
         return (

@@ -49,8 +49,10 @@ SCALARS = (
     "normal_grad_norm",
     "manifold_fraction",
     "probe_loss",
+    "probe_accuracy",
     "lr",
     "noise_std",
+    "flip_p",
     "predicted_drift_per_step",
     "probe_seconds",
     "jacobian_rank",
@@ -75,13 +77,28 @@ def _open_log_dir(log_dir: str | os.PathLike) -> str:
     return path
 
 
+def _restart_clock(bar: Any) -> None:
+    """Time a tqdm bar from now on: the first probe (at ``attach``) and the first step (first
+    allocations, the engine's first measurement) take many steps' time and would otherwise set
+    its first ETA (hours, on a run of minutes). The steps done so far stay counted, outside
+    the rate."""
+    if not hasattr(bar, "reset"):  # (another kind of bar: left as it is)
+        return
+    done = bar.n
+    bar.reset(total=bar.total)
+    bar.update(done)
+    bar.last_print_n = done  # (the next rate is measured from here)
+
+
 class TensorBoardMonitor:
     """Logs a :class:`RegularizerProbe` to TensorBoard every ``every`` optimizer steps.
 
     Scalars (under ``prefix``/): reg, reg_grad_norm, manifold_grad_norm, normal_grad_norm,
-    manifold_fraction (= manifold / total), probe_loss (clean MSE on the probe set, if the probe
-    has targets), lr, noise_std, predicted_drift_per_step and observed_drift_per_step,
-    predicted_probe_loss (see the module docstring), probe_seconds, jacobian_rank (the
+    manifold_fraction (= manifold / total), probe_loss (the clean loss on the probe set, if the
+    probe has targets: MSE, or cross-entropy for class labels, with probe_accuracy), lr,
+    noise_std (additive noise) or flip_p (class-label flips), predicted_drift_per_step and
+    observed_drift_per_step, predicted_probe_loss (see the module docstring; for the MSE
+    only), probe_seconds, jacobian_rank (the
     numerical rank of J the projection used, where a dense solver ran); a histogram of the
     per-sample :math:`\\|J_i\\|^2`; a custom-scalars layout that
     groups them; and hparams (lr, momentum, noise std, distribution, batch size) so that runs
@@ -188,6 +205,8 @@ class TensorBoardMonitor:
         self._steps += 1
         if self._bar is not None:
             self._bar.update(1)
+            if self._steps == 1:
+                _restart_clock(self._bar)
         step = self.global_step
         if step % self.every == 0:
             try:
@@ -267,6 +286,8 @@ class TensorBoardMonitor:
         lr = float(group["lr"])
         values = {"lr": lr}
         noise = label_noise_of(self._optimizer)
+        if noise is not None and not noise.is_additive:
+            values["flip_p"] = float(noise.p)
         if noise is not None and noise.is_additive:
             sigma = noise.current_std()
             values["noise_std"] = sigma
@@ -276,7 +297,8 @@ class TensorBoardMonitor:
                 step_size = lr / (1.0 - float(group.get("momentum", 0.0) or 0.0))
                 scale = step_size * sigma**2 / (self._batch_size() * report.outputs_per_sample**2)
                 values["predicted_drift_per_step"] = step_size * scale * report.manifold_grad_norm
-                values["predicted_probe_loss"] = scale * report.reg
+                if report.loss_function != "cross_entropy":  # (an MSE prediction)
+                    values["predicted_probe_loss"] = scale * report.reg
             elif not self._said_no_drift:
                 self._said_no_drift = True
                 warnings.warn(
@@ -304,7 +326,8 @@ class TensorBoardMonitor:
                 "training": {
                     "clean probe loss, and its Ornstein-Uhlenbeck prediction": [
                         "Multiline", t("probe_loss", "predicted_probe_loss")],
-                    "learning rate and noise std": ["Multiline", t("lr", "noise_std")],
+                    "probe accuracy (class labels)": ["Multiline", t("probe_accuracy")],
+                    "learning rate, noise std or flip probability": ["Multiline", t("lr", "noise_std", "flip_p")],
                     "probe seconds": ["Multiline", t("probe_seconds")],
                 },
             }

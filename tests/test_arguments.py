@@ -104,6 +104,9 @@ def test_every_noise_entry_point_refuses_the_same_arguments(kwargs, error, messa
         LabelNoise(**kwargs)
     with pytest.raises(error, match=message):
         add_label_noise(torch.optim.SGD(model().parameters(), lr=0.1), **kwargs)
+    renamed = {("noise_std" if name == "std" else name): value for name, value in kwargs.items()}
+    with pytest.raises(error, match=message):
+        LabelNoiseSGD(model().parameters(), lr=0.1, **renamed)
 
 
 def test_misuses_of_the_stream_are_refused():
@@ -115,7 +118,7 @@ def test_misuses_of_the_stream_are_refused():
         add_label_noise(torch.optim.Adam(model().parameters()), noise=noise)
     with pytest.raises(ValueError, match=r"either noise= or its arguments.*std="):
         add_label_noise(torch.optim.SGD(model().parameters(), lr=0.1), noise=LabelNoise(0.1), std=0.2)
-    with pytest.raises(ValueError, match=r"either noise= or noise_std/distribution/seed"):
+    with pytest.raises(ValueError, match=r"either noise= or its arguments, not both \(got noise= and seed=\)"):
         LabelNoiseSGD(model().parameters(), lr=0.1, noise=LabelNoise(0.1), seed=3)
     with pytest.raises(ValueError, match=r"meta device"):
         LabelNoise(0.1).perturb(torch.zeros(3, device="meta"))

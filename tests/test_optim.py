@@ -246,8 +246,10 @@ BAD_OPTIMIZER = [
     (dict(lr=0.1, noise_std=-1.0), ValueError, r"Invalid noise std: -1\.0"),
     (dict(lr=0.1, noise_std=float("nan")), ValueError, r"Invalid noise std: nan"),
     (dict(lr=0.1, noise_std=0.1, distribution="cauchy"), ValueError, r"distribution: 'cauchy'"),
-    (dict(lr=0.1, noise_std=0.1, distribution="flip"), ValueError, r"noise=LabelNoise\(distribution='flip'"),
-    (dict(lr=0.1, noise_std=0.1, noise=LabelNoise(0.1)), ValueError, r"either noise= or noise_std"),
+    (dict(lr=0.1, noise_std=0.1, distribution="flip"), ValueError, r"std=0\.1 is for additive noise"),
+    (dict(lr=0.1, distribution="flip", num_classes=3), ValueError, r"Invalid flip probability p: None"),
+    (dict(lr=0.1, noise_std=0.1, noise=LabelNoise(0.1)), ValueError, r"either noise= or its arguments.*noise_std="),
+    (dict(lr=0.1, p=0.2, noise=LabelNoise(0.1)), ValueError, r"either noise= or its arguments.*and p=\)"),
     (dict(lr=-0.1, noise_std=0.1), ValueError, r"Invalid learning rate: -0\.1"),
     (dict(lr=0.1, momentum=-0.5, noise_std=0.1), ValueError, r"Invalid momentum value: -0\.5"),
 ]
@@ -274,3 +276,33 @@ def test_add_label_noise_needs_a_std_for_additive_noise():
         add_label_noise(torch.optim.SGD(mlp().parameters(), lr=0.1))
     noise = add_label_noise(torch.optim.SGD(mlp().parameters(), lr=0.1), distribution="flip", p=0.1, num_classes=3)
     assert noise.distribution == "flip"
+
+
+def test_labelnoisesgd_flips_class_labels_like_sgd_with_add_label_noise():
+    # LabelNoiseSGD(distribution="flip", p=, num_classes=) is SGD plus add_label_noise's stream:
+    # the same flips, the same parameters after training, and the stream state in its checkpoint
+    torch.manual_seed(0)
+    x, labels = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    runs = {}
+    for way in ("labelnoisesgd", "add_label_noise"):
+        torch.manual_seed(1)
+        model = nn.Linear(4, 3)
+        if way == "labelnoisesgd":
+            opt = LabelNoiseSGD(model.parameters(), lr=0.1, momentum=0.9, distribution="flip", p=0.3,
+                                num_classes=3, seed=5)
+            loss_fn = opt.noisy_loss(nn.CrossEntropyLoss())
+        else:
+            opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            loss_fn = noisy_loss(nn.CrossEntropyLoss(), add_label_noise(opt, distribution="flip", p=0.3,
+                                                                        num_classes=3, seed=5))
+        flipped = []
+        for _ in range(5):
+            opt.zero_grad()
+            loss_fn(model(x), labels).backward()
+            flipped.append(loss_fn.noise.last_noise.clone())
+            opt.step()
+        runs[way] = (model.weight.detach().clone(), torch.stack(flipped), opt.state_dict()["label_noise"])
+    (w1, f1, s1), (w2, f2, s2) = runs.values()
+    assert torch.equal(w1, w2) and torch.equal(f1, f2) and s1 == s2
+    assert s1["distribution"] == "flip" and s1["p"] == 0.3 and s1["step"] == 5
+    assert 0 < int((f1 != 0).sum()) < f1.numel()  # some labels flipped, not all

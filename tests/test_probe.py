@@ -141,8 +141,17 @@ def test_targets_the_probe_cannot_use_are_refused_at_construction():
     x, y = data()
     with pytest.raises(ValueError, match="targets have 2 entries per sample but the model outputs 3"):
         RegularizerProbe(mlp(), x, y[:, :2])
-    with pytest.raises(TypeError, match="targets have dtype torch.int64.*mean squared error.*one-hot"):
-        RegularizerProbe(mlp(), x, torch.zeros(7, dtype=torch.long))
+    labels = torch.zeros(len(x), dtype=torch.long)
+    with pytest.raises(TypeError, match="targets have dtype torch.int64.*mean squared error.*loss='auto' or 'cross"):
+        RegularizerProbe(mlp(), x, labels, loss="mse")
+    with pytest.raises(TypeError, match="loss='cross_entropy' takes integer class labels, got.*float"):
+        RegularizerProbe(mlp(), x, y, loss="cross_entropy")
+    with pytest.raises(ValueError, match=r"Invalid loss: 'l1'"):
+        RegularizerProbe(mlp(), x, y, loss="l1")
+    with pytest.raises(ValueError, match=r"class labels must lie in \[0, 3\) \(or be -100"):
+        RegularizerProbe(mlp(), x, labels.index_fill(0, torch.tensor([4]), 3))
+    with pytest.raises(ValueError, match=r"labels of shape \[n, 2\] need logits of shape \[n, C, 2\].*outputs \[n, 3\]"):
+        RegularizerProbe(mlp(), x, torch.zeros(len(x), 2, dtype=torch.long))
     with pytest.raises(RuntimeError):  # inputs the model cannot take fail at once, too
         RegularizerProbe(mlp(), x.float(), y)
 
@@ -322,3 +331,39 @@ def test_a_compiled_model_is_probed_through_its_original_module(tmp_path):
     report, plain = RegularizerProbe(compiled, x, y)(), RegularizerProbe(model, x, y)()
     assert (report.reg, report.manifold_grad_norm, report.method) == (plain.reg, plain.manifold_grad_norm, plain.method)
     assert torch.equal(per_sample_sq_grad_norms(compiled, x), per_sample_sq_grad_norms(model, x))
+
+
+class PerPositionLogits(nn.Module):
+    """Logits [n, C, T] for labels [n, T] (nn.CrossEntropyLoss's convention for extra dims)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(6, 4 * 5, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.embed(x).reshape(-1, 4, 5)
+
+
+@pytest.mark.parametrize("method", ["auto", "vmap"])
+def test_class_labels_get_the_cross_entropy_and_the_accuracy_of_the_logits(method):
+    # brute force: nn.CrossEntropyLoss on the model's output, the accuracy by argmax, both over
+    # the labels that are not the ignore index; reg is that of every logit either way
+    x, _ = data()
+    torch.manual_seed(3)
+    cases = [(mlp(), torch.randint(0, 3, (len(x),))), (PerPositionLogits(), torch.randint(0, 4, (len(x), 5)))]
+    for model, labels in cases:
+        labels = labels.flatten().index_fill(0, torch.tensor([1, 5]), -100).reshape(labels.shape)
+        report = RegularizerProbe(model, x, labels, method=method)()
+        with torch.no_grad():
+            logits = model(x)
+        counted = labels != -100
+        assert report.loss_function == "cross_entropy"
+        assert_rel_close(report.loss, float(nn.CrossEntropyLoss()(logits, labels)), FLOAT64_RTOL)
+        expected_accuracy = int(((logits.argmax(1) == labels) & counted).sum()) / int(counted.sum())
+        assert report.accuracy == pytest.approx(expected_accuracy, abs=1e-15)
+        assert report.scalars()["probe_accuracy"] == report.accuracy
+        assert_rel_close(report.reg, RegularizerProbe(model, x)().reg, FLOAT64_RTOL)
+    regression = RegularizerProbe(mlp(), x, data()[1])()
+    assert regression.loss_function == "mse" and regression.accuracy is None
+    assert "probe_accuracy" not in regression.scalars()
+    assert_rel_close(regression.loss, float(nn.functional.mse_loss(mlp()(x), data()[1])), FLOAT64_RTOL)

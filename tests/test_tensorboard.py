@@ -125,6 +125,38 @@ def test_layout_and_hparams_are_written_and_read_back(tmp_path):
     assert {"custom_scalars", "hparams"} <= plugins
 
 
+def test_a_classifier_with_flips_logs_cross_entropy_accuracy_and_the_flip_probability(tmp_path):
+    torch.manual_seed(0)
+    model = mlp()
+    x, labels = batch(0)[0], torch.randint(0, 3, (16,))
+    opt = LabelNoiseSGD(model.parameters(), lr=0.05, distribution="flip", p=0.25, num_classes=3, seed=1)
+    probe = RegularizerProbe(model, x, labels)
+    reports = {}
+    with TensorBoardMonitor(probe, log_dir=tmp_path, every=2) as monitor:
+        monitor.attach(opt)
+        reports[0] = monitor.last_report
+        loss_fn = opt.noisy_loss(nn.CrossEntropyLoss())
+        for step in range(1, 5):
+            opt.zero_grad()
+            loss_fn(model(x), labels).backward()
+            opt.step()
+            if step % 2 == 0:
+                reports[step] = monitor.last_report
+    acc = read_events(tmp_path)
+    tags = set(acc.Tags()["scalars"])
+    assert {f"{PREFIX}/{name}" for name in ("probe_loss", "probe_accuracy", "flip_p", "reg")} <= tags
+    assert not {f"{PREFIX}/{name}" for name in ("noise_std", "predicted_probe_loss", "predicted_drift_per_step")} & tags
+    assert [e.value for e in acc.Scalars(f"{PREFIX}/flip_p")] == [0.25] * 3
+    for name, field in (("probe_loss", "loss"), ("probe_accuracy", "accuracy")):
+        events = acc.Scalars(f"{PREFIX}/{name}")
+        assert [e.step for e in events] == [0, 2, 4]
+        for e in events:
+            assert math.isclose(e.value, getattr(reports[e.step], field), rel_tol=FLOAT32_EVENT_RTOL), (name, e.step)
+    with torch.no_grad():  # the last probe's loss is the clean cross-entropy of the trained model
+        assert math.isclose(reports[4].loss, float(nn.functional.cross_entropy(model(x), labels)), rel_tol=1e-12)
+    assert read_hparams(tmp_path)["flip_p"] == 0.25
+
+
 @pytest.mark.parametrize("micro_batches", [1, 2])
 def test_drift_prediction_takes_the_batch_size_the_loss_hook_saw(tmp_path, micro_batches):
     # training batches of 4 samples (twice 4 with gradient accumulation), a probe set of 16: the
@@ -274,6 +306,35 @@ def test_log_on_demand_and_progress_bar(tmp_path):
     assert "reg" in bar.postfix and "loss" in bar.postfix
     monitor.close()
     assert [e.step for e in read_events(tmp_path).Scalars(f"{PREFIX}/reg")] == [7]
+
+
+def test_the_progress_bar_times_its_eta_from_after_the_first_step(tmp_path):
+    # the first probe (at attach) and the first step are warm-up: the ETA is timed after them,
+    # with every step still counted
+    import io
+
+    tqdm = pytest.importorskip("tqdm")
+    model = mlp()
+    opt = LabelNoiseSGD(model.parameters(), lr=0.05, noise_std=0.1)
+    bar = tqdm.tqdm(total=5, file=io.StringIO(), mininterval=0)
+    monitor = TensorBoardMonitor(RegularizerProbe(model, *batch(0)), log_dir=tmp_path, every=10, progress=bar)
+    monitor.attach(opt)
+    created = bar.start_t
+    loss_fn = opt.noisy_loss(nn.MSELoss())
+    ends = []
+    for step in range(3):
+        x, y = batch(step)
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        before = bar._time()
+        opt.step()
+        ends.append((before, bar.start_t))
+    assert bar.n == 3 and bar.total == 5
+    first_before, first_start = ends[0]
+    assert first_start >= first_before > created  # restarted at the end of step 1 ...
+    assert ends[1][1] == ends[2][1] == first_start  # ... and only then
+    assert bar.format_dict["elapsed"] < bar._time() - created
+    monitor.close()
 
 
 def test_steps_are_right_when_noise_is_added_after_the_monitor(tmp_path):
