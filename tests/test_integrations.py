@@ -88,6 +88,82 @@ def test_lightning_trains_with_label_noise_and_logs_the_probe_through_its_logger
     assert {"implicit_reg/manifold_grad_norm", "implicit_reg/probe_loss"} <= set(rows[0])
 
 
+def test_lightning_callback_metrics_drive_model_checkpoint(tmp_path):
+    # implicit_reg/reg in trainer.callback_metrics: ModelCheckpoint keeps the lowest-reg step
+    pl = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from noisy_label_sgd.integrations.lightning import ProbeCallback
+
+    x, y = regression_data()
+
+    class Regression(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = net()
+
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=0.05)
+            self.loss_fn = noisy_loss(nn.MSELoss(), add_label_noise(opt, std=0.3, seed=4))
+            return opt
+
+        def training_step(self, batch, batch_idx):
+            return self.loss_fn(self.net(batch[0]), batch[1])
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=N)
+
+    module = Regression()
+    callback = ProbeCallback(RegularizerProbe(module.net, x, y), every=EVERY)
+    regs = {}
+    record = pl.Callback()  # (runs after ProbeCallback: the value ModelCheckpoint sees)
+    record.on_train_batch_end = lambda trainer, *_: regs.setdefault(
+        trainer.global_step, trainer.callback_metrics.get("implicit_reg/reg"))
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="implicit_reg/reg", mode="min", save_top_k=1,
+                                 every_n_train_steps=EVERY, filename="{step}")
+    trainer = pl.Trainer(max_steps=STEPS, logger=False, callbacks=[callback, record, checkpoint],
+                         accelerator="cpu", enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module)
+
+    assert regs[1] is None and regs[3] == regs[2]  # (the latest probe stays until the next)
+    probed = {step: float(reg) for step, reg in regs.items() if step % EVERY == 0}
+    assert sorted(probed) == list(range(EVERY, STEPS + 1, EVERY))
+    assert_rel_close(probed[STEPS], float(implicit_regularizer(module.net, x)), rtol=1e-6)
+    best = min(probed, key=probed.get)
+    assert checkpoint.best_model_score.item() == probed[best]
+    assert os.path.basename(checkpoint.best_model_path) == f"step={best}.ckpt"
+
+
+LIGHTNING_FIT = """
+import sys, torch, lightning.pytorch as pl
+if sys.argv[1] == "with":
+    import noisy_label_sgd.integrations.lightning
+class Module(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).pow(2).mean()
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(4, 2)), batch_size=2)
+pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+           enable_model_summary=False).fit(Module())
+"""
+
+
+def test_lightning_integration_silences_lightnings_own_treespec_warning():
+    # (in a fresh process: pytest resets warning filters around every test)
+    pytest.importorskip("lightning.pytorch")
+    runs = {which: subprocess.run([sys.executable, "-c", LIGHTNING_FIT, which], capture_output=True, text=True,
+                                  timeout=300) for which in ("without", "with")}
+    assert all(run.returncode == 0 for run in runs.values()), runs["with"].stderr[-2000:]
+    if "LeafSpec" not in runs["without"].stderr:
+        pytest.skip("this Lightning/torch pair does not warn")
+    assert "LeafSpec" not in runs["with"].stderr
+
+
 def test_lightning_under_ddp_logs_each_probe_once_from_rank_zero(tmp_path):
     # two gloo processes (ddp_spawn): every rank runs the distributed probe, one row per probe
     pytest.importorskip("lightning.pytorch")
@@ -113,12 +189,15 @@ def test_lightning_callback_probes_on_every_rank_and_logs_from_rank_zero_only():
     for rank in (0, 1):
         logger = SimpleNamespace(log_metrics=lambda metrics, step, rank=rank: written[rank].append((step, metrics)))
         trainer = SimpleNamespace(global_step=0, is_global_zero=rank == 0, loggers=[logger])
+        module_logged = []  # LightningModule.log: callback_metrics on every rank, not the loggers
+        module = SimpleNamespace(log=lambda name, value, **options: module_logged.append((name, options["logger"])))
         callback = ProbeCallback(probe, every=EVERY)
-        callback.on_train_start(trainer, None)
+        callback.on_train_start(trainer, module)
         for step in (1, 2, 2, 3):  # (2 twice: gradient accumulation ends two batches at step 2)
             trainer.global_step = step
-            callback.on_train_batch_end(trainer, None, None, None, 0)
+            callback.on_train_batch_end(trainer, module, None, None, 0)
         assert callback.last_report is not None
+        assert sorted(module_logged) == sorted((f"implicit_reg/{name}", False) for name in probe().scalars())
     assert written[1] == []
     assert [step for step, _ in written[0]] == [0, 2]
     assert written[0][-1][1]["implicit_reg/reg"] == probe().reg

@@ -10,6 +10,7 @@ resume it. See the README for a complete module.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -18,12 +19,23 @@ from ..probe import ProbeReport, check_probe_and_period
 
 __all__ = ["ProbeCallback"]
 
+# Lightning 2.6's own pytree copy builds torch's deprecated ``LeafSpec`` on every training step
+# (torch >= 2.13 warns); the warning is Lightning's, not the user's, and says nothing they can act
+# on. Silenced for that one module only.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
+
 
 class ProbeCallback(Callback):
     """Runs ``probe`` at the start of training and after every ``every``-th optimizer step, and
     logs its :meth:`~noisy_label_sgd.ProbeReport.scalars` (as ``prefix/name``) to every logger of
     the Trainer at the global step, from global rank zero only. Under DDP every rank calls the
     probe (a distributed probe is a collective: each rank passes its shard).
+
+    The probes after optimizer steps are also logged with ``LightningModule.log`` (``on_step``,
+    not to the loggers a second time), so ``trainer.callback_metrics["implicit_reg/reg"]`` holds
+    the latest value and can drive ``ModelCheckpoint(monitor=...)`` or ``EarlyStopping`` (give
+    them the same period, e.g. ``every_n_train_steps=every``). The probe at the start of
+    training goes to the loggers only: Lightning allows no step metrics in ``on_train_start``.
 
     Args:
         probe: a :class:`~noisy_label_sgd.RegularizerProbe` of the module being trained (or its
@@ -44,13 +56,17 @@ class ProbeCallback(Callback):
                            batch_idx: int) -> None:
         # (with gradient accumulation several batches end at one global step: probe once)
         if trainer.global_step % self.every == 0 and trainer.global_step != self._logged_step:
-            self._log(trainer)
+            metrics = self._log(trainer)
+            for name, value in metrics.items():
+                # a distributed probe reduces over ranks: every rank holds the same numbers, no sync
+                pl_module.log(name, value, on_step=True, on_epoch=False, logger=False, batch_size=1)
 
-    def _log(self, trainer: Trainer) -> None:
+    def _log(self, trainer: Trainer) -> dict[str, float]:
         step = trainer.global_step
         self.last_report = self.probe()
         self._logged_step = step
+        metrics = {f"{self.prefix}/{name}": value for name, value in self.last_report.scalars().items()}
         if trainer.is_global_zero:
-            metrics = {f"{self.prefix}/{name}": value for name, value in self.last_report.scalars().items()}
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
+        return metrics
