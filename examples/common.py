@@ -24,8 +24,46 @@ import noisy_label_sgd
 from noisy_label_sgd import LabelNoiseSGD, RegularizerProbe, TensorBoardMonitor
 
 
+def add_threads_argument(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--threads, which :func:`start_run` applies. On a machine busy with other work, torch's
+    default of one thread per core makes every small operation wait on the others: 1 is faster."""
+    p.add_argument("--threads", type=int, default=None,
+                   help=f"torch CPU threads (default: torch's, {torch.get_num_threads()} here; 1 on a busy machine)")
+    return p
+
+
+def load_average() -> list[float]:
+    return [round(load, 2) for load in os.getloadavg()]
+
+
+@dataclass
+class RunRecord:
+    """Where and how a run ran, for summary.json: numbers that depend on the machine (times,
+    probe costs) mean nothing without it."""
+
+    device: str
+    started: float = field(default_factory=time.perf_counter)
+    load_at_start: list[float] = field(default_factory=lambda: load_average())
+
+    def as_dict(self) -> dict:
+        return {"device": self.device, "device_name": device_name(torch.device(self.device)),
+                "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                "load_average_1_5_15_min": {"start": self.load_at_start, "end": load_average()},
+                "wall_seconds": round(time.perf_counter() - self.started, 2), "torch": torch.__version__,
+                "noisy_label_sgd": noisy_label_sgd.__version__, "python": platform.python_version()}
+
+
+def start_run(args: argparse.Namespace, device: str | torch.device | None = None) -> RunRecord:
+    """Applies --threads and starts the clock and the record of the machine's load."""
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    return RunRecord(device=str(device if device is not None else args.device))
+
+
 def parser(name: str, doc: str, **defaults) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p = add_threads_argument(argparse.ArgumentParser(description=doc.splitlines()[0]))
     p.add_argument("--steps", type=int, default=defaults["steps"], help="optimizer steps per run")
     p.add_argument("--lr", type=float, default=defaults["lr"])
     p.add_argument("--noise-std", type=float, default=defaults["noise_std"], help="label noise std")
@@ -50,9 +88,12 @@ def cap_steps(args: argparse.Namespace) -> None:
         args.every = min(args.every, args.steps)
 
 
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.machine()}"
+
+
 def environment_note(device: torch.device) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.machine()}"
-    return (f"{name}, torch {torch.__version__}, noisy_label_sgd {noisy_label_sgd.__version__}, "
+    return (f"{device_name(device)}, {torch.get_num_threads()} threads, torch {torch.__version__}, noisy_label_sgd {noisy_label_sgd.__version__}, "
             f"python {platform.python_version()}")
 
 
@@ -188,10 +229,10 @@ def train(
     return history
 
 
-def write_summary(out: str, results: dict[str, dict], extra: dict | None = None) -> str:
+def write_summary(out: str, results: dict[str, dict], run: RunRecord, extra: dict | None = None) -> str:
     path = os.path.join(out, "summary.json")
     with open(path, "w") as f:
-        json.dump({**results, **(extra or {})}, f, indent=2)
+        json.dump({**results, **(extra or {}), "machine": run.as_dict()}, f, indent=2)
     return path
 
 
@@ -213,6 +254,11 @@ def matrix_sensing_problem(d: int, r: int, n: int, seed: int, device: torch.devi
     X_star = U_star @ U_star.T
     y = torch.einsum("nij,ij->n", A, X_star)
     return A.to(device), y.to(device), X_star.to(device)
+
+
+def counted(count: int, noun: str) -> str:
+    """'1 active unit', '2 active units'."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def finish(out: str, figure: str, summary: str) -> None:

@@ -21,9 +21,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DistributedSampler, TensorDataset
 
+from common import add_threads_argument, start_run
 from noisy_label_sgd import LabelNoiseSGD, RegularizerProbe, TensorBoardMonitor
 
-p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+p = add_threads_argument(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
 p.add_argument("--steps", type=int, default=600)
 p.add_argument("--lr", type=float, default=0.02)
 p.add_argument("--noise-std", type=float, default=0.5)
@@ -40,6 +41,7 @@ dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(second
 rank, world = dist.get_rank(), dist.get_world_size()
 device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
 checkpoint = os.path.join(args.out, "checkpoint.pt")
+start_run(args, device)  # (--threads: per rank)
 
 
 def seeded_mlp(seed: int) -> nn.Module:
@@ -63,6 +65,11 @@ if args.resume:
     model.module.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])  # the noise stream position travels with it
     start = state["step"]
+    if start >= args.steps:
+        if rank == 0:
+            print(f"{checkpoint} is at step {start}: nothing left to run (pass --steps above {start} to go on)")
+        dist.destroy_process_group()
+        sys.exit(0)
 loss_fn = opt.noisy_loss(nn.MSELoss())
 
 shard = torch.arange(rank, 64, world)  # each rank holds its part of a 64-point probe set

@@ -24,12 +24,12 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from common import (annealed, log_spaced_steps, matrix_sensing_problem, print_table, save_figure,  # noqa: E402
-                    style_axes, write_summary)
+from common import (add_threads_argument, annealed, log_spaced_steps, matrix_sensing_problem, print_table, save_figure,  # noqa: E402
+                    start_run, style_axes, write_summary)
 from noisy_label_sgd import implicit_regularizer  # noqa: E402
 from noisy_label_sgd.paper_models import MatrixSensing  # noqa: E402
 
-p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+p = add_threads_argument(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
 p.add_argument("--steps", type=int, default=1500)
 p.add_argument("--lr", type=float, default=0.02)
 p.add_argument("--lam", type=float, default=1e-3, help="weight of reg in the loss")
@@ -41,6 +41,7 @@ p.add_argument("--device", default="cpu")
 p.add_argument("--out", default=os.path.join("runs", "explicit_penalty"))
 p.add_argument("--quick", action="store_true", help="a few seconds, for tests")
 args = p.parse_args()
+run_record = start_run(args)
 d = args.d or (12 if args.quick else 50)
 r = args.rank or (2 if args.quick else 3)
 if args.quick:
@@ -99,6 +100,6 @@ axes[1].set(xlabel="step", ylabel="reg(U)", title="the penalised quantity, reg")
 style_axes(axes)
 figure = save_figure(fig, f"Matrix sensing d={d}, r={r}, n={n}: gradient descent with and without the explicit penalty "
                      f"{args.lam:g} reg (no label noise)", device, os.path.join(args.out, "explicit_penalty.png"))
-summary = write_summary(args.out, results, {"config": {k: getattr(args, k) for k in ("steps", "lr", "lam", "anneal", "seed")}
+summary = write_summary(args.out, results, run_record, {"config": {k: getattr(args, k) for k in ("steps", "lr", "lam", "anneal", "seed")}
                                             | {"d": d, "r": r, "n": n}})
 print(f"figure:  {figure}\nsummary: {summary}")

@@ -34,10 +34,11 @@ from sklearn.datasets import load_digits  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from common import log_spaced_steps, print_table, save_figure, style_axes, write_summary  # noqa: E402
+from common import (add_threads_argument, log_spaced_steps, print_table, save_figure, start_run, style_axes,  # noqa: E402
+                    write_summary)
 from noisy_label_sgd import RegularizerProbe, add_label_noise, implicit_regularizer, noisy_loss  # noqa: E402
 
-p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+p = add_threads_argument(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
 p.add_argument("--steps", type=int, default=3000)
 p.add_argument("--lr", type=float, default=0.05)
 p.add_argument("--momentum", type=float, default=0.9)
@@ -49,6 +50,7 @@ p.add_argument("--device", default="cpu")
 p.add_argument("--out", default=os.path.join("runs", "flip_classification"))
 p.add_argument("--quick", action="store_true", help="a few seconds, for tests")
 args = p.parse_args()
+run_record = start_run(args)
 if args.quick:
     args.steps, args.power_iterations = 60, 5
 device = torch.device(args.device)
@@ -60,7 +62,7 @@ labels = torch.tensor(labels)
 order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))
 x_train, y_train = images[order[:1000]].to(device), labels[order[:1000]].to(device)
 x_test, y_test = images[order[1000:]].to(device), labels[order[1000:]].to(device)
-x_probe = x_train[: 40 if args.quick else 200]
+x_probe, y_probe = x_train[: 40 if args.quick else 200], y_train[: 40 if args.quick else 200]
 
 
 def network() -> nn.Module:
@@ -118,14 +120,15 @@ def run(flip: float) -> dict:
         loss_fn(model(x_train[idx]), y_train[idx]).backward()
         opt.step()
     model.eval()
-    report = RegularizerProbe(model, x_probe)()
+    report = RegularizerProbe(model, x_probe, y_probe)()  # class labels: cross-entropy and accuracy
     clean_loss = lambda: nn.functional.cross_entropy(model(x_train), y_train)
     probe_outputs = model(x_probe).detach()
     gauss_newton = lambda: 0.5 * (model(x_probe) - probe_outputs).pow(2).sum() / len(x_probe)  # Hessian: J^T J / n
     with torch.no_grad():
         train_loss = float(clean_loss())
     return {"train_accuracy": accuracy(model, x_train, y_train), "test_accuracy": accuracy(model, x_test, y_test),
-            "clean_train_loss": train_loss, "reg": report.reg, "manifold_grad_norm": report.manifold_grad_norm,
+            "clean_train_loss": train_loss, "probe_loss": report.loss, "probe_accuracy": report.accuracy,
+            "reg": report.reg, "manifold_grad_norm": report.manifold_grad_norm,
             "sharpness": top_eigenvalue(clean_loss, model, args.power_iterations),
             "gauss_newton_top_eigenvalue": top_eigenvalue(gauss_newton, model, args.power_iterations),
             "probe_method": report.method, "curve": curve}
@@ -157,6 +160,7 @@ axes[0].text(0.02, 0.02, text, transform=axes[0].transAxes, fontsize=7, family="
 style_axes(axes)
 figure = save_figure(fig, f"Digits, small CNN with GroupNorm, cross-entropy: label flips p={args.flip} against none "
                      f"({args.steps} steps)", device, os.path.join(args.out, "flip_classification.png"))
-summary = write_summary(args.out, results, {
-    "checks": checks, "config": {k: getattr(args, k) for k in ("steps", "lr", "momentum", "batch_size", "flip", "seed")}})
+summary = write_summary(args.out, results, run_record, {
+    "checks": checks, "config": {**{k: getattr(args, k) for k in ("steps", "lr", "momentum", "batch_size", "flip", "seed")},
+               "train_size": len(x_train), "test_size": len(x_test), "probe_size": len(x_probe)}})
 print(f"figure:  {figure}\nsummary: {summary}")

@@ -31,7 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from common import (cap_steps, finish, matrix_sensing_problem, parser, print_table, save_figure, style_axes,  # noqa: E402
+from common import (cap_steps, finish, matrix_sensing_problem, parser, print_table, save_figure, start_run, style_axes,  # noqa: E402
                     train, write_summary)
 from noisy_label_sgd.paper_models import MatrixSensing  # noqa: E402
 
@@ -40,6 +40,7 @@ args.add_argument("--d", type=int, default=None, help="matrix size (default 50; 
 args.add_argument("--rank", type=int, default=None, help="rank of X* (default 3; --paper 5)")
 args.add_argument("--measurements", type=int, default=None, help="n (default 4 d r; --paper 5 d r)")
 args = args.parse_args()
+run_record = start_run(args)
 d = args.d or (100 if args.paper else 12 if args.quick else 50)
 r = args.rank or (5 if args.paper else 2 if args.quick else 3)
 if args.paper:
@@ -92,6 +93,6 @@ axes[1].set(xlabel="step", ylabel="||U||_F^2 = nuclear norm of UU^T",
 style_axes(axes)
 figure = save_figure(fig, f"Matrix sensing, d={d}, r={r}, n={n}, lr {args.lr}, label noise N(0, {args.noise_std}^2) "
                      f"annealed over the last {args.anneal:.0%}", device, os.path.join(args.out, "matrix_sensing.png"), dpi=120)
-summary = write_summary(args.out, results, {"config": {"d": d, "r": r, "n": n, "steps": args.steps, "lr": args.lr,
+summary = write_summary(args.out, results, run_record, {"config": {"d": d, "r": r, "n": n, "steps": args.steps, "lr": args.lr,
                                                        "noise_std": args.noise_std, "anneal": args.anneal}})
 finish(args.out, figure, summary)

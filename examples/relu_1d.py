@@ -28,7 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from common import cap_steps, finish, parser, save_figure, train, write_summary  # noqa: E402
+from common import cap_steps, finish, parser, save_figure, start_run, train, write_summary  # noqa: E402
 from noisy_label_sgd.paper_models import TwoLayerReLU1D  # noqa: E402
 
 LEVELS = [0, 3.5, 2, 2, 4, 3, 2, 1, 2, 3, 4, 1]
@@ -43,6 +43,7 @@ args.add_argument("--init-scale", type=float, default=8.0,
                   help="multiply the initial output weights c_i by this (a larger, wigglier initial "
                        "function, whose wiggles plain GD keeps)")
 args = args.parse_args()
+run_record = start_run(args)
 if args.paper:
     args.width, args.seeds, args.steps = 1000, 5, max(args.steps, 200000)
     args.lr = min(args.lr, 3e-4)  # the tangent kernel grows with the width: larger steps diverge
@@ -144,7 +145,8 @@ axes[4].set(title="implicit regularizer reg (dashed: no noise)", xlabel="step")
 figure = save_figure(fig, f"Two-layer ReLU, width {args.width}, 12 points, lr {args.lr} (momentum 0.9), label "
                      f"noise std {args.noise_std} annealed over the last {args.anneal:.0%}", device,
                      os.path.join(args.out, "relu_1d.png"))
-summary = write_summary(args.out, results, {"data": {"curve_length": data_length, "convexity_changes": data_changes},
+summary = write_summary(args.out, results, run_record, {"data": {"curve_length": data_length, "convexity_changes": data_changes},
                                             "config": {"width": args.width, "steps": args.steps, "lr": args.lr,
-                                                       "noise_std": args.noise_std, "seeds": args.seeds}})
+                                                       "noise_std": args.noise_std, "anneal": args.anneal,
+                                                       "seeds": args.seeds}})
 finish(args.out, figure, summary)

@@ -25,7 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from common import cap_steps, finish, parser, print_table, save_figure, train, write_summary  # noqa: E402
+from common import cap_steps, counted, finish, parser, print_table, save_figure, start_run, train, write_summary  # noqa: E402
 from noisy_label_sgd.paper_models import TwoLayerSigmoid  # noqa: E402
 
 args = parser("sigmoid_single_point", __doc__, steps=50000, lr=0.05, noise_std=1.0, every=2500, anneal=0.2)
@@ -34,6 +34,7 @@ args.add_argument("--width", type=int, default=10)
 args.add_argument("--dim", type=int, default=10)
 args.add_argument("--target", type=float, default=1.0, help="the label y")
 args = args.parse_args()
+run_record = start_run(args)
 if args.paper:
     args.width, args.steps = 100, max(args.steps, 500000)
 if args.quick:
@@ -100,7 +101,7 @@ for ax, key in zip(axes[:2], ("without_noise", "with_noise")):
     ax.axhline(0, color="k", lw=0.4)
     ax.axvline(0, color="k", lw=0.4)
     r = results[key]
-    ax.set(title=f"{key.replace('_', ' ')}: {r['active_units']} active units, {r['unit_types']} types",
+    ax.set(title=f"{key.replace('_', ' ')}: {counted(r['active_units'], 'active unit')}, {counted(r['unit_types'], 'type')}",
            xlabel="c_i (output weight)", ylabel="h_i = s(w_i . x)")
     ax.legend(fontsize=8)
 for key, style in (("without_noise", "--"), ("with_noise", "-")):
@@ -111,7 +112,7 @@ axes[2].legend(fontsize=8)
 figure = save_figure(fig, f"{args.activation} two-layer net on one point, width {args.width}, lr {args.lr}, "
                      f"label noise std {args.noise_std} annealed over the last {args.anneal:.0%}", device,
                      os.path.join(args.out, "sigmoid_single_point.png"))
-summary = write_summary(args.out, results, {"config": {"activation": args.activation, "width": args.width,
+summary = write_summary(args.out, results, run_record, {"config": {"activation": args.activation, "width": args.width,
                                                        "dim": args.dim, "steps": args.steps, "lr": args.lr,
                                                        "noise_std": args.noise_std}})
 finish(args.out, figure, summary)

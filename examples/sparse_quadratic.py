@@ -33,10 +33,11 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from common import annealed, log_spaced_steps, print_table, save_figure, style_axes, write_summary  # noqa: E402
+from common import (add_threads_argument, annealed, log_spaced_steps, print_table, save_figure, start_run, style_axes,  # noqa: E402
+                    write_summary)
 from noisy_label_sgd import LabelNoiseSGD  # noqa: E402
 
-p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+p = add_threads_argument(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
 p.add_argument("--steps", type=int, default=20000)
 p.add_argument("--lr", type=float, default=0.01)
 p.add_argument("--noise-std", type=float, default=3.0, help="label noise std sigma")
@@ -47,6 +48,7 @@ p.add_argument("--device", default="cpu")
 p.add_argument("--out", default=os.path.join("runs", "sparse_quadratic"))
 p.add_argument("--quick", action="store_true", help="a few seconds, for tests")
 args = p.parse_args()
+run_record = start_run(args)
 if args.quick:
     args.steps = 1000
 device = torch.device(args.device)
@@ -125,6 +127,6 @@ axes[1].set(xlabel="coordinate j", ylabel="w_j = theta_j^2", title="learned weig
 style_axes(axes)
 figure = save_figure(fig, f"Quadratically parametrised linear model (HaoChen et al. 2021): d={d}, n={n}, theta0={args.init}, "
                      f"lr {args.lr}, {args.steps} steps", device, os.path.join(args.out, "sparse_quadratic.png"))
-summary = write_summary(args.out, results, {"config": {
+summary = write_summary(args.out, results, run_record, {"config": {
     **{k: getattr(args, k) for k in ("steps", "lr", "noise_std", "anneal", "init", "seed")}, "d": d, "n": n, "support": support}})
 print(f"figure:  {figure}\nsummary: {summary}")

@@ -52,7 +52,6 @@ rescaled time over three seeds (speed factors 0.85-0.91 against 1.05-1.15; sprea
 
 import argparse
 import copy
-import json
 import os
 import statistics
 
@@ -65,14 +64,14 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from common import save_figure  # noqa: E402
+from common import add_threads_argument, save_figure, start_run, write_summary  # noqa: E402
 from noisy_label_sgd import LabelNoiseSGD, RegularizerProbe, TensorBoardMonitor, tangent_projection  # noqa: E402
 
 SETTING = "tanh_single_point"
 CHECKS = {"timescale.spread_rescaled": 1.3, "timescale.spread_steps": 8.0, "drift.mean_cosine": 0.7,
           "drift.median_length_ratio": (0.5, 2.0), "ou.relative_error": 0.25}
 
-p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+p = add_threads_argument(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
 p.add_argument("--pairs", default="0.0025:4,0.005:2.8284,0.01:2,0.04:1",
                help="per-copy step size : noise std, comma-separated (default: eta^2 sigma^2 spanning 16x "
                     "at one eta sigma^2 = 0.04)")
@@ -86,6 +85,7 @@ p.add_argument("--device", default="cpu")
 p.add_argument("--out", default=os.path.join("runs", "theory_check"))
 p.add_argument("--quick", action="store_true", help="a few seconds, for tests (the checks need the full run)")
 args = p.parse_args()
+run_record = start_run(args)
 if args.quick:
     args.copies, args.tau, args.window = 4, 0.1, 0.02
 pairs = [tuple(float(v) for v in pair.split(":")) for pair in args.pairs.split(",")]
@@ -294,13 +294,11 @@ ax.legend(fontsize=8)
 figure = save_figure(fig, f"label-noise SGD against its theory: {S} copies of a tanh net on one point "
                      f"(width {args.width}, dim {args.dim})", device, os.path.join(args.out, "theory_check.png"))
 
-summary = {
+results = {
     SETTING: {"timescale": timescale, "drift": {k_: v for k_, v in drift.items() if k_ not in ("cosines", "length_ratios")},
               "ou": ou, "checks": checks, "passed": all(checks.values())},
     "thresholds": CHECKS,
     "config": {**vars(args), "start_train_loss": start_loss},
 }
-summary_path = os.path.join(args.out, "summary.json")
-with open(summary_path, "w") as f:
-    json.dump(summary, f, indent=2)
+summary_path = write_summary(args.out, results, run_record)
 print(f"figure:  {figure}\nsummary: {summary_path}\nlogs:    tensorboard --logdir {args.out}")

@@ -1,8 +1,10 @@
 """The paper examples run end to end in --quick mode and write what they promise."""
 
 import glob
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +14,32 @@ import torch
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
+# The tests are bounded by the work they ask for (steps, sizes), not by time: this is only a
+# guard against a hang, far above any run on a busy machine (the slowest here is 35 s when idle).
+HANG_GUARD_S = 1800
+
+
+def run_example(name, *options):
+    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, f"{name}.py"), *options],
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def example_run(tmp_path_factory):
+    """Runs an example once per set of options for the whole module: (output directory, process)."""
+    done = {}
+
+    def run(name, *options):
+        if (name, options) not in done:
+            out = tmp_path_factory.mktemp(name)
+            done[name, options] = out, run_example(name, *options, "--out", str(out))
+        return done[name, options]
+
+    return run
 CASES = {
     "matrix_sensing": ({"train_loss", "test_error", "sq_frobenius_U", "reg", "manifold_grad_norm"}, ["."]),
     "relu_1d": ({"median_curve_length", "median_seed_convexity_changes", "per_seed"}, ["seed0", "seed1"]),
@@ -21,14 +48,15 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_quick_run_writes_figure_summary_and_logs(name, tmp_path):
+def test_quick_run_writes_figure_summary_and_logs(name, example_run):
     keys, run_parents = CASES[name]
-    out = tmp_path / name
-    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, f"{name}.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    out, proc = example_run(name, "--quick")
     assert "tensorboard --logdir" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
+    machine = summary["machine"]  # what the times and probe costs were measured on
+    assert machine["device"] == "cpu" and machine["torch"] == torch.__version__ and machine["wall_seconds"] > 0
+    assert machine["torch_threads"] >= 1 and machine["cpu_count"] == os.cpu_count()
+    assert all(len(machine["load_average_1_5_15_min"][when]) == 3 for when in ("start", "end"))
     for run in ("with_noise", "without_noise"):
         assert keys <= set(summary[run]), (run, set(summary[run]))
         for parent in run_parents:
@@ -40,38 +68,40 @@ def test_quick_run_writes_figure_summary_and_logs(name, tmp_path):
 def test_ddp_example_with_torchrun_and_resume(tmp_path):
     out = tmp_path / "ddp"
     base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            os.path.join(EXAMPLES, "ddp_training.py"), "--every", "10", "--save-every", "10", "--out", str(out)]
-    first = subprocess.run(base + ["--steps", "20"], capture_output=True, text=True, timeout=300)
+            os.path.join(EXAMPLES, "ddp_training.py"), "--threads", "1", "--every", "10", "--save-every", "10", "--out", str(out)]
+    first = subprocess.run(base + ["--steps", "20"], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "2 ranks, 20 steps" in first.stdout
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 20 and ckpt["optimizer"]["label_noise"]["step"] == 20
-    resumed = subprocess.run(base + ["--steps", "30", "--resume"], capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(base + ["--steps", "30", "--resume"], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "2 ranks, 30 steps" in resumed.stdout
     assert len(glob.glob(str(out / "events.out.tfevents.*"))) == 2  # rank 0 only, one per launch
+    # a finished run resumed again: says so, trains nothing, logs nothing, leaves the checkpoint
+    again = subprocess.run(base + ["--steps", "30", "--resume"], capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "at step 30: nothing left to run" in again.stdout and "ranks, 30 steps" not in again.stdout
+    assert len(glob.glob(str(out / "events.out.tfevents.*"))) == 2
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 30
 
 
-def test_relu_1d_seed_chooses_the_initialisations(tmp_path):
+def test_relu_1d_seed_chooses_the_initialisations(example_run):
     # --seed S trains seeds S, S+1, ...: another S gives other initialisations and other fits
     summaries = {}
-    for seed in (0, 7):
-        out = tmp_path / f"seed{seed}"
-        proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, "relu_1d.py"), "--quick", "--seed", str(seed),
-                               "--out", str(out)], capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        summaries[seed] = json.loads((out / "summary.json").read_text())["with_noise"]
-        assert summaries[seed]["seeds"] == [seed, seed + 1]
+    for seed, options in ((0, ("--quick",)), (7, ("--quick", "--seed", "7", "--threads", "1"))):
+        out, _ = example_run("relu_1d", *options)
+        summaries[seed] = json.loads((out / "summary.json").read_text())
+        assert summaries[seed]["with_noise"]["seeds"] == [seed, seed + 1]
         assert (out / f"seed{seed + 1}" / "with_noise").is_dir()
-    lengths = {seed: [r["curve_length"] for r in s["per_seed"]] for seed, s in summaries.items()}
+    lengths = {seed: [r["curve_length"] for r in s["with_noise"]["per_seed"]] for seed, s in summaries.items()}
     assert lengths[0] != lengths[7]
+    assert summaries[7]["machine"]["torch_threads"] == 1  # --threads is applied and recorded
 
 
 def test_theory_check_quick_run_reports_each_prediction_beside_its_measurement(tmp_path):
     out = tmp_path / "theory"
-    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, "theory_check.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_example("theory_check", "--quick", "--out", str(out))
     setting = json.loads((out / "summary.json").read_text())["tanh_single_point"]
     for section, keys in {"timescale": ("spread_steps", "spread_rescaled"),
                           "drift": ("mean_cosine", "median_length_ratio"), "ou": ("measured", "predicted")}.items():
@@ -94,9 +124,7 @@ PAPER_SIZES = {"matrix_sensing": {"d": 100, "r": 5, "n": 2500}, "relu_1d": {"wid
 @pytest.mark.parametrize("name", list(PAPER_SIZES))
 def test_paper_presets_run_a_few_steps_at_the_papers_sizes(name, tmp_path):
     out = tmp_path / name
-    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, f"{name}.py"), "--paper", "--max-steps", "3",
-                           "--out", str(out)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_example(name, "--paper", "--max-steps", "3", "--out", str(out))
     summary = json.loads((out / "summary.json").read_text())
     config = summary["config"]
     assert {k: config[k] for k in PAPER_SIZES[name]} == PAPER_SIZES[name] and config["steps"] == 3
@@ -104,11 +132,8 @@ def test_paper_presets_run_a_few_steps_at_the_papers_sizes(name, tmp_path):
     assert (out / f"{name}.png").stat().st_size > 10_000
 
 
-def test_explicit_penalty_quick_run_lowers_reg_and_test_error(tmp_path):
-    out = tmp_path / "penalty"
-    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, "explicit_penalty.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+def test_explicit_penalty_quick_run_lowers_reg_and_test_error(example_run):
+    out, _ = example_run("explicit_penalty", "--quick")
     summary = json.loads((out / "summary.json").read_text())
     with_, without = summary["with_penalty"], summary["without_penalty"]
     # 300 steps at d=12: the penalised run already ends lower in reg and test error
@@ -118,12 +143,9 @@ def test_explicit_penalty_quick_run_lowers_reg_and_test_error(tmp_path):
     assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_sparse_quadratic_label_noise_finds_the_sparse_truth_and_parameter_noise_does_not(tmp_path):
+def test_sparse_quadratic_label_noise_finds_the_sparse_truth_and_parameter_noise_does_not(example_run):
     # the default run (about 20 s): the claim of HaoChen et al. as the issue states it
-    out = tmp_path / "sparse"
-    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, "sparse_quadratic.py"), "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    out, _ = example_run("sparse_quadratic")
     summary = json.loads((out / "summary.json").read_text())
     runs = {k: summary[k] for k in ("label_noise", "parameter_noise", "no_noise")}
     assert all(r["train_loss"] <= 1e-3 for r in runs.values()), runs
@@ -134,12 +156,9 @@ def test_sparse_quadratic_label_noise_finds_the_sparse_truth_and_parameter_noise
     assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_flip_classification_quick_run_writes_every_measurement(tmp_path):
+def test_flip_classification_quick_run_writes_every_measurement(example_run):
     pytest.importorskip("sklearn")
-    out = tmp_path / "flips"
-    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, "flip_classification.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    out, _ = example_run("flip_classification", "--quick")
     summary = json.loads((out / "summary.json").read_text())
     for run in ("with_flips", "without_flips"):
         for key in ("test_accuracy", "train_accuracy", "reg", "sharpness", "gauss_newton_top_eigenvalue"):
@@ -149,14 +168,11 @@ def test_flip_classification_quick_run_writes_every_measurement(tmp_path):
     assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_flip_classification_flips_lower_reg_at_full_training_accuracy(tmp_path):
+def test_flip_classification_flips_lower_reg_at_full_training_accuracy(example_run):
     # the default run (about 30 s); the clean loss's sharpness is reported, not asserted: it
     # comes out higher with flips (see the example's docstring and the README)
     pytest.importorskip("sklearn")
-    out = tmp_path / "flips"
-    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, "flip_classification.py"), "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    out, _ = example_run("flip_classification")
     summary = json.loads((out / "summary.json").read_text())
     with_, without = summary["with_flips"], summary["without_flips"]
     assert with_["train_accuracy"] == without["train_accuracy"] == 1.0
@@ -168,12 +184,64 @@ def test_matrix_sensing_noiseless_run_plateaus_while_label_noise_reaches_the_tru
     # the default setting (d=50, r=3, n = 4 d r) at 6000 steps (about 15 s): plain gradient
     # descent is at zero error within about 3000 steps, far from X*, and stays there
     out = tmp_path / "ms"
-    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, "matrix_sensing.py"), "--steps", "6000",
-                           "--every", "3000", "--out", str(out)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_example("matrix_sensing", "--steps", "6000", "--every", "3000", "--out", str(out))
     summary = json.loads((out / "summary.json").read_text())
     without, with_ = summary["without_noise"], summary["with_noise"]
     assert without["train_loss"] <= 1e-6 and without["test_error_rel_change_last_quarter"] <= 0.02
     assert without["test_error"] > 1.0
     assert with_["test_error"] <= 0.05 and with_["train_loss"] <= 1e-3
     assert summary["config"]["n"] == 600
+
+
+# -- the README's numbers, rendered from summaries (tools/readme_numbers.py) --------------------
+
+
+def readme_numbers():
+    spec = importlib.util.spec_from_file_location("readme_numbers", os.path.join(ROOT, "tools", "readme_numbers.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_numbers_are_the_stored_summaries_rendered(tmp_path, capsys):
+    numbers = readme_numbers()
+    assert numbers.main(["--check"]) == 0
+    # a stale number is caught, and named by its block
+    readme = open(numbers.README).read()
+    stale = tmp_path / "README.md"
+    stale.write_text(readme.replace("<!-- numbers: flip_classification -->\nMeasured",
+                                    "<!-- numbers: flip_classification -->\nMeasured once"))
+    assert numbers.main(["--check", "--readme", str(stale)]) == 1
+    assert "stale README blocks: flip_classification" in capsys.readouterr().out
+
+
+def test_readme_numbers_render_from_fresh_quick_summaries(example_run, tmp_path):
+    # every block renders from what the examples write now (no key the script reads is gone),
+    # and the fresh numbers are what lands in the README
+    pytest.importorskip("sklearn")
+    numbers = readme_numbers()
+    for name in numbers.EXAMPLES:
+        out, _ = example_run(name, "--quick")
+        (tmp_path / name).mkdir()
+        shutil.copyfile(out / "summary.json", tmp_path / name / "summary.json")
+    readme = open(numbers.README).read()
+    fresh = numbers.render(readme, str(tmp_path))
+    assert fresh != readme
+    flips = json.loads((tmp_path / "flip_classification" / "summary.json").read_text())["with_flips"]
+    assert f"{flips['reg']:,.1f} with flips" in fresh
+    assert numbers.render(fresh, numbers.STORED) == readme  # only the blocks changed
+
+
+@pytest.mark.parametrize("name", ["sparse_quadratic", "flip_classification"])
+def test_default_runs_reproduce_the_readme_numbers(name, example_run, tmp_path):
+    # deterministic defaults (seeded data, initialisation, batches and noise): the run the tests
+    # repeat anyway gives the stored summary's numbers, as rendered
+    pytest.importorskip("sklearn")
+    numbers = readme_numbers()
+    out, _ = example_run(name)
+    (tmp_path / name).mkdir()
+    shutil.copyfile(out / "summary.json", tmp_path / name / "summary.json")
+    fresh = json.loads((out / "summary.json").read_text())
+    stored = json.load(open(os.path.join(numbers.STORED, name, "summary.json")))
+    assert fresh["config"] == stored["config"]
+    assert numbers.render_block(name, str(tmp_path)) == numbers.render_block(name, numbers.STORED)

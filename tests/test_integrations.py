@@ -34,13 +34,9 @@ def net(seed=1):
 # -- PyTorch Lightning -----------------------------------------------------------------------
 
 
-def test_lightning_trains_with_label_noise_and_logs_the_probe_through_its_logger(tmp_path):
-    pl = pytest.importorskip("lightning.pytorch")
-    from lightning.pytorch.loggers import CSVLogger
-
-    from noisy_label_sgd.integrations.lightning import ProbeCallback
-
-    x, y = regression_data()
+def lightning_regression(x, y, momentum, batch_size):
+    """net() as a LightningModule: SGD with label noise (std 0.3, seed 4) on its own loader."""
+    import lightning.pytorch as pl
 
     class Regression(pl.LightningModule):
         def __init__(self):
@@ -48,7 +44,7 @@ def test_lightning_trains_with_label_noise_and_logs_the_probe_through_its_logger
             self.net = net()
 
         def configure_optimizers(self):
-            opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.5)
+            opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=momentum)
             self.noise = add_label_noise(opt, std=0.3, seed=4)
             self.loss_fn = noisy_loss(nn.MSELoss(), self.noise)
             return opt
@@ -58,9 +54,19 @@ def test_lightning_trains_with_label_noise_and_logs_the_probe_through_its_logger
             return self.loss_fn(self.net(inputs), targets)
 
         def train_dataloader(self):
-            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=N // 2)
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
 
-    module = Regression()
+    return Regression()
+
+
+def test_lightning_trains_with_label_noise_and_logs_the_probe_through_its_logger(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.loggers import CSVLogger
+
+    from noisy_label_sgd.integrations.lightning import ProbeCallback
+
+    x, y = regression_data()
+    module = lightning_regression(x, y, momentum=0.5, batch_size=N // 2)
     callback = ProbeCallback(RegularizerProbe(module.net, x, y), every=EVERY)
     trainer = pl.Trainer(max_steps=STEPS, logger=CSVLogger(tmp_path, name="run"), callbacks=[callback],
                          accelerator="cpu", enable_checkpointing=False, enable_progress_bar=False,
@@ -96,24 +102,7 @@ def test_lightning_callback_metrics_drive_model_checkpoint(tmp_path):
     from noisy_label_sgd.integrations.lightning import ProbeCallback
 
     x, y = regression_data()
-
-    class Regression(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = net()
-
-        def configure_optimizers(self):
-            opt = torch.optim.SGD(self.parameters(), lr=0.05)
-            self.loss_fn = noisy_loss(nn.MSELoss(), add_label_noise(opt, std=0.3, seed=4))
-            return opt
-
-        def training_step(self, batch, batch_idx):
-            return self.loss_fn(self.net(batch[0]), batch[1])
-
-        def train_dataloader(self):
-            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=N)
-
-    module = Regression()
+    module = lightning_regression(x, y, momentum=0.0, batch_size=N)
     callback = ProbeCallback(RegularizerProbe(module.net, x, y), every=EVERY)
     regs = {}
     record = pl.Callback()  # (runs after ProbeCallback: the value ModelCheckpoint sees)
