@@ -156,24 +156,20 @@ def test_sparse_quadratic_label_noise_finds_the_sparse_truth_and_parameter_noise
     assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_flip_classification_quick_run_writes_every_measurement(example_run):
-    pytest.importorskip("sklearn")
-    out, _ = example_run("flip_classification", "--quick")
-    summary = json.loads((out / "summary.json").read_text())
-    for run in ("with_flips", "without_flips"):
-        for key in ("test_accuracy", "train_accuracy", "reg", "sharpness", "gauss_newton_top_eigenvalue"):
-            assert isinstance(summary[run][key], float), (run, key)
-        assert summary[run]["probe_method"] == "fast"  # (conv, GroupNorm, Linear: closed forms)
-    png = out / "flip_classification.png"
-    assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
 def test_flip_classification_flips_lower_reg_at_full_training_accuracy(example_run):
     # the default run (about 30 s); the clean loss's sharpness is reported, not asserted: it
     # comes out higher with flips (see the example's docstring and the README)
     pytest.importorskip("sklearn")
     out, _ = example_run("flip_classification")
     summary = json.loads((out / "summary.json").read_text())
+    for run in ("with_flips", "without_flips"):
+        for key in ("test_accuracy", "train_accuracy", "reg", "sharpness", "gauss_newton_top_eigenvalue",
+                    "probe_loss", "probe_accuracy"):
+            assert isinstance(summary[run][key], float), (run, key)
+        assert summary[run]["probe_method"] == "fast"  # (conv, GroupNorm, Linear: closed forms)
+        assert summary[run]["probe_accuracy"] == summary[run]["train_accuracy"] == 1.0  # (the probe set: 200 of them)
+    png = out / "flip_classification.png"
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with_, without = summary["with_flips"], summary["without_flips"]
     assert with_["train_accuracy"] == without["train_accuracy"] == 1.0
     assert with_["reg"] < 0.1 * without["reg"]
@@ -196,6 +192,9 @@ def test_matrix_sensing_noiseless_run_plateaus_while_label_noise_reaches_the_tru
 # -- the README's numbers, rendered from summaries (tools/readme_numbers.py) --------------------
 
 
+DEFAULT_RUNS = ("sparse_quadratic", "flip_classification")  # (the tests above run their defaults)
+
+
 def readme_numbers():
     spec = importlib.util.spec_from_file_location("readme_numbers", os.path.join(ROOT, "tools", "readme_numbers.py"))
     module = importlib.util.module_from_spec(spec)
@@ -215,24 +214,25 @@ def test_readme_numbers_are_the_stored_summaries_rendered(tmp_path, capsys):
     assert "stale README blocks: flip_classification" in capsys.readouterr().out
 
 
-def test_readme_numbers_render_from_fresh_quick_summaries(example_run, tmp_path):
+def test_readme_numbers_render_from_fresh_summaries(example_run, tmp_path):
     # every block renders from what the examples write now (no key the script reads is gone),
-    # and the fresh numbers are what lands in the README
+    # and the fresh numbers are what lands in the README: quick runs, and the default runs the
+    # tests make anyway
     pytest.importorskip("sklearn")
     numbers = readme_numbers()
     for name in numbers.EXAMPLES:
-        out, _ = example_run(name, "--quick")
+        out, _ = example_run(name, *(() if name in DEFAULT_RUNS else ("--quick",)))
         (tmp_path / name).mkdir()
         shutil.copyfile(out / "summary.json", tmp_path / name / "summary.json")
     readme = open(numbers.README).read()
     fresh = numbers.render(readme, str(tmp_path))
     assert fresh != readme
-    flips = json.loads((tmp_path / "flip_classification" / "summary.json").read_text())["with_flips"]
-    assert f"{flips['reg']:,.1f} with flips" in fresh
+    quick = json.loads((tmp_path / "relu_1d" / "summary.json").read_text())["with_noise"]
+    assert f"median curve length {quick['median_curve_length']:.3f}" in fresh
     assert numbers.render(fresh, numbers.STORED) == readme  # only the blocks changed
 
 
-@pytest.mark.parametrize("name", ["sparse_quadratic", "flip_classification"])
+@pytest.mark.parametrize("name", DEFAULT_RUNS)
 def test_default_runs_reproduce_the_readme_numbers(name, example_run, tmp_path):
     # deterministic defaults (seeded data, initialisation, batches and noise): the run the tests
     # repeat anyway gives the stored summary's numbers, as rendered
