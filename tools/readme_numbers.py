@@ -41,7 +41,7 @@ def minutes(seconds: float) -> str:
 def condition(machine: dict) -> str:
     """The machine and how busy it was: a time means nothing without them."""
     load = machine["load_average_1_5_15_min"]["start"][0]
-    return (f"{machine['device_name']}, {machine['cpu_count']} cores, {machine['torch_threads']} torch threads, "
+    return (f"{machine['device_name']}, {machine['cpu_count']} cores, {counted(machine['torch_threads'], 'torch thread')}, "
             f"load average {load:.1f} at the start, torch {machine['torch']}")
 
 
