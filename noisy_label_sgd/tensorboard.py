@@ -288,7 +288,7 @@ class TensorBoardMonitor:
         noise = label_noise_of(self._optimizer)
         if noise is not None and not noise.is_additive:
             values["flip_p"] = float(noise.p)
-        if noise is not None and noise.is_additive:
+        elif noise is not None:
             sigma = noise.current_std()
             values["noise_std"] = sigma
             if isinstance(self._optimizer, torch.optim.SGD):
