@@ -43,7 +43,7 @@ class RunRecord:
 
     device: str
     started: float = field(default_factory=time.perf_counter)
-    load_at_start: list[float] = field(default_factory=lambda: load_average())
+    load_at_start: list[float] = field(default_factory=load_average)
 
     def as_dict(self) -> dict:
         return {"device": self.device, "device_name": device_name(torch.device(self.device)),
@@ -93,8 +93,8 @@ def device_name(device: torch.device) -> str:
 
 
 def environment_note(device: torch.device) -> str:
-    return (f"{device_name(device)}, {torch.get_num_threads()} threads, torch {torch.__version__}, noisy_label_sgd {noisy_label_sgd.__version__}, "
-            f"python {platform.python_version()}")
+    return (f"{device_name(device)}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+            f"noisy_label_sgd {noisy_label_sgd.__version__}, python {platform.python_version()}")
 
 
 def save_figure(fig, title: str, device: torch.device, path: str, dpi: int = 110) -> str:
