@@ -39,8 +39,8 @@ $(ZOO_VENV)/.installed: pyproject.toml
 	touch $@
 
 test: $(VENV)/.installed $(ZOO_VENV)/.installed
-	$(PY) -m pytest -q
-	$(ZOO_PY) -m pytest -q tests/zoo
+	$(PY) -m pytest -q --durations=15
+	$(ZOO_PY) -m pytest -q --durations=5 tests/zoo
 
 clean:
 	rm -rf $(VENV) $(ZOO_VENV) runs build *.egg-info
