@@ -3,6 +3,11 @@
 Every rank holds its own shard of the probe set; reductions make the results those of the union
 of the shards, identical on every rank. Without an initialised process group (or with one rank)
 every helper is the identity, so single-process code pays nothing.
+
+The measurements need whole parameters on every rank: a model sharded by FSDP (``fully_shard`` or
+``FullyShardedDataParallel``) or tensor parallelism is refused (:func:`check_unsharded`) where it
+would give wrong numbers (grad reg came back as zeros: FSDP routes gradients to its shards only
+through its own backward hooks, which a measurement's ``autograd.grad`` does not run).
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "rank", "all_reduce_sum", "all_gather_cat"]
+__all__ = ["is_distributed", "rank", "all_reduce_sum", "all_gather_cat", "check_unsharded"]
 
 
 def is_distributed() -> bool:
@@ -41,3 +46,30 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+
+def check_unsharded(model: torch.nn.Module) -> None:
+    """Refuse a model whose parameters are sharded across ranks, saying how to probe it.
+
+    Raises:
+        NotImplementedError: naming the sharded parameter or the FSDP module.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return  # (sharding needs a process group)
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+
+    where = next(((f"module {name!r}" if name else "the model") + " is wrapped by FullyShardedDataParallel"
+                  for name, m in model.named_modules() if isinstance(m, FullyShardedDataParallel)), None)
+    if where is None:
+        where = next((f"parameter {name!r} is a DTensor sharded across ranks"
+                      for name, p in model.named_parameters() if isinstance(p, DTensor)), None)
+    if where is None and isinstance(model, FSDPModule):
+        where = "the model is an FSDP module (fully_shard)"
+    if where is not None:
+        raise NotImplementedError(
+            f"{where}: the probe measures whole parameters, and FSDP delivers gradients to its shards "
+            "only through its own backward hooks (grad reg would read as zeros). Probe an unsharded replica "
+            "on each rank: the same model built without fully_shard / FullyShardedDataParallel, loaded with "
+            "replica.load_state_dict(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))) "
+            "(torch.distributed.checkpoint.state_dict, on every rank) before each probe")

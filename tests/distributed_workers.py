@@ -133,3 +133,41 @@ def one_rank_fails(rank, world, init_file, out_dir):
         raise
     dist.all_reduce(torch.zeros(1))
     dist.destroy_process_group()
+
+
+def sharded_refused(rank, world, init_file, out_dir, wrapper, x):
+    """Every entry point on an FSDP-sharded model raises (the same on both ranks, no collective
+    left waiting); the replica the error advises, loaded from the full state dict, is probed."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
+    from noisy_label_sgd import implicit_regularizer, per_sample_sq_grad_norms, regularizer_grad, tangent_projection
+
+    setup(rank, world, init_file)
+    try:
+        model = mlp()
+        if wrapper == "fsdp2":
+            fully_shard(model[0])
+            fully_shard(model)
+        else:
+            model = FullyShardedDataParallel(model, use_orig_params=True, device_id=torch.device("cpu"))
+        vector = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+        errors = {}
+        for name, call in (("norms", lambda: per_sample_sq_grad_norms(model, x)),
+                           ("reg", lambda: implicit_regularizer(model, x)),
+                           ("grad", lambda: regularizer_grad(model, x)),
+                           ("projection", lambda: tangent_projection(model, x, vector)),
+                           ("probe", lambda: RegularizerProbe(model, x)())):
+            try:
+                call()
+                errors[name] = None
+            except NotImplementedError as error:
+                errors[name] = str(error)
+        replica = mlp(seed=1)  # (other values: the load must bring the model's)
+        replica.load_state_dict(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)))
+        report = RegularizerProbe(replica, x)()
+        torch.save({"errors": errors, "reg": report.reg, "grad_norm": report.reg_grad_norm,
+                    "grad": regularizer_grad(replica, x)},
+                   os.path.join(out_dir, f"sharded_rank{rank}.pt"))
+    finally:
+        teardown()

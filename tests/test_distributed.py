@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 import distributed_workers as workers
 from helpers import LSQR_RTOL, assert_rel_close, brute_jacobian, brute_reg_grad, mlp, svd_tangent_projection
-from noisy_label_sgd import RegularizerProbe
+from noisy_label_sgd import RegularizerProbe, implicit_regularizer, regularizer_grad
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 WORLD = 2
@@ -113,3 +113,23 @@ def test_one_rank_raising_ends_the_job_with_its_error(tmp_path):
         spawn(workers.one_rank_fails, tmp_path)
     assert time.monotonic() - start < 60
     assert "NaN or Inf" in (tmp_path / "error_rank1.txt").read_text()
+
+
+@pytest.mark.parametrize("wrapper", ["fsdp2", "fsdp1"])
+def test_an_fsdp_sharded_model_is_refused_everywhere_and_its_advised_replica_is_exact(tmp_path, wrapper):
+    # (grad reg read as zeros on both, and the probe under FSDP1 aborted the job in a collective)
+    x = torch.randn(10, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    spawn(workers.sharded_refused, tmp_path, wrapper, x)
+    reference = mlp()
+    reg = implicit_regularizer(reference, x)
+    grad = regularizer_grad(reference, x)
+    for result in load(tmp_path, "sharded"):
+        for question, error in result["errors"].items():
+            assert error is not None, question
+            assert ("DTensor" if wrapper == "fsdp2" else "FullyShardedDataParallel") in error, error
+            assert "full_state_dict=True" in error
+        assert result["reg"] == pytest.approx(float(reg), rel=1e-12)
+        for name, g in grad.items():
+            assert_rel_close(result["grad"][name], g, 1e-12)
+        assert result["grad_norm"] == pytest.approx(float(torch.cat([g.flatten() for g in grad.values()]).norm()),
+                                                    rel=1e-12)

@@ -19,6 +19,7 @@ from torch.func import functional_call, jvp, vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..arguments import check_positive_int
+from ..distributed import check_unsharded
 from . import convolution
 from .activations import gelu, new_gelu_forward, relu
 from .group_norm import group_norm, layer_norm
@@ -94,6 +95,7 @@ class FunctionalModel:
                 "the model has no trainable parameters (requires_grad=True): reg is defined "
                 "over trainable parameters only"
             )
+        check_unsharded(model)
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.track_running_stats:
                 raise ValueError(

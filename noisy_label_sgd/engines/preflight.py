@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..distributed import check_unsharded
 from .finite import check_finite
 from .functional import Batch, evaluation_mode, per_sample_outputs
 from .torch_internals import saved_tensors_hooks_active
@@ -42,8 +43,10 @@ def check_model(model: nn.Module, batch: Batch) -> None:
     ``torch.no_grad()`` in its forward (in evaluation mode, as every engine measures).
 
     Raises:
+        NotImplementedError: a model sharded across ranks (:func:`~noisy_label_sgd.distributed.check_unsharded`).
         ValueError: naming what mixes the samples or the module whose parameter has no gradient.
     """
+    check_unsharded(model)  # (first: a sharded parameter fails the other checks' own ops)
     signature = (tuple((t.shape[1:], t.dtype, t.device) for t in batch),
                  tuple((p.shape, p.requires_grad) for p in model.parameters()))
     checked = _CHECKED.setdefault(model, set())
