@@ -5,9 +5,13 @@ optimizer only keeps the stream in step. Four hooks do that bookkeeping:
 
 * step pre-hook: a closure passed to ``step`` is wrapped so that each evaluation restarts the
   step's draws (LBFGS and line searches see one noise draw per step);
-* step post-hook: ``noise.advance()``, so the next step draws fresh noise;
+* step post-hook: ``noise.advance()``, so the next step draws fresh noise (not for the
+  state-creating ``step()`` of torch.distributed.checkpoint's ``get_state_dict`` /
+  ``set_state_dict``, which trains nothing);
 * state_dict post-hook / load_state_dict pre-hook: the stream position travels with the
-  optimizer checkpoint under the key ``"label_noise"``.
+  optimizer checkpoint, under the key ``"label_noise"`` of its first parameter group: the part
+  of an optimizer's state dict that torch.distributed.checkpoint keeps besides per-parameter
+  state (a top-level key, where checkpoints before it had the position, is dropped there).
 
 ``LabelNoiseSGD`` does not override ``step``: torch wraps ``step`` of every optimizer class
 with its hook runner, and a subclass calling the wrapped parent would run hooks twice.
@@ -24,6 +28,7 @@ from torch import nn
 from torch.optim.optimizer import ParamsT
 from torch.utils.hooks import RemovableHandle
 
+from .engines.torch_internals import inside_dcp_optimizer_init
 from .hooks import NoisyLoss, attach_output_noise, noisy_loss
 from .noise import LabelNoise, StdSchedule
 
@@ -134,14 +139,21 @@ def add_label_noise(
         return None
 
     def post_step(opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        noise.advance()
+        if not inside_dcp_optimizer_init():
+            noise.advance()
 
     def save(opt: torch.optim.Optimizer, state_dict: dict) -> dict:
-        state_dict[STATE_KEY] = noise.state_dict()
+        state_dict["param_groups"][0][STATE_KEY] = noise.state_dict()  # (torch builds these dicts anew)
         return state_dict
 
     def load(opt: torch.optim.Optimizer, state_dict: dict) -> dict:
-        if STATE_KEY in state_dict:
+        # (torch passes a shallow copy: the caller's groups are copied before one is changed)
+        groups = list(state_dict.get("param_groups", ()))
+        if groups and STATE_KEY in groups[0]:
+            groups[0] = dict(groups[0])
+            noise.load_state_dict(groups[0].pop(STATE_KEY))
+            state_dict["param_groups"] = groups
+        elif STATE_KEY in state_dict:  # (checkpoints made before the position moved into the group)
             noise.load_state_dict(state_dict.pop(STATE_KEY))
         else:
             warnings.warn(

@@ -1,6 +1,7 @@
 """Worker functions for tests/test_distributed.py: each runs in a spawned gloo process."""
 
 import os
+import warnings
 from datetime import timedelta
 
 import torch
@@ -169,5 +170,49 @@ def sharded_refused(rank, world, init_file, out_dir, wrapper, x):
         torch.save({"errors": errors, "reg": report.reg, "grad_norm": report.reg_grad_norm,
                     "grad": regularizer_grad(replica, x)},
                    os.path.join(out_dir, f"sharded_rank{rank}.pt"))
+    finally:
+        teardown()
+
+
+def fsdp_train(rank, world, init_file, out_dir, steps, momentum, save_at=None):
+    """FSDP2 + LabelNoiseSGD for ``steps`` steps; with ``save_at``: a torch.distributed.checkpoint
+    save there, then a fresh model and optimizer (other initial values) loaded from it to go on."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                         set_state_dict)
+    from torch.distributed.fsdp import fully_shard
+
+    def build(seed):
+        model = mlp(seed=seed)
+        fully_shard(model[0])
+        fully_shard(model)
+        return model, LabelNoiseSGD(model.parameters(), lr=0.05, momentum=momentum, noise_std=0.5, seed=7)
+
+    setup(rank, world, init_file)
+    try:
+        model, opt = build(0)
+        seen = []
+        loss_fn = opt.noisy_loss(nn.MSELoss())
+        x, y = dataset()[rank * 8:(rank + 1) * 8]
+        for step in range(steps):
+            if step == save_at:
+                model_state, optim_state = get_state_dict(model, opt)
+                path = os.path.join(out_dir, "dcp")
+                dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+                model, opt = build(1)
+                loss_fn = opt.noisy_loss(nn.MSELoss())
+                model_state, optim_state = get_state_dict(model, opt)
+                state = {"model": model_state, "optim": optim_state}
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    dcp.load(state, checkpoint_id=path)
+                    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+                seen = [str(w.message) for w in caught if "label-noise" in str(w.message)]
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        torch.save({"params": full, "noise_step": opt.label_noise.step, "warnings": seen},
+                   os.path.join(out_dir, f"fsdp_rank{rank}.pt"))
     finally:
         teardown()

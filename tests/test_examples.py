@@ -77,7 +77,7 @@ def test_ddp_example_with_torchrun_and_resume(tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     assert "2 ranks, 20 steps" in first.stdout
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert ckpt["step"] == 20 and ckpt["optimizer"]["label_noise"]["step"] == 20
+    assert ckpt["step"] == 20 and ckpt["optimizer"]["param_groups"][0]["label_noise"]["step"] == 20
     resumed = subprocess.run(base + ["--steps", "30", "--resume"], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "2 ranks, 30 steps" in resumed.stdout

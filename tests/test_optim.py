@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -181,11 +182,50 @@ def test_state_dict_carries_the_noise_and_load_restores_it():
     for _ in range(7):
         opt.step()
     state = opt.state_dict()
-    assert state["label_noise"]["step"] == 7
+    assert state["param_groups"][0]["label_noise"]["step"] == 7
     fresh = LabelNoiseSGD(mlp().parameters(), lr=0.1, noise_std=0.1, seed=3)
     fresh.load_state_dict(state)
     assert fresh.label_noise.step == 7
-    assert "label_noise" in state  # the caller's dict is not consumed
+    assert "label_noise" in state["param_groups"][0]  # the caller's dict is not consumed
+    assert "label_noise" not in fresh.param_groups[0]  # (nor is the position a hyperparameter)
+
+
+def test_a_checkpoint_with_the_position_at_the_top_level_still_loads():
+    # (where checkpoints had it before it moved into the first parameter group)
+    opt = LabelNoiseSGD(mlp().parameters(), lr=0.1, noise_std=0.1, seed=3)
+    for _ in range(4):
+        opt.step()
+    state = opt.state_dict()
+    state["label_noise"] = state["param_groups"][0].pop("label_noise")
+    fresh = LabelNoiseSGD(mlp().parameters(), lr=0.1, noise_std=0.1, seed=3)
+    fresh.load_state_dict(state)
+    assert fresh.label_noise.step == 4
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_distributed_checkpoint_state_dicts_carry_the_position_and_their_state_step_trains_nothing(momentum):
+    # get_state_dict / set_state_dict keep only per-parameter state and parameter groups, and take
+    # a zero-gradient step() to create the state of an optimizer that has none (SGD without momentum)
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model = mlp()
+    opt = LabelNoiseSGD(model.parameters(), lr=0.1, momentum=momentum, noise_std=0.1, seed=3)
+    loss_fn = opt.noisy_loss(nn.MSELoss())
+    x, y = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    for _ in range(3):
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    _, optim_state = get_state_dict(model, opt)
+    assert opt.label_noise.step == 3 and optim_state["param_groups"][0]["label_noise"]["step"] == 3
+    fresh_model = mlp(seed=1)
+    fresh = LabelNoiseSGD(fresh_model.parameters(), lr=0.1, momentum=momentum, noise_std=0.1, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # (no "no label-noise state")
+        set_state_dict(fresh_model, fresh, model_state_dict=model.state_dict(), optim_state_dict=optim_state)
+    assert fresh.label_noise.step == 3 and fresh.label_noise.call == 0
+    assert fresh.state_dict()["param_groups"][0]["label_noise"] == opt.state_dict()["param_groups"][0]["label_noise"]
 
 
 def test_loading_a_plain_sgd_checkpoint_warns_and_keeps_the_stream():
@@ -234,7 +274,7 @@ def test_resume_in_a_fresh_process_is_bit_for_bit(tmp_path):
     run("resume", str(tmp_path / "half.pt"), "30", "30")
     full = torch.load(tmp_path / "full.pt", weights_only=True)
     resumed = torch.load(tmp_path / "half.pt", weights_only=True)
-    assert resumed["optimizer"]["label_noise"]["step"] == 60
+    assert resumed["optimizer"]["param_groups"][0]["label_noise"]["step"] == 60
     for name, value in full["model"].items():
         assert torch.equal(value, resumed["model"][name]), name
     for key, state in full["optimizer"]["state"].items():
@@ -301,7 +341,7 @@ def test_labelnoisesgd_flips_class_labels_like_sgd_with_add_label_noise():
             loss_fn(model(x), labels).backward()
             flipped.append(loss_fn.noise.last_noise.clone())
             opt.step()
-        runs[way] = (model.weight.detach().clone(), torch.stack(flipped), opt.state_dict()["label_noise"])
+        runs[way] = (model.weight.detach().clone(), torch.stack(flipped), opt.state_dict()["param_groups"][0]["label_noise"])
     (w1, f1, s1), (w2, f2, s2) = runs.values()
     assert torch.equal(w1, w2) and torch.equal(f1, f2) and s1 == s2
     assert s1["distribution"] == "flip" and s1["p"] == 0.3 and s1["step"] == 5

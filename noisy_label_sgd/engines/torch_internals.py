@@ -4,10 +4,14 @@
 Each has no public equivalent: the engines need to know whether they run under a torch.func
 transform (a written-out Function has no rules there), whether autograd will run a node (so a
 backward computes only the gradients asked for), and whether saved-tensor hooks are active (the
-non-reentrant ``torch.utils.checkpoint``, which torch.func refuses).
+non-reentrant ``torch.utils.checkpoint``, which torch.func refuses); and, for the optimizer's
+noise stream, whether a step is the one torch.distributed.checkpoint takes to create optimizer
+state (a zero-gradient, zero-lr ``step()`` that nothing marks).
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 
@@ -33,6 +37,22 @@ def saved_tensors_hooks_active() -> bool:
     """Whether default saved-tensor hooks are set now (the non-reentrant checkpoint sets them
     around its function): ``torch._C._autograd._top_saved_tensors_default_hooks``."""
     return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
+def inside_dcp_optimizer_init(depth: int = 8) -> bool:
+    """Whether the caller runs inside ``torch.distributed.checkpoint.state_dict._init_optim_state``
+    (``get_state_dict`` and ``set_state_dict`` call ``optimizer.step()`` there, with zero gradients
+    and lr 0, when the optimizer has no state yet: SGD without momentum always), looked up on the
+    Python stack within ``depth`` frames."""
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "_init_optim_state" and \
+                frame.f_globals.get("__name__") == "torch.distributed.checkpoint.state_dict":
+            return True
+        frame = frame.f_back
+    return False
 
 
 # GradientEdge carries an ownership token (torch 2.9 and later): an edge built from a node and an
