@@ -252,6 +252,17 @@ def test_the_dense_projection_and_its_rank_report_sync_nothing(name):
     assert second_call_cost(lambda: tangent_projection(model, x, v)).syncs == 0
 
 
+def test_the_cholesky_solve_of_a_large_k_syncs_once_for_its_verdict():
+    from helpers import mlp, random_vector
+    from noisy_label_sgd import tangent_projection
+    from noisy_label_sgd.engines.tangent import CHOLESKY_MIN_ROWS
+
+    model = mlp(sizes=(20, 64, 1))
+    x = torch.randn(CHOLESKY_MIN_ROWS, 20, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    v = random_vector(model)
+    assert second_call_cost(lambda: tangent_projection(model, x, v)).syncs == 1
+
+
 def test_the_default_memory_budget_follows_the_device(monkeypatch):
     # 1 GiB on the CPU; on an accelerator a quarter of what is free (every chunk of samples
     # repeats every operation there), at least 1 GiB

@@ -348,6 +348,65 @@ def test_the_probe_reports_the_rank_it_kept_and_the_smallest_kept_singular_value
     assert lsqr.jacobian_rank is None and lsqr.smallest_kept_singular_ratio is None
 
 
+def spy_on_cholesky(monkeypatch, min_rows=0):
+    """The dense solve on K from ``min_rows`` rows on tries the certified Cholesky factorisation;
+    returns the lists of its verdicts (True: the factor was used) and of the solve's results."""
+    from noisy_label_sgd.engines import tangent
+
+    verdicts, projections = [], []
+    certify, solve = tangent.certified_cholesky, tangent.project_on_gram
+    monkeypatch.setattr(tangent, "CHOLESKY_MIN_ROWS", min_rows)
+    monkeypatch.setattr(tangent, "certified_cholesky",
+                        lambda K, rcond: (lambda f: verdicts.append(f is not None) or f)(certify(K, rcond)))
+    monkeypatch.setattr(tangent, "project_on_gram",
+                        lambda *a: (lambda p: projections.append(p) or p)(solve(*a)))
+    return verdicts, projections
+
+
+@pytest.mark.parametrize("singular_values,certified", [
+    ([2.0, 1.0, 0.5], True),
+    ([1.0, 0.5, "30 cutoffs"], True),    # all kept, the smallest 30x above the cutoff
+    ([1.0, 0.5, "cutoff / 30"], False),  # one below it: the eigendecomposition drops it
+    ([1.0, 0.5, 0.0], False),            # K singular
+])
+def test_the_cholesky_solve_runs_only_where_every_eigenvalue_is_kept_and_agrees_with_the_svd(
+        singular_values, certified, monkeypatch):
+    from noisy_label_sgd.engines.tangent import default_rcond
+
+    cutoff = default_rcond(3, torch.float64)
+    s = [30 * cutoff if x == "30 cutoffs" else cutoff / 30 if x == "cutoff / 30" else x for x in singular_values]
+    verdicts, projections = spy_on_cholesky(monkeypatch)
+    model, X, V = designed_jacobian(s)
+    v = random_vector(model)
+    actual = flat(tangent_projection(model, X, v, solver="dense"))  # (K in closed form)
+    assert verdicts == [certified]
+    kept = [x for x in s if x > cutoff * s[0]]
+    rank = len(kept)
+    expected = flat(v) - V[:, :rank] @ (V[:, :rank].T @ flat(v))
+    assert_rel_close(actual, expected, rtol=kept_rank_tolerance(1.0, min(kept)))
+    assert int(projections[0].rank) == rank
+    assert_rel_close(float(projections[0].smallest_kept_ratio), min(kept) / s[0],
+                     rtol=kept_rank_tolerance(1.0, min(kept)))
+
+
+def test_a_probe_set_past_the_cholesky_threshold_is_solved_by_it_as_the_svd(monkeypatch):
+    from noisy_label_sgd.engines import tangent
+
+    verdicts, _ = spy_on_cholesky(monkeypatch, tangent.CHOLESKY_MIN_ROWS)
+    model = mlp(sizes=(20, 64, 1))  # p = 1409 parameters: J of 600 rows has full row rank
+    x = torch.randn(600, 20, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    v = random_vector(model)
+    J = brute_jacobian(model, x)
+    actual = flat(tangent_projection(model, x, v))
+    assert verdicts == [True]
+    assert_rel_close(actual, svd_tangent_projection(J, flat(v)))
+    s = torch.linalg.svdvals(J)
+    report = RegularizerProbe(model, x)()
+    assert verdicts == [True, True] and report.jacobian_rank == 600
+    assert_rel_close(report.smallest_kept_singular_ratio, float(s[-1] / s[0]), rtol=1e-8)  # (an upper bound: 4e-10 above it here)
+    assert report.smallest_kept_singular_ratio >= float(s[-1] / s[0]) * (1 - 1e-12)
+
+
 def test_an_explicit_cutoff_straddled_from_both_sides_gives_the_expected_rank():
     model, X, V = designed_jacobian([1.0, 3e-3, 3e-4, 0.0])
     v = random_vector(model, 2)

@@ -1,0 +1,110 @@
+"""The dense projection against the probe set's size: the certified Cholesky solve on K beside
+the eigendecomposition it replaces (the baseline, in the same process), each as a ratio to a
+training step on the same n samples; reg and grad reg beside them.
+
+    .venv/bin/python benchmarks/projection_scaling.py                      # MLP 784-512-512-1
+    .venv/bin/python benchmarks/projection_scaling.py --outputs 10 --sizes 128 256 512
+
+Writes results/projection_scaling_cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import cpu_peak_allocated_bytes, environment, print_table, write_json  # noqa: E402
+
+from noisy_label_sgd import implicit_regularizer, regularizer_grad, tangent_projection  # noqa: E402
+from noisy_label_sgd.engines import tangent  # noqa: E402
+
+
+def seconds(fn, repeats: int) -> float:
+    """The fastest of ``repeats`` calls after one warm-up (big calls: the fastest is the least
+    disturbed by the machine's other work)."""
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def case(n: int, k: int, repeats: int, baseline_max_rows: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, k))
+    x, y = torch.randn(n, 784, generator=g), torch.randn(n, k, generator=g)
+    v = {name: torch.randn(p.shape, generator=g) for name, p in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    def step():
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+    verdicts = []
+    certify = tangent.certified_cholesky
+    tangent.certified_cholesky = lambda K, rcond: (lambda f: verdicts.append(f is not None) or f)(certify(K, rcond))
+    try:
+        row = {"n": n, "outputs": k, "rows": n * k, "step_s": seconds(step, repeats),
+               "reg_s": seconds(lambda: implicit_regularizer(model, x), repeats),
+               "grad_reg_s": seconds(lambda: regularizer_grad(model, x), repeats),
+               "projection_s": seconds(lambda: tangent_projection(model, x, v), repeats),
+               "projection_peak_bytes": cpu_peak_allocated_bytes(lambda: tangent_projection(model, x, v)),
+               "cholesky_certified": bool(verdicts) and all(verdicts)}
+        if n * k <= baseline_max_rows:
+            threshold = tangent.CHOLESKY_MIN_ROWS
+            tangent.CHOLESKY_MIN_ROWS = math.inf  # the eigendecomposition, as before
+            try:
+                row["projection_eigh_s"] = seconds(lambda: tangent_projection(model, x, v), repeats)
+            finally:
+                tangent.CHOLESKY_MIN_ROWS = threshold
+    finally:
+        tangent.certified_cholesky = certify
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 2048, 4096])
+    parser.add_argument("--outputs", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--baseline-max-rows", type=int, default=4096,
+                        help="the eigendecomposition baseline up to this many rows (it grows like rows^3)")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows, results = [], []
+    for n in args.sizes:
+        r = case(n, args.outputs, args.repeats, args.baseline_max_rows)
+        results.append(r)
+        eigh = r.get("projection_eigh_s")
+        rows.append([n, r["rows"], f"{r['step_s'] * 1e3:.0f}", f"{r['reg_s'] / r['step_s']:.2f}x",
+                     f"{r['grad_reg_s'] / r['step_s']:.2f}x", f"{r['projection_s']:.2f}",
+                     f"{r['projection_s'] / r['step_s']:.1f}x",
+                     "-" if eigh is None else f"{eigh:.2f}", "-" if eigh is None else f"{eigh / r['step_s']:.1f}x",
+                     f"{r['projection_peak_bytes'] / 2**20:.0f}", "yes" if r["cholesky_certified"] else "no"])
+        print_table(["n", "rows", "step ms", "reg", "grad reg", "proj s", "proj", "eigh s", "eigh", "proj MiB",
+                     "cholesky"], rows)
+        print(flush=True)
+    suffix = "" if args.outputs == 1 else f"_k{args.outputs}"
+    path = write_json(f"projection_scaling{suffix}_cpu",
+                      {"environment": environment(torch.device("cpu")), "model": f"MLP 784-512-512-{args.outputs}",
+                       "dtype": "float32", "results": results})
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
