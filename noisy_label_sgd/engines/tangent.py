@@ -177,10 +177,10 @@ def project_on_jacobian(J: torch.Tensor, v: torch.Tensor, rcond: float) -> Proje
     return Projection(v - Q @ (Wt.T @ coefficients), *kept(s, keep))
 
 
-# From this many rows on, the dense solve on K tries a Cholesky factorisation first: about a
-# 27th of the eigendecomposition's arithmetic (n^3 / 3 against about 9 n^3), the cost that made
-# the dense projection grow like (nk)^3 (benchmarks/README.md); below it, the eigendecomposition
-# costs little and gives the spectrum exactly.
+# From this many rows on, the dense solve on K tries a Cholesky factorisation first: two of n^3 / 3
+# arithmetic against the eigendecomposition's about 9 n^3, the cost that made the dense projection
+# grow like (nk)^3 (benchmarks/README.md); below it, the eigendecomposition costs little and gives
+# the spectrum exactly.
 CHOLESKY_MIN_ROWS = 512
 SPECTRUM_BLOCK, SPECTRUM_ITERATIONS = 16, 20  # subspace iteration for the extreme eigenvalues
 
@@ -194,9 +194,9 @@ def project_on_gram(products: Products, K: torch.Tensor, v: torch.Tensor, rcond:
     bound of the largest eigenvalue (the trace or the largest absolute row sum, whichever is
     less), so every eigenvalue is above the cutoff (to the rounding the cutoff allows for). The
     rank is then nk, and the smallest kept singular value over the largest is estimated on the
-    factor (:func:`extreme_singular_ratio`: an upper bound; 4e-10 relative off on a 600-sample
-    MLP whose small eigenvalues cluster). The verdict is one host sync. Otherwise (K singular, or an eigenvalue near or below
-    the cutoff) the eigendecomposition runs."""
+    factor (:func:`extreme_singular_ratio`, an upper bound). The verdict is one host sync.
+    Otherwise (K singular, or an eigenvalue near or below the cutoff) the eigendecomposition
+    runs."""
     K = K.double()
     if K.shape[0] >= CHOLESKY_MIN_ROWS:
         factor = certified_cholesky(K, rcond)
@@ -228,9 +228,9 @@ def extreme_singular_ratio(K: torch.Tensor, factor: torch.Tensor) -> torch.Tenso
     triangular solves with L) and on K, :data:`SPECTRUM_BLOCK` vectors and
     :data:`SPECTRUM_ITERATIONS` steps each, and Rayleigh-Ritz on the blocks: Ritz values bound the
     extreme eigenvalues from inside, so the ratio is an upper bound (a block converges at the rate
-    of the eigenvalue past it: clustered small eigenvalues, which slowed a single vector to 2%
-    off, converge). Each step reads K or L once, whatever the block's width. From a fixed start:
-    no random state touched."""
+    of the eigenvalue past it, so clustered small eigenvalues, slow for a single vector, converge).
+    Each step reads K or L once, whatever the block's width. From a fixed start: no random state
+    touched."""
     n = K.shape[0]
     generator = torch.Generator(device=K.device).manual_seed(0)
     start = torch.randn(n, min(SPECTRUM_BLOCK, n), generator=generator, dtype=K.dtype, device=K.device)
