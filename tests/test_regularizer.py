@@ -369,12 +369,14 @@ def spy_on_cholesky(monkeypatch, min_rows=0):
     ([1.0, 0.5, "cutoff / 30"], False),  # one below it: the eigendecomposition drops it
     ([1.0, 0.5, 0.0], False),            # K singular
 ])
+@pytest.mark.parametrize("scale", [1.0, 1e3])  # (the cutoff is relative to the largest)
 def test_the_cholesky_solve_runs_only_where_every_eigenvalue_is_kept_and_agrees_with_the_svd(
-        singular_values, certified, monkeypatch):
+        singular_values, certified, scale, monkeypatch):
     from noisy_label_sgd.engines.tangent import default_rcond
 
     cutoff = default_rcond(3, torch.float64)
-    s = [30 * cutoff if x == "30 cutoffs" else cutoff / 30 if x == "cutoff / 30" else x for x in singular_values]
+    s = [scale * (30 * cutoff if x == "30 cutoffs" else cutoff / 30 if x == "cutoff / 30" else x)
+         for x in singular_values]
     verdicts, projections = spy_on_cholesky(monkeypatch)
     model, X, V = designed_jacobian(s)
     v = random_vector(model)
@@ -383,10 +385,10 @@ def test_the_cholesky_solve_runs_only_where_every_eigenvalue_is_kept_and_agrees_
     kept = [x for x in s if x > cutoff * s[0]]
     rank = len(kept)
     expected = flat(v) - V[:, :rank] @ (V[:, :rank].T @ flat(v))
-    assert_rel_close(actual, expected, rtol=kept_rank_tolerance(1.0, min(kept)))
+    assert_rel_close(actual, expected, rtol=kept_rank_tolerance(s[0], min(kept)))
     assert int(projections[0].rank) == rank
     assert_rel_close(float(projections[0].smallest_kept_ratio), min(kept) / s[0],
-                     rtol=kept_rank_tolerance(1.0, min(kept)))
+                     rtol=kept_rank_tolerance(s[0], min(kept)))
 
 
 def test_a_probe_set_past_the_cholesky_threshold_is_solved_by_it_as_the_svd(monkeypatch):

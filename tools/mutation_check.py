@@ -5,7 +5,7 @@
 Each mutant is an exact text replacement in one file of a scratch copy of the repository; only
 the test files that cover that code run (pytest -x, stopping at the first failure). A mutant is
 "killed" when those tests fail and "survived" when they pass. Not part of CI: it takes minutes
-(about 30 on a 2-core machine, 68 mutants). A replacement that no longer matches the source is reported as
+(about 35 on a 2-core machine, 75 mutants). A replacement that no longer matches the source is reported as
 "stale": update the list when the code moves.
 """
 
@@ -252,6 +252,28 @@ MUTANTS = [
     Mutant("modes-not-restored", "the probe leaves every module in eval mode",
            "noisy_label_sgd/engines/functional.py", "            module.training = training",
            "            module.training = False", PROBE_TESTS),
+    # the Cholesky solve on K (issue 29)
+    Mutant("cholesky-uncertified", "the Cholesky factor used without the shifted factorisation's certificate",
+           "noisy_label_sgd/engines/tangent.py", "return factor if bool((info == 0) & (shifted_info == 0)) else None",
+           "return factor if bool(info == 0) else None", PROBE_TESTS),
+    Mutant("cholesky-shift-unscaled", "the certificate's shift not scaled by the largest eigenvalue's bound",
+           "noisy_label_sgd/engines/tangent.py", "shifted.diagonal().sub_(rcond**2 * largest_bound)",
+           "shifted.diagonal().sub_(rcond**2)", PROBE_TESTS),
+    Mutant("cholesky-ratio-inverted", "the smallest kept ratio from the largest Ritz value of the small block",
+           "noisy_label_sgd/engines/tangent.py", "return (ritz(smallest)[0] / ritz(largest)[-1])",
+           "return (ritz(smallest)[-1] / ritz(largest)[-1])", PROBE_TESTS),
+    # the noise stream in distributed checkpoints (issue 29)
+    Mutant("dcp-init-step-advances", "torch.distributed.checkpoint's state-creating step advances the stream",
+           "noisy_label_sgd/optim.py", "        if not inside_dcp_optimizer_init():\n            noise.advance()",
+           "        noise.advance()", NOISE_TESTS),
+    Mutant("noise-state-top-level", "the stream position saved at the state dict's top level (DCP drops it)",
+           "noisy_label_sgd/optim.py", 'state_dict["param_groups"][0][STATE_KEY] = noise.state_dict()',
+           "state_dict[STATE_KEY] = noise.state_dict()", NOISE_TESTS),
+    Mutant("noise-load-consumes-caller", "loading pops the position out of the caller's own parameter group",
+           "noisy_label_sgd/optim.py", "            groups[0] = dict(groups[0])\n", "", NOISE_TESTS),
+    Mutant("fsdp-not-refused", "a sharded model measured (grad reg read as zeros)",
+           "noisy_label_sgd/distributed.py", "    if where is not None:\n        raise NotImplementedError(",
+           "    if False:\n        raise NotImplementedError(", ("tests/test_distributed.py",)),
 ]
 
 
