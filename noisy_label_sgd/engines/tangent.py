@@ -218,7 +218,8 @@ def certified_cholesky(K: torch.Tensor, rcond: float) -> torch.Tensor | None:
     factor, info = torch.linalg.cholesky_ex(K)
     shifted = K.clone()
     shifted.diagonal().sub_(rcond**2 * largest_bound)
-    _, shifted_info = torch.linalg.cholesky_ex(shifted)
+    shifted_info = torch.empty((), dtype=torch.int32, device=K.device)
+    torch.linalg.cholesky_ex(shifted, out=(shifted, shifted_info))  # (in place: K, L and one copy at most)
     del shifted
     return factor if bool((info == 0) & (shifted_info == 0)) else None
 
