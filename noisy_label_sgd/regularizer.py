@@ -18,7 +18,9 @@ mode (dropout off, BatchNorm on running statistics, so samples are independent) 
 each submodule's mode afterwards; it never touches parameters, ``.grad`` or any random state (with ``create_graph`` the
 caller's backward of the result fills ``.grad``).
 Frozen parameters and buffers are constants. Work is split into chunks of samples so that what is
-held at once fits ``memory_budget``.
+held at once fits ``memory_budget``. None of them is a collective: under torch.distributed each
+rank measures the inputs it passes (:class:`~noisy_label_sgd.probe.RegularizerProbe` reduces over
+the ranks' shards).
 """
 
 from __future__ import annotations
