@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 
 from noisy_label_sgd.engines import functional
@@ -61,7 +62,7 @@ def test_hugging_faces_new_gelu_is_swapped_for_the_kernel_and_restored():
     activations = pytest.importorskip("transformers.activations")
     module, x = activations.NewGELUActivation(), randn(6, 8)
     own = module(x)
-    with functional.lean_second_order():
+    with functional.lean_second_order(module):
         swapped = module(x)
         assert swapped.grad_fn.name() == "_GeluBackward"
     torch.testing.assert_close(swapped, own, rtol=1e-15, atol=1e-15)
@@ -107,3 +108,21 @@ def test_relus_double_backward_makes_no_zeros_and_matches_pytorchs_batched_and_n
     for batched in (False, True):
         torch.testing.assert_close(grad_reg(relu, batched)(), reference(), rtol=1e-12, atol=1e-12)
     assert cost(grad_reg(relu, False)).operations < cost(reference).operations  # (no zeros_like and add)
+
+
+def test_the_replacements_are_local_to_the_engines_forwards_and_to_the_thread():
+    # (torch.nn.functional is never rebound: the caller's code and other threads see torch's)
+    import threading
+
+    seen = {}
+    model = nn.Sequential(nn.Linear(3, 4), nn.GELU()).double()
+    x = randn(2, 3)
+    with functional.lean_second_order(model):
+        assert nn.functional.gelu is torch._C._nn.gelu
+        seen["caller"] = model(x).grad_fn.name()
+        thread = threading.Thread(target=lambda: seen.update(thread=model(x).grad_fn.name()))
+        thread.start()
+        thread.join()
+        with functional.forward_replacements():
+            seen["engine"] = model(x).grad_fn.name()
+    assert seen == {"caller": "GeluBackward0", "thread": "GeluBackward0", "engine": "_GeluBackward"}

@@ -84,9 +84,9 @@ MODELS = {"resnet_batchnorm": (TinyResNet, (3, 6, 6)), "mobilenet_block": (Mobil
 def hardsigmoid_differentiable_twice():
     # the references differentiate twice too: F.hardsigmoid's backward has no derivative in
     # torch, so they run with the library's equal composite (tested below to be equal)
-    from noisy_label_sgd.engines.functional import twice_differentiable
+    from noisy_label_sgd.engines.functional import forward_replacements, twice_differentiable
 
-    with twice_differentiable():
+    with twice_differentiable(), forward_replacements():
         yield
 
 

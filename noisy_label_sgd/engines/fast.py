@@ -215,7 +215,7 @@ class FastEngine(Engine):
         in the parameters' dtype under autocast too (a second derivative of a bfloat16 forward
         was 8.6% off float32 on a transformer; the norms alone stay in autocast's dtypes)."""
         device = self.batch[0].device
-        with torch.autocast(device.type, enabled=False), functional.lean_second_order():
+        with torch.autocast(device.type, enabled=False), functional.lean_second_order(self.model):
             return self._double_backward_in_own_dtype()
 
     def _double_backward_in_own_dtype(self) -> tuple[torch.Tensor, ParamDict]:

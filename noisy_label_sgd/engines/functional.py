@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import functools
 import sys
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+import types
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from contextvars import ContextVar
 from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call, jvp, vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 from ..arguments import check_positive_int
 from ..distributed import check_unsharded
@@ -121,12 +124,16 @@ class FunctionalModel:
 
     def batch_output(self, params: ParamDict, batch: Batch) -> torch.Tensor:
         """Model outputs of a batch, flattened per sample: shape [b, k]."""
-        return per_sample_outputs(functional_call(self.model, (params, self.constants), batch), batch)
+        with forward_replacements():
+            out = functional_call(self.model, (params, self.constants), batch)
+        return per_sample_outputs(out, batch)
 
     def live_output(self, batch: Batch) -> torch.Tensor:
         """batch_output at the module's own parameters, differentiable in them (with
         :meth:`live_params`): the same numbers, without functional_call's swap in and out."""
-        return per_sample_outputs(self.model(*batch), batch)
+        with forward_replacements():
+            out = self.model(*batch)
+        return per_sample_outputs(out, batch)
 
     def live_params(self) -> list[torch.Tensor]:
         """The module's trainable parameters themselves, in the order of ``params``."""
@@ -210,15 +217,56 @@ def _hardsigmoid(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     return input.copy_(out) if inplace else out
 
 
-def twice_differentiable() -> AbstractContextManager:
-    """Functions whose backward PyTorch cannot differentiate, swapped for equal composites for
-    the duration (grad reg differentiates the model twice): ``F.hardsigmoid``
-    (MobileNetV3's squeeze-excitation; ``nn.Hardsigmoid`` calls it)."""
-    return swapped_functional("hardsigmoid", _hardsigmoid)
+_REPLACEMENTS: ContextVar[dict] = ContextVar("forward_replacements", default={})
 
 
 @contextmanager
-def lean_second_order() -> Iterator[None]:
+def replaced_in_forwards(table: dict) -> Iterator[None]:
+    """Torch functions replaced by equal ones (``{torch's: the engines'}``) in the model forwards
+    that the engines run inside the block (:func:`forward_replacements`). Local to the thread and
+    context: nothing in ``torch.nn.functional`` is rebound, so other threads, and the caller's own
+    code inside the block, see torch's functions."""
+    token = _REPLACEMENTS.set({**_REPLACEMENTS.get(), **table})
+    try:
+        yield
+    finally:
+        _REPLACEMENTS.reset(token)
+
+
+class Replacing(TorchFunctionMode):
+    """Every call of a function in ``table`` goes to its replacement (a mode sees the function a
+    module calls, ``F.gelu`` or ``torch.conv2d`` alike; the replacement runs with this mode off)."""
+
+    def __init__(self, table: dict) -> None:
+        super().__init__()
+        self.table = table
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return self.table.get(func, func)(*args, **(kwargs or {}))
+
+
+def forward_replacements() -> AbstractContextManager:
+    """Entered by the engines around each model forward: the replacements in effect
+    (:func:`replaced_in_forwards`), as a mode for the forward only (a mode adds host time to every
+    function it sees; nothing is entered where no replacement is in effect)."""
+    table = _REPLACEMENTS.get()
+    return Replacing(table) if table else nullcontext()
+
+
+def twice_differentiable(model: nn.Module | None = None) -> AbstractContextManager:
+    """Functions whose backward PyTorch cannot differentiate, replaced by equal composites in the
+    engines' forwards (grad reg differentiates the model twice): ``F.hardsigmoid`` (MobileNetV3's
+    squeeze-excitation), where ``model`` has an ``nn.Hardsigmoid`` (or always, without a model).
+    Elsewhere nothing is replaced, so the forwards take no mode for it (a call of F.hardsigmoid
+    in a model's own code then fails loudly in the double backward: PyTorch has no derivative
+    for it)."""
+    if model is not None and not any(isinstance(m, nn.Hardsigmoid) for m in model.modules()):
+        return nullcontext()
+    return replaced_in_forwards({nn.functional.hardsigmoid: _hardsigmoid})
+
+
+@contextmanager
+def lean_second_order(model: nn.Module) -> Iterator[None]:
     """Forwards whose second derivative costs less, for grad reg's double backward (the same
     numbers): ``F.group_norm`` with its second derivative written out, and ``F.layer_norm`` as one
     group over rows (:mod:`~noisy_label_sgd.engines.group_norm`: PyTorch differentiates their
@@ -226,37 +274,27 @@ def lean_second_order() -> Iterator[None]:
     ``F.conv2d`` differentiated twice by their own kernels
     (:mod:`~noisy_label_sgd.engines.convolution`: PyTorch's derivative of a strided layer's
     backward computes 16 output positions for a 3x3 kernel's 9); ``F.gelu`` (and Hugging Face's
-    ``NewGELUActivation``, GPT-2's, written out in 8 operations, as its tanh kernel) with its
-    second derivative written out, and ``F.relu`` without the zeros of its second derivative
-    (:mod:`~noisy_label_sgd.engines.activations`). With the closed forms' own lean backwards,
-    ResNet-18's grad reg dispatched 5175 operations before, 1548 so; GPT-2's 2935, 2114; the
-    benchmark CNN's computed 3.22x a step's FLOPs, 2.83x so. On this CPU as fast or faster
-    (``benchmarks/README.md``)."""
-    with ExitStack() as stack:
-        for name, replacement in (("group_norm", group_norm), ("layer_norm", layer_norm), ("gelu", gelu),
-                                  ("relu", relu), ("conv1d", convolution.conv1d), ("conv2d", convolution.conv2d)):
-            stack.enter_context(swapped(nn.functional, name, replacement))
-        activations = sys.modules.get("transformers.activations")  # (only where the user imported it)
-        if activations is not None and hasattr(activations, "NewGELUActivation"):
-            stack.enter_context(swapped(activations.NewGELUActivation, "forward", new_gelu_forward))
-        yield
-
-
-@contextmanager
-def swapped(owner, name: str, replacement) -> Iterator[None]:
-    """``owner.<name>`` replaced for the duration (modules look functions and methods up at call
-    time)."""
-    original = getattr(owner, name)
-    setattr(owner, name, replacement)
+    ``NewGELUActivation``, GPT-2's, written out in 8 operations, as its tanh kernel: the model's
+    instances, for the duration) with its second derivative written out, and ``F.relu`` without
+    the zeros of its second derivative (:mod:`~noisy_label_sgd.engines.activations`). With the
+    closed forms' own lean backwards, ResNet-18's grad reg dispatched 5175 operations before, 1548
+    so; GPT-2's 2935, 2114; the benchmark CNN's computed 3.22x a step's FLOPs, 2.83x so. On this
+    CPU as fast or faster (``benchmarks/README.md``)."""
+    F = nn.functional
+    table = {F.group_norm: group_norm, F.layer_norm: layer_norm, F.gelu: gelu, F.relu: relu,
+             F.conv1d: convolution.conv1d, F.conv2d: convolution.conv2d}
+    activations = sys.modules.get("transformers.activations")  # (only where the user imported it)
+    new_gelus = [] if activations is None or not hasattr(activations, "NewGELUActivation") else [
+        m for m in model.modules() if isinstance(m, activations.NewGELUActivation) and "forward" not in vars(m)
+        and type(m).forward is activations.NewGELUActivation.forward]
+    for module in new_gelus:
+        module.forward = types.MethodType(new_gelu_forward, module)
     try:
-        yield
+        with replaced_in_forwards(table):
+            yield
     finally:
-        setattr(owner, name, original)
-
-
-def swapped_functional(name: str, replacement) -> AbstractContextManager[None]:
-    """``torch.nn.functional.<name>`` replaced for the duration."""
-    return swapped(nn.functional, name, replacement)
+        for module in new_gelus:
+            del module.forward
 
 
 @contextmanager
@@ -280,7 +318,7 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
         # the caller's torch.no_grad() or inference_mode() is for its own code: the
         # measurement differentiates (and returns tensors without a graph)
         with torch.inference_mode(False), torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), \
-                torch.random.fork_rng(devices=cuda_devices), unrolled_recurrences(model), twice_differentiable(), \
+                torch.random.fork_rng(devices=cuda_devices), unrolled_recurrences(model), twice_differentiable(model), \
                 kept_as_found(model):
             yield
     finally:

@@ -14,6 +14,7 @@ from torch import nn
 from torch.func import functional_call, vjp, vmap
 
 from .closed_forms import _plain_convolution, conv_geometry, grouped_weight_grads
+from .functional import forward_replacements
 from .trace import FastPathUnsupported, Owner, grads_over_calls, input_over_calls
 
 
@@ -141,8 +142,9 @@ def module_per_sample_grads(owner: Owner, grads: list[torch.Tensor], n: int) -> 
             split = len(full) - len(names)
             if owner.original is not None:  # (an operation's owner: the operation, not the module)
                 return call.ops[0].apply(full[0], p)[0]
-            out = functional_call(OwnForward(owner.module), {f"module.{k}": v for k, v in p.items()},
-                                  tuple(full[:split]), dict(zip(names, full[split:])))
+            with forward_replacements():
+                out = functional_call(OwnForward(owner.module), {f"module.{k}": v for k, v in p.items()},
+                                      tuple(full[:split]), dict(zip(names, full[split:])))
             return (out[0] if isinstance(out, tuple) else out)[0]
 
         def sample_grads(cotangent, *values):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
@@ -28,7 +29,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .attention import self_attention_forward
-from .functional import Batch, per_sample_outputs
+from .functional import Batch, forward_replacements, per_sample_outputs
 from .ops import OpCall, OpRecorder, Watch
 from .recurrent import is_stock_recurrent, unrolled_forward
 from .torch_internals import EDGES_OWNED
@@ -203,10 +204,7 @@ def record(owners: list[Owner], model: nn.Module, batch: Batch, expand: frozense
             written_out[id(o)] = (o, own)
             o.module.forward = unrolled_forward(o.module, record=_packer(o))
     try:
-        if watched:
-            with recorder:
-                out = model(*batch)
-        else:
+        with forward_replacements(), recorder if watched else nullcontext():
             out = model(*batch)
     finally:
         for h in handles:

@@ -74,7 +74,7 @@ class RenormalisedAsConstant(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        # (looked up now: an engine may have swapped in its own F.embedding, which calls torch's)
+        # (torch's functions: the engines replace theirs only through a mode of their own, above this one)
         name = next((name for name in _SIGNATURES if func is getattr(nn.functional, name)), None)
         if name is not None:
             bound = _SIGNATURES[name].bind(*args, **kwargs)

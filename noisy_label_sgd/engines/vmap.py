@@ -21,7 +21,7 @@ from torch import nn
 from torch.func import grad, jvp, vmap
 
 from .engine import Engine, per_sample_jacobians
-from .functional import Batch, FunctionalModel, ParamDict, swapped_functional
+from .functional import Batch, FunctionalModel, ParamDict, replaced_in_forwards
 
 
 class VmapEngine(Engine):
@@ -101,7 +101,8 @@ def _inside(outer: ExitStack, inner):
 
 
 def padding_rows_constant():
-    """``F.embedding`` with the padding row of its weight detached, for the duration.
+    """``F.embedding`` with the padding row of its weight detached, in the engines' forwards for
+    the duration.
 
     Reverse mode gives the padding row no gradient through the lookup, forward mode (a jvp)
     still carries its tangent: grad reg's forward-over-reverse then mixed the two, 5% off where
@@ -117,4 +118,4 @@ def padding_rows_constant():
             weight = torch.where(row, weight.detach(), weight)
         return original(input, weight, padding_idx, *args, **kwargs)
 
-    return swapped_functional("embedding", embedding)
+    return replaced_in_forwards({original: embedding})

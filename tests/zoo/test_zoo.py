@@ -22,7 +22,7 @@ from helpers import assert_rel_close, brute_jacobian, brute_reg_grad  # noqa: E4
 
 from noisy_label_sgd import per_sample_sq_grad_norms, regularizer_grad, tangent_projection  # noqa: E402
 from noisy_label_sgd.engines import select_engine  # noqa: E402
-from noisy_label_sgd.engines.functional import twice_differentiable  # noqa: E402
+from noisy_label_sgd.engines.functional import forward_replacements, twice_differentiable  # noqa: E402
 
 tv = torchvision.models
 
@@ -111,7 +111,7 @@ def test_a_real_model_is_measured_exactly_by_the_engine_auto_takes(name):
     assert engine.method.startswith(expected_method), engine.method
     J = brute_jacobian(model, x)
     assert_rel_close(norms, J.pow(2).sum(1))
-    with twice_differentiable():  # (F.hardsigmoid's backward has no derivative: MobileNetV3)
+    with twice_differentiable(), forward_replacements():  # (F.hardsigmoid's backward has no derivative)
         grad = brute_reg_grad(model, x)
     assert_rel_close(flat(model, regularizer_grad(model, x)), grad)
     v = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(2), dtype=p.dtype)
