@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import sys
 import types
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from typing import Iterator, Sequence
 
