@@ -5,9 +5,11 @@ of the shards, identical on every rank. Without an initialised process group (or
 every helper is the identity, so single-process code pays nothing.
 
 The measurements need whole parameters on every rank: a model sharded by FSDP (``fully_shard`` or
-``FullyShardedDataParallel``) or tensor parallelism is refused (:func:`check_unsharded`) where it
-would give wrong numbers (grad reg came back as zeros: FSDP routes gradients to its shards only
-through its own backward hooks, which a measurement's ``autograd.grad`` does not run).
+``FullyShardedDataParallel``) is measured through a gathered replica (:mod:`noisy_label_sgd.sharded`);
+where the sharded parameters themselves would reach an engine, and under tensor parallelism, it is
+refused (:func:`check_unsharded`) instead of giving wrong numbers (grad reg came back as zeros: FSDP
+routes gradients to its shards only through its own backward hooks, which a measurement's
+``autograd.grad`` does not run).
 """
 
 from __future__ import annotations
@@ -49,27 +51,28 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
 
 
 def check_unsharded(model: torch.nn.Module) -> None:
-    """Refuse a model whose parameters are sharded across ranks, saying how to probe it.
+    """Refuse a model whose parameters are sharded across ranks where whole ones are needed (an
+    engine given the sharded model itself, or tensor parallelism), saying how to probe it.
 
     Raises:
         NotImplementedError: naming the sharded parameter or the FSDP module.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return  # (sharding needs a process group)
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
     from torch.distributed.tensor import DTensor
 
-    where = next(((f"module {name!r}" if name else "the model") + " is wrapped by FullyShardedDataParallel"
-                  for name, m in model.named_modules() if isinstance(m, FullyShardedDataParallel)), None)
-    if where is None:
-        where = next((f"parameter {name!r} is a DTensor sharded across ranks"
-                      for name, p in model.named_parameters() if isinstance(p, DTensor)), None)
-    if where is None and isinstance(model, FSDPModule):
-        where = "the model is an FSDP module (fully_shard)"
+    from .sharded import fsdp_kind
+
+    if fsdp_kind(model) is not None:
+        raise NotImplementedError(
+            "the engines take whole parameters, and this model is sharded by FSDP (grad reg would read as zeros: "
+            "FSDP delivers gradients to its shards only through its own hooks); pass it to the public functions "
+            "or RegularizerProbe, which measure it through an unsharded replica gathered from the shards")
+    where = next((name for name, p in model.named_parameters() if isinstance(p, DTensor)), None)
     if where is not None:
         raise NotImplementedError(
-            f"{where}: the probe measures whole parameters, and FSDP delivers gradients to its shards "
-            "only through its own backward hooks (grad reg would read as zeros). Probe an unsharded replica "
-            "on each rank: the same model built without fully_shard / FullyShardedDataParallel, loaded with "
-            "replica.load_state_dict(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))) "
-            "(torch.distributed.checkpoint.state_dict, on every rank) before each probe")
+            f"parameter {where!r} is a DTensor sharded across ranks outside FSDP (tensor parallelism), which the "
+            "probe does not gather: probe an unsharded replica on each rank, the same model built without the "
+            "parallelisation and loaded with replica.load_state_dict(get_model_state_dict(model, "
+            "options=StateDictOptions(full_state_dict=True))) (torch.distributed.checkpoint.state_dict, on every "
+            "rank) before each probe")

@@ -16,6 +16,7 @@ from .engines.functional import (FunctionalModel, Inputs, as_input_tuple, check_
 from .engines.finite import check_finite
 from .engines.select import check_method
 from .engines.tangent import check_solver, project
+from .sharded import sharded
 
 __all__ = ["RegularizerProbe", "ProbeReport"]
 
@@ -117,7 +118,9 @@ class RegularizerProbe:
     is initialised) every rank passes its own shard of the probe set and must call the probe
     together: reg, grad reg, the projection (distributed LSQR) and the loss are
     those of the union of the shards, identical on every rank, and ``per_sample`` holds the
-    union in rank order.
+    union in rank order. A model sharded by FSDP is measured through an unsharded replica whose
+    parameters are gathered at every call (:mod:`noisy_label_sgd.sharded`: one full copy of the
+    parameters per rank); ``manifold_grad`` is then flat over the whole parameters.
     The model is evaluated in eval mode (BatchNorm on running statistics, dropout off: samples
     are independent); the call changes no parameter, mode, gradient or random state.
 
@@ -171,6 +174,10 @@ class RegularizerProbe:
         check_solver(solver)
         check_chunk_size(chunk_size)
         check_memory_budget(memory_budget)
+        # an FSDP model is measured through its unsharded replica, gathered before each measurement
+        self._shards = sharded(model)
+        if self._shards is not None:
+            model = self._shards.gather()
         if targets is not None and targets.is_floating_point() and not bool(torch.isfinite(targets).all()):
             raise ValueError("the probe targets contain NaN or Inf values")
         FunctionalModel(model)  # the model's own errors, at construction
@@ -247,6 +254,8 @@ class RegularizerProbe:
         inference mode."""
         start = time.perf_counter()
         distributed = is_distributed()
+        if self._shards is not None:
+            self._shards.gather()
         engine = self.engine
         with engine.measuring():
             fm = engine.fm

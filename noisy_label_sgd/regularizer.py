@@ -20,7 +20,10 @@ caller's backward of the result fills ``.grad``).
 Frozen parameters and buffers are constants. Work is split into chunks of samples so that what is
 held at once fits ``memory_budget``. None of them is a collective: under torch.distributed each
 rank measures the inputs it passes (:class:`~noisy_label_sgd.probe.RegularizerProbe` reduces over
-the ranks' shards).
+the ranks' shards). The exception is a model sharded by FSDP: its parameters are gathered into an
+unsharded replica first (:mod:`noisy_label_sgd.sharded`), so every rank calls; ``regularizer_grad``
+and ``tangent_projection`` then return DTensors sharded like the parameters (FSDP2) or full tensors
+under the full state dict's names (FSDP1), and need the same inputs on every rank.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from torch.autograd.function import once_differentiable
 from .engines import select_engine
 from .engines.functional import DEFAULT_MEMORY_BUDGET, Inputs, ParamDict
 from .engines.tangent import check_solver, check_solver_options, project
+from .sharded import gathered, sharded
 
 __all__ = [
     "per_sample_sq_grad_norms",
@@ -77,6 +81,7 @@ def per_sample_sq_grad_norms(
             method, or ``method="fast"`` on a model it cannot handle.
         TypeError: a non-tensor model output.
     """
+    model, _ = gathered(model, inputs)
     engine = select_engine(model, inputs, method, chunk_size=chunk_size, memory_budget=memory_budget)
     with engine.measuring():
         return engine.sq_norms()
@@ -111,6 +116,11 @@ def implicit_regularizer(
         return per_sample_sq_grad_norms(
             model, inputs, method=method, chunk_size=chunk_size, memory_budget=memory_budget
         ).mean()
+    if sharded(model) is not None:
+        raise NotImplementedError(
+            "create_graph=True on an FSDP model: the penalty's gradient would reach the replica the probe "
+            "measures, not FSDP's shards; add lam * regularizer_grad(model, x) to each parameter's .grad after "
+            "the loss's backward instead")
     engine = select_engine(model, inputs, method, chunk_size=chunk_size, memory_budget=memory_budget)
     with engine.measuring():
         norms, grad_reg = engine.norms_and_grad()
@@ -154,9 +164,11 @@ def regularizer_grad(
     Returns:
         a dict parameter name -> gradient, over the trainable parameters.
     """
+    model, shards = gathered(model, inputs, "regularizer_grad")
     engine = select_engine(model, inputs, method, chunk_size=chunk_size, memory_budget=memory_budget)
     with engine.measuring():
-        return engine.grad()
+        grad = engine.grad()
+    return grad if shards is None else shards.to_model_layout(grad)
 
 
 def tangent_projection(
@@ -205,11 +217,15 @@ def tangent_projection(
     check_solver_options(rcond, tol, max_iter)
     if not isinstance(vector, dict):  # (before any forward of the model)
         check_vector({}, vector)
+    model, shards = gathered(model, inputs, "tangent_projection")
+    if shards is not None:
+        vector = shards.from_model_layout(vector)
     engine = select_engine(model, inputs, method, chunk_size=chunk_size, memory_budget=memory_budget)
     with engine.measuring():
         fm = engine.fm
         v = fm.flatten(check_vector(fm.trainable, vector))
-        return fm.unflatten(project(engine, v, solver=solver, rcond=rcond, tol=tol, max_iter=max_iter).vector)
+        projected = fm.unflatten(project(engine, v, solver=solver, rcond=rcond, tol=tol, max_iter=max_iter).vector)
+    return projected if shards is None else shards.to_model_layout(projected)
 
 
 def check_vector(params: ParamDict, vector: ParamDict) -> ParamDict:

@@ -1,6 +1,8 @@
 """Worker functions for tests/test_distributed.py: each runs in a spawned gloo process."""
 
 import os
+import sys
+import traceback
 import warnings
 from datetime import timedelta
 
@@ -19,6 +21,14 @@ TIMEOUT = timedelta(seconds=30)  # a collective waiting on a dead peer fails ins
 def setup(rank: int, world: int, init_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=TIMEOUT)
+
+
+def failed() -> None:
+    """A worker's error, printed, and the process ended with a failure (teardown's exit would
+    report success, and the test would only see a missing result file)."""
+    traceback.print_exc()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def teardown() -> None:
@@ -73,8 +83,9 @@ def train(rank, world, init_file, out_dir, steps, hook, start=0, save_at=None, r
         torch.save({"params": [p.detach() for p in model.parameters()], "draws": draws,
                     "noise_step": opt.label_noise.step},
                    os.path.join(out_dir, f"train_rank{rank}.pt"))
-    finally:
-        teardown()
+    except BaseException:
+        failed()
+    teardown()
 
 
 def noise_streams(rank, world, init_file, out_dir):
@@ -84,8 +95,9 @@ def noise_streams(rank, world, init_file, out_dir):
         noise = LabelNoise(1.0, seed=3)
         draws = [noise.sample(torch.zeros(20000, dtype=torch.float64)) for _ in range(2)]
         torch.save({"rank": noise.rank, "draws": draws}, os.path.join(out_dir, f"noise_rank{rank}.pt"))
-    finally:
-        teardown()
+    except BaseException:
+        failed()
+    teardown()
 
 
 def probe(rank, world, init_file, out_dir, x, y, bounds):
@@ -99,8 +111,9 @@ def probe(rank, world, init_file, out_dir, x, y, bounds):
         with TensorBoardMonitor(p, log_dir=os.path.join(out_dir, f"tb_rank{rank}"), every=1) as monitor:
             monitor.log(1)
         torch.save(report, os.path.join(out_dir, f"probe_rank{rank}.pt"))
-    finally:
-        teardown()
+    except BaseException:
+        failed()
+    teardown()
 
 
 def tanh_net():
@@ -117,8 +130,9 @@ def probe_manifold_grad(rank, world, init_file, out_dir, x, bounds):
         lo, hi = bounds[rank], bounds[rank + 1]
         report = RegularizerProbe(DDP(tanh_net()), x[lo:hi])()
         torch.save(report.manifold_grad, os.path.join(out_dir, f"manifold_rank{rank}.pt"))
-    finally:
-        teardown()
+    except BaseException:
+        failed()
+    teardown()
 
 
 def one_rank_fails(rank, world, init_file, out_dir):
@@ -136,42 +150,80 @@ def one_rank_fails(rank, world, init_file, out_dir):
     dist.destroy_process_group()
 
 
-def sharded_refused(rank, world, init_file, out_dir, wrapper, x):
-    """Every entry point on an FSDP-sharded model raises (the same on both ranks, no collective
-    left waiting); the replica the error advises, loaded from the full state dict, is probed."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def doubled_head(model: nn.Module) -> nn.Module:
+    """A user's forward hook on the last layer (the replica must keep it, and drop FSDP's)."""
+    model[-1].register_forward_hook(lambda module, args, out: 2 * out)
+    return model
+
+
+def sharded_measured(rank, world, init_file, out_dir, wrapper, x):
+    """An FSDP-sharded model measured by every entry point (each rank the same inputs, the probe a
+    shard each), then trained one backward as FSDP does: the measurements leave FSDP working."""
     from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+    from torch.distributed.tensor import DTensor
 
     from noisy_label_sgd import implicit_regularizer, per_sample_sq_grad_norms, regularizer_grad, tangent_projection
+    from noisy_label_sgd.engines import select_engine
+    from noisy_label_sgd.sharded import sharded
 
     setup(rank, world, init_file)
     try:
-        model = mlp()
+        model = doubled_head(mlp())
         if wrapper == "fsdp2":
             fully_shard(model[0])
             fully_shard(model)
+        elif wrapper == "fsdp2_group":  # (two modules sharded as one group: FSDP wraps its hooks)
+            fully_shard([model[0], model[2]])
+            fully_shard(model)
         else:
+            model[0] = FullyShardedDataParallel(model[0], use_orig_params=True, device_id=torch.device("cpu"))
             model = FullyShardedDataParallel(model, use_orig_params=True, device_id=torch.device("cpu"))
-        vector = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+        def full(values):
+            return {name: v.full_tensor() if isinstance(v, DTensor) else v for name, v in values.items()}
+
+        grad = regularizer_grad(model, x)
+        layout = {name: (type(g).__name__, tuple(g.to_local().shape) if isinstance(g, DTensor) else tuple(g.shape))
+                  for name, g in grad.items()}
+        own = {name: (type(p).__name__, tuple(p.to_local().shape) if isinstance(p, DTensor) else tuple(p.shape))
+               for name, p in model.named_parameters()}
+        result = {"norms": per_sample_sq_grad_norms(model, x), "reg": implicit_regularizer(model, x),
+                  "grad": full(grad), "layout": layout, "own_layout": own,
+                  "projection": full(tangent_projection(model, x, grad)),
+                  "norms_by": {method: per_sample_sq_grad_norms(model, x, method=method) for method in ("fast", "vmap")}}
+        half = x.shape[0] // world
+        probe = RegularizerProbe(model, x[rank * half:(rank + 1) * half])
+        report = probe()
+        with TensorBoardMonitor(probe, log_dir=os.path.join(out_dir, f"tb_rank{rank}"), every=1) as monitor:
+            monitor.log(1)
+        result["probe"] = (report.reg, report.reg_grad_norm, report.manifold_grad_norm)
         errors = {}
-        for name, call in (("norms", lambda: per_sample_sq_grad_norms(model, x)),
-                           ("reg", lambda: implicit_regularizer(model, x)),
-                           ("grad", lambda: regularizer_grad(model, x)),
-                           ("projection", lambda: tangent_projection(model, x, vector)),
-                           ("probe", lambda: RegularizerProbe(model, x)())):
+        for name, error_type, call in (
+                ("different inputs", ValueError, lambda: regularizer_grad(model, x[rank:])),
+                ("create_graph", NotImplementedError, lambda: implicit_regularizer(model, x, create_graph=True)),
+                ("engine", NotImplementedError, lambda: select_engine(model, x, "auto").sq_norms())):
             try:
                 call()
                 errors[name] = None
-            except NotImplementedError as error:
+            except error_type as error:
                 errors[name] = str(error)
-        replica = mlp(seed=1)  # (other values: the load must bring the model's)
-        replica.load_state_dict(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)))
-        report = RegularizerProbe(replica, x)()
-        torch.save({"errors": errors, "reg": report.reg, "grad_norm": report.reg_grad_norm,
-                    "grad": regularizer_grad(replica, x)},
-                   os.path.join(out_dir, f"sharded_rank{rank}.pt"))
-    finally:
-        teardown()
+        result["errors"] = errors
+        replica = sharded(model).replica  # the user's classes and hook only, none of FSDP's
+        result["replica"] = ([type(m).__name__ for m in replica.modules()],
+                             sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in replica.modules()))
+        result["unchanged"] = all(torch.equal(p.detach(), before[name]) for name, p in model.named_parameters())
+        model(x).pow(2).sum().backward()  # (FSDP's own forward and backward, hooks and all)
+        if wrapper != "fsdp1":
+            result["loss_grad"] = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
+        else:
+            with FullyShardedDataParallel.summon_full_params(model, with_grads=True):
+                result["loss_grad"] = {name.replace("_fsdp_wrapped_module.", ""): p.grad.clone()
+                                       for name, p in model.named_parameters()}
+        torch.save(result, os.path.join(out_dir, f"sharded_rank{rank}.pt"))
+    except BaseException:
+        failed()
+    teardown()
 
 
 def fsdp_train(rank, world, init_file, out_dir, steps, momentum, save_at=None):
@@ -214,5 +266,6 @@ def fsdp_train(rank, world, init_file, out_dir, steps, momentum, save_at=None):
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
         torch.save({"params": full, "noise_step": opt.label_noise.step, "warnings": seen},
                    os.path.join(out_dir, f"fsdp_rank{rank}.pt"))
-    finally:
-        teardown()
+    except BaseException:
+        failed()
+    teardown()

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 import distributed_workers as workers
 from helpers import LSQR_RTOL, assert_rel_close, brute_jacobian, brute_reg_grad, mlp, svd_tangent_projection
-from noisy_label_sgd import RegularizerProbe, implicit_regularizer, regularizer_grad
+from noisy_label_sgd import RegularizerProbe, implicit_regularizer, per_sample_sq_grad_norms, regularizer_grad
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 WORLD = 2
@@ -115,24 +115,40 @@ def test_one_rank_raising_ends_the_job_with_its_error(tmp_path):
     assert "NaN or Inf" in (tmp_path / "error_rank1.txt").read_text()
 
 
-@pytest.mark.parametrize("wrapper", ["fsdp2", "fsdp1"])
-def test_an_fsdp_sharded_model_is_refused_everywhere_and_its_advised_replica_is_exact(tmp_path, wrapper):
+@pytest.mark.parametrize("wrapper", ["fsdp2", "fsdp2_group", "fsdp1"])
+def test_an_fsdp_sharded_model_is_measured_as_the_unsharded_one(tmp_path, wrapper):
     # (grad reg read as zeros on both, and the probe under FSDP1 aborted the job in a collective)
     x = torch.randn(10, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    spawn(workers.sharded_refused, tmp_path, wrapper, x)
-    reference = mlp()
-    reg = implicit_regularizer(reference, x)
+    spawn(workers.sharded_measured, tmp_path, wrapper, x)
+    reference = workers.doubled_head(mlp())
+    norms = per_sample_sq_grad_norms(reference, x)
     grad = regularizer_grad(reference, x)
+    projection = svd_tangent_projection(brute_jacobian(reference, x), torch.cat([g.flatten() for g in grad.values()]))
+    report = RegularizerProbe(reference, x)()
+    reference(x).pow(2).sum().backward()
     for result in load(tmp_path, "sharded"):
-        for question, error in result["errors"].items():
-            assert error is not None, question
-            assert ("DTensor" if wrapper == "fsdp2" else "FullyShardedDataParallel") in error, error
-            assert "full_state_dict=True" in error
-        assert result["reg"] == pytest.approx(float(reg), rel=1e-12)
+        for values in (result["norms"], *result["norms_by"].values()):
+            assert_rel_close(values, norms, 1e-9)
+        assert result["reg"] == pytest.approx(float(norms.mean()), rel=1e-9)
+        assert result["grad"].keys() == grad.keys()
         for name, g in grad.items():
-            assert_rel_close(result["grad"][name], g, 1e-12)
-        assert result["grad_norm"] == pytest.approx(float(torch.cat([g.flatten() for g in grad.values()]).norm()),
-                                                    rel=1e-12)
+            assert_rel_close(result["grad"][name], g, 1e-9)
+        flat = torch.cat([result["projection"][name].flatten() for name in grad])
+        assert_rel_close(flat, projection, 1e-6)
+        assert result["probe"][:2] == pytest.approx((report.reg, report.reg_grad_norm), rel=1e-9)
+        assert result["probe"][2] == pytest.approx(report.manifold_grad_norm, rel=1e-6)
+        if wrapper != "fsdp1":  # the parameters' own layout: DTensor shards of the same shapes
+            assert result["layout"] == result["own_layout"]
+            assert {kind for kind, _ in result["layout"].values()} == {"DTensor"}
+        errors = result["errors"]
+        assert "same inputs" in errors["different inputs"]
+        assert "regularizer_grad" in errors["create_graph"]
+        assert "unsharded replica" in errors["engine"]
+        assert result["replica"] == ([type(m).__name__ for m in reference.modules()], 1)
+        assert result["unchanged"]
+        for name, p in reference.named_parameters():
+            assert_rel_close(result["loss_grad"][name], p.grad, 1e-12)
+    assert os.listdir(tmp_path / "tb_rank0") and not (tmp_path / "tb_rank1").exists()  # (logged once)
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9], ids=["stateless", "momentum"])

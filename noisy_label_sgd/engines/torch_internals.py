@@ -6,7 +6,8 @@ transform (a written-out Function has no rules there), whether autograd will run
 backward computes only the gradients asked for), and whether saved-tensor hooks are active (the
 non-reentrant ``torch.utils.checkpoint``, which torch.func refuses); and, for the optimizer's
 noise stream, whether a step is the one torch.distributed.checkpoint takes to create optimizer
-state (a zero-gradient, zero-lr ``step()`` that nothing marks).
+state (a zero-gradient, zero-lr ``step()`` that nothing marks); and, for measuring an FSDP model
+through a replica, which forward hooks are FSDP2's own.
 """
 
 from __future__ import annotations
@@ -64,3 +65,16 @@ def version_of(t: torch.Tensor) -> int:
     """The in-place write counter of ``t`` (``Tensor._version``), shared with its views and with
     ``detach()`` (not with ``.data``): how a measurement sees a forward write a parameter or buffer."""
     return t._version
+
+
+def is_fsdp_forward_hook(hook) -> bool:
+    """Whether a module's forward (pre-)hook is one ``fully_shard`` registered: a method of its
+    ``FSDPState``, or (for a group of modules sharded together) one under ``functools.wraps``
+    decorators, followed down their ``__wrapped__`` chain."""
+    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+
+    for _ in range(8):  # (the chain is two decorators deep on torch 2.13)
+        if hook is None or isinstance(getattr(hook, "__self__", None), FSDPState):
+            return hook is not None
+        hook = getattr(hook, "__wrapped__", None)
+    return False
