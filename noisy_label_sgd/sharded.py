@@ -20,7 +20,6 @@ named as in FSDP1's full state dict (``get_model_state_dict(..., full_state_dict
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections import OrderedDict
 
 import torch
@@ -31,7 +30,9 @@ from .engines import torch_internals
 
 __all__ = ["ShardedModel", "sharded", "check_same_inputs"]
 
-_replicas: weakref.WeakKeyDictionary[nn.Module, ShardedModel] = weakref.WeakKeyDictionary()
+# where a model keeps its ShardedModel: on the model, so that the two are collected together (a
+# weak-keyed table would be kept alive by the ShardedModel's own reference to its model)
+_ATTRIBUTE = "_noisy_label_sgd_sharded"
 
 
 def fsdp_kind(model: nn.Module) -> str | None:
@@ -53,9 +54,9 @@ def sharded(model: nn.Module) -> ShardedModel | None:
     None for a model FSDP does not shard."""
     if fsdp_kind(model) is None:
         return None
-    if model not in _replicas:
-        _replicas[model] = ShardedModel(model)
-    return _replicas[model]
+    if _ATTRIBUTE not in model.__dict__:
+        model.__dict__[_ATTRIBUTE] = ShardedModel(model)
+    return model.__dict__[_ATTRIBUTE]
 
 
 class ShardedModel:
@@ -126,7 +127,7 @@ class ShardedModel:
             cls = next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
         clone = cls.__new__(cls)
         self._replicated[id(module)] = clone
-        clone.__dict__.update({k: v for k, v in module.__dict__.items() if not k.startswith(("_fsdp", "_is_fsdp"))})
+        clone.__dict__.update({k: v for k, v in module.__dict__.items() if not k.startswith(("_fsdp", "_is_fsdp", _ATTRIBUTE))})
         clone._parameters = {name: None if p is None else self._replicate_parameter(module, name, p)
                              for name, p in module._parameters.items()}
         clone._buffers = dict(module._buffers)

@@ -175,6 +175,8 @@ def sharded_measured(rank, world, init_file, out_dir, wrapper, x):
         elif wrapper == "fsdp2_group":  # (two modules sharded as one group: FSDP wraps its hooks)
             fully_shard([model[0], model[2]])
             fully_shard(model)
+        elif wrapper == "fsdp1_flat":  # (its parameters a flat shard: the modules' views exist only unsharded)
+            model = FullyShardedDataParallel(model, use_orig_params=False, device_id=torch.device("cpu"))
         else:
             model[0] = FullyShardedDataParallel(model[0], use_orig_params=True, device_id=torch.device("cpu"))
             model = FullyShardedDataParallel(model, use_orig_params=True, device_id=torch.device("cpu"))
@@ -214,8 +216,10 @@ def sharded_measured(rank, world, init_file, out_dir, wrapper, x):
                              sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in replica.modules()))
         result["unchanged"] = all(torch.equal(p.detach(), before[name]) for name, p in model.named_parameters())
         model(x).pow(2).sum().backward()  # (FSDP's own forward and backward, hooks and all)
-        if wrapper != "fsdp1":
+        if wrapper.startswith("fsdp2"):
             result["loss_grad"] = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
+        elif wrapper == "fsdp1_flat":  # (summon_full_params(with_grads=True) needs use_orig_params)
+            result["loss_grad"] = None
         else:
             with FullyShardedDataParallel.summon_full_params(model, with_grads=True):
                 result["loss_grad"] = {name.replace("_fsdp_wrapped_module.", ""): p.grad.clone()
