@@ -1,23 +1,33 @@
-"""Label-noise training under torch.distributed (DDP), with the probe and TensorBoard monitor.
+"""Label-noise training under torch.distributed (DDP or FSDP2), with the probe and TensorBoard monitor.
 
     torchrun --standalone --nproc_per_node 2 examples/ddp_training.py [--steps 600] [--out runs/ddp]
     torchrun --standalone --nproc_per_node 2 examples/ddp_training.py --resume   # continue a run
+    torchrun --standalone --nproc_per_node 2 examples/ddp_training.py --fsdp [--resume]
 
 gloo on CPU, nccl when CUDA is present (one GPU per rank). A small MLP learns a teacher network's
 outputs; every rank draws its own label noise (the stream mixes in the rank: seed, rank, step
 and micro-batch decide every draw), DistributedSampler splits the data, the probe runs on each
 rank's shard of a probe set and reports on their union, and only rank 0 writes TensorBoard
 events and checkpoints. Resuming on the same world size continues the same noise streams.
+
+With ``--fsdp`` every layer and the model are sharded by ``fully_shard`` (FSDP2): the probe
+measures the sharded model as it is (a replica gathered from the shards at each probe), and
+checkpoints are torch.distributed.checkpoint directories every rank writes its shards to
+(``get_state_dict`` carries the noise stream), with ``OUT/latest`` naming the last complete one.
 """
 
 import argparse
 import os
+import shutil
 import sys
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DistributedSampler, TensorDataset
 
@@ -33,7 +43,8 @@ p.add_argument("--every", type=int, default=100, help="probe/log every N steps")
 p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps")
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--out", default=os.path.join("runs", "ddp"))
-p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (--fsdp: OUT/latest)")
+p.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (fully_shard) instead of DDP")
 args = p.parse_args()
 
 use_cuda = torch.cuda.is_available()
@@ -57,17 +68,67 @@ with torch.no_grad():
 data = TensorDataset(x, y)
 sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
 
-model = DDP(seeded_mlp(args.seed).to(device))  # the same initialisation on every rank
-opt = LabelNoiseSGD(model.parameters(), lr=args.lr, momentum=0.9, noise_std=args.noise_std, seed=args.seed)
-start = 0
-if args.resume:
+
+def build_model() -> nn.Module:
+    model = seeded_mlp(args.seed).to(device)  # the same initialisation on every rank
+    if not args.fsdp:
+        return DDP(model)
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    return fully_shard(model)
+
+
+def save(step: int) -> None:
+    """A checkpoint after ``step`` steps; a kill inside it leaves the previous one whole."""
+    if args.fsdp:  # every rank writes its shards, then rank 0 points ``latest`` at the finished directory
+        model_state, optim_state = get_state_dict(model, opt)
+        directory = os.path.join(args.out, f"dcp-{step}")
+        dcp.save({"model": model_state, "optim": optim_state, "step": step}, checkpoint_id=directory)
+        dist.barrier()
+        if rank == 0:
+            previous = checkpoint_directory() if os.path.exists(latest) else None
+            with open(f"{latest}.partial", "w") as f:
+                f.write(os.path.basename(directory))
+            os.replace(f"{latest}.partial", latest)
+            if previous not in (None, directory):
+                shutil.rmtree(previous)  # (only once ``latest`` names the new one)
+    elif rank == 0:
+        partial = f"{checkpoint}.partial"
+        torch.save({"model": model.module.state_dict(), "optimizer": opt.state_dict(), "step": step}, partial)
+        os.replace(partial, checkpoint)
+
+
+def checkpoint_directory() -> str:
+    with open(latest) as f:
+        return os.path.join(args.out, f.read().strip())
+
+
+def load() -> int:
+    """The step the last checkpoint was saved at, its model and optimizer state loaded."""
+    if args.fsdp:
+        directory = checkpoint_directory()
+        model_state, optim_state = get_state_dict(model, opt)
+        state = {"model": model_state, "optim": optim_state, "step": 0}
+        dcp.load(state, checkpoint_id=directory)
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        return state["step"]
     state = torch.load(checkpoint, map_location=device, weights_only=True)
     model.module.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])  # the noise stream position travels with it
-    start = state["step"]
+    return state["step"]
+
+
+latest = os.path.join(args.out, "latest")
+model = build_model()
+opt = LabelNoiseSGD(model.parameters(), lr=args.lr, momentum=0.9, noise_std=args.noise_std, seed=args.seed)
+start = 0
+if args.resume:
+    start = load()
     if start >= args.steps:
         if rank == 0:
-            print(f"{checkpoint} is at step {start}: nothing left to run (pass --steps above {start} to go on)")
+            print(f"{latest if args.fsdp else checkpoint} is at step {start}: nothing left to run "
+                  f"(pass --steps above {start} to go on)")
         dist.destroy_process_group()
         sys.exit(0)
 loss_fn = opt.noisy_loss(nn.MSELoss())
@@ -85,19 +146,16 @@ for step in range(start, args.steps):
     opt.zero_grad()
     loss_fn(model(xb), yb).backward()
     opt.step()
-    if (step + 1) % args.save_every == 0 and rank == 0:
-        # atomically: a kill inside the save leaves the previous checkpoint, never a truncated one
-        partial = f"{checkpoint}.partial"
-        torch.save({"model": model.module.state_dict(), "optimizer": opt.state_dict(), "step": step + 1}, partial)
-        os.replace(partial, checkpoint)
-    dist.barrier() if (step + 1) % args.save_every == 0 else None
+    if (step + 1) % args.save_every == 0:
+        save(step + 1)
+        dist.barrier()
 
 report = monitor.log()  # a collective: every rank takes part
 monitor.close()
 if rank == 0:
-    print(f"{world} ranks, {args.steps} steps: reg {report.reg:.4g}, manifold grad {report.manifold_grad_norm:.3g}, "
+    print(f"{world} ranks ({'FSDP2' if args.fsdp else 'DDP'}), {args.steps} steps: reg {report.reg:.4g}, manifold grad {report.manifold_grad_norm:.3g}, "
           f"clean probe loss {report.loss:.3g}")
-    print(f"logs: tensorboard --logdir {args.out}; checkpoint: {checkpoint}")
+    print(f"logs: tensorboard --logdir {args.out}; checkpoint: {latest if args.fsdp else checkpoint}")
 dist.barrier()  # no rank leaves while another is still in a collective
 dist.destroy_process_group()
 # Everything is saved and printed: leave at once. An ordinary interpreter exit sometimes aborts

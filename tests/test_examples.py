@@ -75,12 +75,12 @@ def test_ddp_example_with_torchrun_and_resume(tmp_path):
             os.path.join(EXAMPLES, "ddp_training.py"), "--threads", "1", "--every", "10", "--save-every", "10", "--out", str(out)]
     first = subprocess.run(base + ["--steps", "20"], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert first.returncode == 0, first.stderr[-2000:]
-    assert "2 ranks, 20 steps" in first.stdout
+    assert "2 ranks (DDP), 20 steps" in first.stdout
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 20 and ckpt["optimizer"]["param_groups"][0]["label_noise"]["step"] == 20
     resumed = subprocess.run(base + ["--steps", "30", "--resume"], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "2 ranks, 30 steps" in resumed.stdout
+    assert "2 ranks (DDP), 30 steps" in resumed.stdout
     assert len(glob.glob(str(out / "events.out.tfevents.*"))) == 2  # rank 0 only, one per launch
     # a finished run resumed again: says so, trains nothing, logs nothing, leaves the checkpoint
     again = subprocess.run(base + ["--steps", "30", "--resume"], capture_output=True, text=True, timeout=HANG_GUARD_S)
@@ -88,6 +88,36 @@ def test_ddp_example_with_torchrun_and_resume(tmp_path):
     assert "at step 30: nothing left to run" in again.stdout and "ranks, 30 steps" not in again.stdout
     assert len(glob.glob(str(out / "events.out.tfevents.*"))) == 2
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 30
+
+
+def test_fsdp2_example_with_torchrun_resumes_as_the_uninterrupted_run(tmp_path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    def run(out, steps, *options):
+        done = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+             os.path.join(EXAMPLES, "ddp_training.py"), "--fsdp", "--threads", "1", "--every", "10",
+             "--save-every", "10", "--out", str(out), "--steps", str(steps), *options],
+            capture_output=True, text=True, timeout=HANG_GUARD_S)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert f"2 ranks (FSDP2), {steps} steps" in done.stdout
+        return done.stdout
+
+    run(tmp_path / "resumed", 20)
+    resumed = run(tmp_path / "resumed", 30, "--resume")
+    whole = run(tmp_path / "whole", 30)
+    assert resumed.splitlines()[-2] == whole.splitlines()[-2]  # the final probe report
+    states = {}
+    for name in ("resumed", "whole"):
+        assert (tmp_path / name / "latest").read_text() == "dcp-30"
+        assert sorted(p.name for p in (tmp_path / name).glob("dcp-*")) == ["dcp-30"]  # older ones removed
+        dcp_to_torch_save(tmp_path / name / "dcp-30", tmp_path / f"{name}.pt")
+        states[name] = torch.load(tmp_path / f"{name}.pt", weights_only=False)
+    assert states["resumed"]["step"] == 30
+    assert states["resumed"]["optim"]["param_groups"][0]["label_noise"] == \
+        states["whole"]["optim"]["param_groups"][0]["label_noise"]
+    for name, value in states["whole"]["model"].items():
+        assert torch.equal(states["resumed"]["model"][name], value), name
 
 
 def test_relu_1d_seed_chooses_the_initialisations(example_run):
