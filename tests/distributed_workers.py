@@ -224,6 +224,8 @@ def sharded_measured(rank, world, init_file, out_dir, wrapper, x):
             with FullyShardedDataParallel.summon_full_params(model, with_grads=True):
                 result["loss_grad"] = {name.replace("_fsdp_wrapped_module.", ""): p.grad.clone()
                                        for name, p in model.named_parameters()}
+        torch.optim.SGD(model.parameters(), lr=0.1).step()
+        result["reg_after_step"] = implicit_regularizer(model, x)  # (gathered again: the new values)
         torch.save(result, os.path.join(out_dir, f"sharded_rank{rank}.pt"))
     except BaseException:
         failed()

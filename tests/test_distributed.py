@@ -89,6 +89,8 @@ def test_distributed_probe_equals_the_single_process_probe_on_the_union(tmp_path
         for name in ("manifold_grad_norm", "normal_grad_norm"):
             assert_rel_close(getattr(report, name), getattr(single, name), rtol=0, atol=LSQR_RTOL * single.reg_grad_norm)
         assert_rel_close(report.per_sample, single.per_sample)
+        assert result["reg_after_step"] == pytest.approx(float(reg_after_step), rel=1e-9)
+        assert abs(float(reg_after_step) / float(norms.mean()) - 1) > 1e-3  # (the step changed it)
     assert os.listdir(tmp_path / "tb_rank0") and not (tmp_path / "tb_rank1").exists()
 
 
@@ -126,6 +128,8 @@ def test_an_fsdp_sharded_model_is_measured_as_the_unsharded_one(tmp_path, wrappe
     projection = svd_tangent_projection(brute_jacobian(reference, x), torch.cat([g.flatten() for g in grad.values()]))
     report = RegularizerProbe(reference, x)()
     reference(x).pow(2).sum().backward()
+    torch.optim.SGD(reference.parameters(), lr=0.1).step()
+    reg_after_step = implicit_regularizer(reference, x)
     for result in load(tmp_path, "sharded"):
         for values in (result["norms"], *result["norms_by"].values()):
             assert_rel_close(values, norms, 1e-9)
@@ -149,6 +153,8 @@ def test_an_fsdp_sharded_model_is_measured_as_the_unsharded_one(tmp_path, wrappe
         for name, p in reference.named_parameters():
             if result["loss_grad"] is not None:
                 assert_rel_close(result["loss_grad"][name], p.grad, 1e-12)
+        assert result["reg_after_step"] == pytest.approx(float(reg_after_step), rel=1e-9)
+        assert abs(float(reg_after_step) / float(norms.mean()) - 1) > 1e-3  # (the step changed it)
     assert os.listdir(tmp_path / "tb_rank0") and not (tmp_path / "tb_rank1").exists()  # (logged once)
 
 

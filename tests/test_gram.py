@@ -87,3 +87,19 @@ def test_squared_norms_and_their_derivatives_match_finite_differences(dims):
     ours = cost(lambda: torch.autograd.grad(squared_norms(x, dims), x, seed))
     autograds = cost(lambda: torch.autograd.grad(x.pow(2).sum(dims), x, seed))
     assert ours.operations <= autograds.operations - 2, (ours, autograds)  # (5 against 7, 8 for two dims)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 8, 13, 1030])
+def test_the_row_gram_of_blocks_below_the_diagonal_is_the_whole_product(rows, monkeypatch):
+    from noisy_label_sgd.engines import gram as module
+
+    monkeypatch.setattr(module, "SYMMETRIC_MIN_ROWS", 1)
+    x = randn(rows, 9, requires_grad=False)
+    product = x @ x.T
+    torch.testing.assert_close(module.row_gram(x), product, rtol=0, atol=1e-14 * float(product.abs().max()))
+    step = -(-rows // module.SYMMETRIC_BLOCKS)
+    # each block row multiplied up to the diagonal only: 2 d (stop - start) stop FLOPs
+    blocks = [(start, min(start + step, rows)) for start in range(0, rows, step)]
+    assert cost(lambda: module.row_gram(x)).flops == sum(2 * 9 * (stop - start) * stop for start, stop in blocks)
+    if rows == 1030:
+        assert cost(lambda: module.row_gram(x)).flops < 0.57 * 2 * 9 * rows * rows

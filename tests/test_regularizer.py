@@ -349,15 +349,15 @@ def test_the_probe_reports_the_rank_it_kept_and_the_smallest_kept_singular_value
 
 
 def spy_on_cholesky(monkeypatch, min_rows=0):
-    """The dense solve on K from ``min_rows`` rows on tries the certified Cholesky factorisation;
-    returns the lists of its verdicts (True: the factor was used) and of the solve's results."""
+    """The dense solve on K from ``min_rows`` rows on tries the certified Cholesky solve; returns
+    the lists of its verdicts (True: its solution was used) and of the solve's results."""
     from noisy_label_sgd.engines import tangent
 
     verdicts, projections = [], []
-    certify, solve = tangent.certified_cholesky, tangent.project_on_gram
+    certify, solve = tangent.certified_solve, tangent.project_on_gram
     monkeypatch.setattr(tangent, "CHOLESKY_MIN_ROWS", min_rows)
-    monkeypatch.setattr(tangent, "certified_cholesky",
-                        lambda K, rcond: (lambda f: verdicts.append(f is not None) or f)(certify(K, rcond)))
+    monkeypatch.setattr(tangent, "certified_solve",
+                        lambda *a: (lambda f: verdicts.append(f is not None) or f)(certify(*a)))
     monkeypatch.setattr(tangent, "project_on_gram",
                         lambda *a: (lambda p: projections.append(p) or p)(solve(*a)))
     return verdicts, projections
@@ -389,6 +389,16 @@ def test_the_cholesky_solve_runs_only_where_every_eigenvalue_is_kept_and_agrees_
     assert int(projections[0].rank) == rank
     assert_rel_close(float(projections[0].smallest_kept_ratio), min(kept) / s[0],
                      rtol=kept_rank_tolerance(s[0], min(kept)))
+
+
+def test_the_projection_through_the_blocked_row_gram_agrees_with_the_svd(monkeypatch):
+    from noisy_label_sgd.engines import gram
+
+    monkeypatch.setattr(gram, "SYMMETRIC_MIN_ROWS", 1)
+    model, X, V = designed_jacobian([2.0, 1.0, 0.5])
+    v = random_vector(model)
+    expected = flat(v) - V @ (V.T @ flat(v))
+    assert_rel_close(flat(tangent_projection(model, X, v, solver="dense")), expected, rtol=kept_rank_tolerance(2.0, 0.5))
 
 
 def test_a_probe_set_past_the_cholesky_threshold_is_solved_by_it_as_the_svd(monkeypatch):

@@ -62,7 +62,7 @@ from .backward import kernels_apply
 from .convolution import weight_gradient
 from .elementwise import elementwise_sq_norms
 from .functional import cat_or_one
-from .gram import gram, gram_inner, squared_norms
+from .gram import gram, gram_inner, row_gram, squared_norms
 from .group_norm import per_sample_affine_sq_norms
 from .recurrent import is_stock_recurrent
 from .trace import Call, FastPathUnsupported, Owner, input_over_calls, owners_of
@@ -321,13 +321,14 @@ def linear_gram(module: nn.Linear, a: torch.Tensor, g: torch.Tensor, trainable) 
     k, n = g.shape[:2]
     a = a.to(g.dtype)  # (the caller's precision for K)
     G = g.permute(1, 0, *range(2, g.dim())).reshape(n * k, -1)  # rows (i, j)
-    GG = G @ G.T
-    part = torch.zeros_like(GG)
+    GG = row_gram(G)
+    parts = []
     if "weight" in trainable:
-        part = part + (a @ a.T).repeat_interleave(k, 0).repeat_interleave(k, 1) * GG
+        aa = row_gram(a)
+        parts.append((aa if k == 1 else aa.repeat_interleave(k, 0).repeat_interleave(k, 1)) * GG)
     if "bias" in trainable:
-        part = part + GG
-    return part
+        parts.append(GG)
+    return sum(parts[1:], parts[0]) if parts else torch.zeros_like(GG)
 
 
 def affine_map_contract(a: torch.Tensor, g: torch.Tensor, weight: str | None, bias: str | None,

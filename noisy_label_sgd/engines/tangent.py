@@ -97,14 +97,22 @@ def default_max_iter(rows: int) -> int:
 @dataclass
 class Projection:
     """P_T v, and where a dense solver ran, the numerical rank of J it used and the ratio of the
-    smallest singular value it kept to the largest (0-dim tensors: no host sync until read)."""
+    smallest singular value it kept to the largest (0-dim tensors: no host sync until read). The
+    ratio may be given as a function, computed at the first read (the Cholesky solve's costs
+    about one more factorisation, which a caller that wants only the vector does not pay)."""
 
     vector: torch.Tensor
     rank: torch.Tensor | None = None
-    smallest_kept_ratio: torch.Tensor | None = None
+    ratio: torch.Tensor | Callable[[], torch.Tensor] | None = None
+
+    @property
+    def smallest_kept_ratio(self) -> torch.Tensor | None:
+        if callable(self.ratio):
+            self.ratio = self.ratio()
+        return self.ratio
 
     def to(self, dtype: torch.dtype) -> Projection:
-        return Projection(self.vector.to(dtype), self.rank, self.smallest_kept_ratio)
+        return Projection(self.vector.to(dtype), self.rank, self.ratio)
 
 
 def project(engine: Engine, v: torch.Tensor, *, solver: str = "auto", rcond: float | None = None,
@@ -177,56 +185,83 @@ def project_on_jacobian(J: torch.Tensor, v: torch.Tensor, rcond: float) -> Proje
     return Projection(v - Q @ (Wt.T @ coefficients), *kept(s, keep))
 
 
-# From this many rows on, the dense solve on K tries a Cholesky factorisation first: two of n^3 / 3
+# From this many rows on, the dense solve on K tries a Cholesky factorisation first: n^3 / 3
 # arithmetic against the eigendecomposition's about 9 n^3, the cost that made the dense projection
 # grow like (nk)^3 (benchmarks/README.md); below it, the eigendecomposition costs little and gives
 # the spectrum exactly.
 CHOLESKY_MIN_ROWS = 512
 SPECTRUM_BLOCK, SPECTRUM_ITERATIONS = 16, 20  # subspace iteration for the extreme eigenvalues
+CG_STEPS = 6  # preconditioned conjugate-gradient steps of the Cholesky solve
+# the residual the Cholesky solve must reach, relative to (bound on the largest eigenvalue) x |u|:
+# about what a backward-stable solve leaves in float64 at these sizes
+CG_RESIDUAL_RTOL = 1e-12
 
 
 def project_on_gram(products: Products, K: torch.Tensor, v: torch.Tensor, rcond: float) -> Projection:
     """v - J^T K^+ J v, K^+ on the eigenvalues of K (singular values of J squared) above
     rcond^2 times the largest.
 
-    From :data:`CHOLESKY_MIN_ROWS` rows on, K^+ is K^{-1} from a Cholesky factorisation where
-    that is certified to be the same thing: K - tau I also has one, tau = rcond^2 times an upper
-    bound of the largest eigenvalue (the trace or the largest absolute row sum, whichever is
-    less), so every eigenvalue is above the cutoff (to the rounding the cutoff allows for). The
-    rank is then nk, and the smallest kept singular value over the largest is estimated on the
-    factor (:func:`extreme_singular_ratio`, an upper bound). The verdict is one host sync.
-    Otherwise (K singular, or an eigenvalue near or below the cutoff) the eigendecomposition
-    runs."""
+    From :data:`CHOLESKY_MIN_ROWS` rows on, K^+ is K^{-1} where that is certified to be the same
+    thing (:func:`certified_solve`); the rank is then nk, and the smallest kept singular value
+    over the largest is estimated on the factor when it is read (:func:`extreme_singular_ratio`,
+    an upper bound). Otherwise (K singular, or an eigenvalue near or below the cutoff) the
+    eigendecomposition runs."""
     K = K.double()
+    Jv = products.J_times(v)
     if K.shape[0] >= CHOLESKY_MIN_ROWS:
-        factor = certified_cholesky(K, rcond)
-        if factor is not None:
-            u = torch.cholesky_solve(products.J_times(v).unsqueeze(1), factor).squeeze(1)
+        solved = certified_solve(K, Jv, rcond)
+        if solved is not None:
+            u, factor = solved
             return Projection(v - products.J_transpose_times(u), torch.tensor(K.shape[0], device=K.device),
-                              extreme_singular_ratio(K, factor))
+                              lambda: extreme_singular_ratio(K, factor))
     eigenvalues, Q = torch.linalg.eigh(K)
     keep = eigenvalues > (rcond**2) * eigenvalues.max().clamp_min(0)
     inverse = torch.where(keep, 1.0 / eigenvalues.where(keep, torch.ones_like(eigenvalues)), 0.0)
-    u = Q @ (inverse * (Q.T @ products.J_times(v)))
+    u = Q @ (inverse * (Q.T @ Jv))
     return Projection(v - products.J_transpose_times(u), *kept(eigenvalues.clamp_min(0).sqrt(), keep))
 
 
-def certified_cholesky(K: torch.Tensor, rcond: float) -> torch.Tensor | None:
-    """The Cholesky factor L of K (lower), where K - tau I is positive definite too, tau the
-    cutoff on K's eigenvalues (:func:`project_on_gram`); else None."""
+def certified_solve(K: torch.Tensor, b: torch.Tensor, rcond: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """K^{-1} b and the lower Cholesky factor L of K - tau I, where that factor exists, tau the
+    cutoff on K's eigenvalues: rcond^2 times an upper bound of the largest (the trace or the
+    largest absolute row sum, whichever is less). Its existence certifies every eigenvalue above
+    the cutoff (K^+ = K^{-1}), and it preconditions conjugate gradients on K: the preconditioned
+    eigenvalues lambda / (lambda - tau) all lie within tau / (lambda_min - tau) of 1, so
+    :data:`CG_STEPS` steps reach the residual of a backward-stable solve unless an eigenvalue sits
+    near the cutoff. None where the factorisation fails or the residual is not reached (the caller
+    then takes the eigendecomposition). One factorisation, in place on one copy of K; one host
+    sync, for the verdict."""
     largest_bound = torch.minimum(K.diagonal().sum(), K.abs().sum(1).max())
-    factor, info = torch.linalg.cholesky_ex(K)
-    shifted = K.clone()
-    shifted.diagonal().sub_(rcond**2 * largest_bound)
-    shifted_info = torch.empty((), dtype=torch.int32, device=K.device)
-    torch.linalg.cholesky_ex(shifted, out=(shifted, shifted_info))  # (in place: K, L and one copy at most)
-    del shifted
-    return factor if bool((info == 0) & (shifted_info == 0)) else None
+    factor = K.clone()
+    factor.diagonal().sub_(rcond**2 * largest_bound)
+    info = torch.empty((), dtype=torch.int32, device=K.device)
+    torch.linalg.cholesky_ex(factor, out=(factor, info))
+    upper = factor.mT
+
+    def precondition(r: torch.Tensor) -> torch.Tensor:  # (two triangular solves: cholesky_solve was 10x slower)
+        return torch.linalg.solve_triangular(
+            upper, torch.linalg.solve_triangular(factor, r.unsqueeze(1), upper=False), upper=True).squeeze(1)
+    u, r = torch.zeros_like(b), b.clone()
+    z = precondition(r)
+    p, rz = z.clone(), r.dot(z)
+    for _ in range(CG_STEPS):  # (no host sync: a converged step divides 0 by 0, kept as a zero step)
+        Kp = K @ p
+        curvature = p.dot(Kp)
+        alpha = torch.where(curvature > 0, rz / curvature, 0.0)
+        u, r = u + alpha * p, r - alpha * Kp
+        z = precondition(r)
+        rz_next = r.dot(z)
+        p = z + torch.where(rz > 0, rz_next / rz, 0.0) * p
+        rz = rz_next
+    residual = (b - K @ u).norm()
+    solved = (info == 0) & (residual <= CG_RESIDUAL_RTOL * largest_bound * u.norm())
+    return (u, factor) if bool(solved) else None
 
 
 def extreme_singular_ratio(K: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """sqrt(lambda_min / lambda_max) of K = L L^T, by block subspace iteration on K^{-1} (two
-    triangular solves with L) and on K, :data:`SPECTRUM_BLOCK` vectors and
+    """sqrt(lambda_min / lambda_max) of K, where L L^T = K - tau I (any tau below lambda_min: the
+    same eigenvectors), by block subspace iteration on (K - tau I)^{-1} (two triangular solves
+    with L) and on K, :data:`SPECTRUM_BLOCK` vectors and
     :data:`SPECTRUM_ITERATIONS` steps each, and Rayleigh-Ritz on the blocks: Ritz values bound the
     extreme eigenvalues from inside, so the ratio is an upper bound (a block converges at the rate
     of the eigenvalue past it, so clustered small eigenvalues, slow for a single vector, converge).
