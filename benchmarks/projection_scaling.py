@@ -29,7 +29,12 @@ from noisy_label_sgd.engines import tangent  # noqa: E402
 
 def seconds(fn, repeats: int) -> float:
     """The fastest of ``repeats`` calls after one warm-up (big calls: the fastest is the least
-    disturbed by the machine's other work)."""
+    disturbed by the machine's other work); ``repeats`` 0: one call, no warm-up (the
+    projections of the largest sizes, whose arithmetic dwarfs any first-call cost)."""
+    if repeats == 0:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
     fn()
     best = math.inf
     for _ in range(repeats):
@@ -39,7 +44,7 @@ def seconds(fn, repeats: int) -> float:
     return best
 
 
-def case(n: int, k: int, repeats: int, baseline_max_rows: int) -> dict:
+def case(n: int, k: int, repeats: int, baseline_max_rows: int, memory_budget: int | None) -> dict:
     g = torch.Generator().manual_seed(0)
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -57,12 +62,20 @@ def case(n: int, k: int, repeats: int, baseline_max_rows: int) -> dict:
     certify = tangent.certified_solve
     tangent.certified_solve = lambda *a: (lambda f: verdicts.append(f is not None) or f)(certify(*a))
     try:
-        row = {"n": n, "outputs": k, "rows": n * k, "step_s": seconds(step, repeats),
-               "reg_s": seconds(lambda: implicit_regularizer(model, x), repeats),
-               "grad_reg_s": seconds(lambda: regularizer_grad(model, x), repeats),
-               "projection_s": seconds(lambda: tangent_projection(model, x, v), repeats),
-               "projection_peak_bytes": cpu_peak_allocated_bytes(lambda: tangent_projection(model, x, v)),
-               "cholesky_certified": bool(verdicts) and all(verdicts)}
+        cheap = max(repeats, 1)  # (a step, reg and grad reg always warmed up: a first call's costs would flatter)
+        row = {"n": n, "outputs": k, "rows": n * k, "step_s": seconds(step, cheap),
+               "reg_s": seconds(lambda: implicit_regularizer(model, x), cheap),
+               "grad_reg_s": seconds(lambda: regularizer_grad(model, x), cheap),
+               "memory_budget": memory_budget}
+        project = lambda: tangent_projection(model, x, v, memory_budget=memory_budget)  # noqa: E731
+        if repeats == 0:  # (one call, timed and its memory profiled together)
+            start = time.perf_counter()
+            row["projection_peak_bytes"] = cpu_peak_allocated_bytes(project)
+            row["projection_s"] = time.perf_counter() - start
+        else:
+            row["projection_s"] = seconds(project, repeats)
+            row["projection_peak_bytes"] = cpu_peak_allocated_bytes(project)
+        row["cholesky_certified"] = bool(verdicts) and all(verdicts)
         if n * k <= baseline_max_rows:
             threshold = tangent.CHOLESKY_MIN_ROWS
             tangent.CHOLESKY_MIN_ROWS = math.inf  # the eigendecomposition, as before
@@ -83,12 +96,16 @@ def main() -> None:
     parser.add_argument("--baseline-max-rows", type=int, default=4096,
                         help="the eigendecomposition baseline up to this many rows (it grows like rows^3)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--memory-budget", type=int, default=None,
+                        help="the projection's memory_budget in bytes: K and its factor fit past 8192 rows with "
+                             "16 rows^2 bytes (16384 rows: 4 GiB)")
+    parser.add_argument("--json-suffix", default="", help="appended to the results file's name")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     rows, results = [], []
     for n in args.sizes:
-        r = case(n, args.outputs, args.repeats, args.baseline_max_rows)
+        r = case(n, args.outputs, args.repeats, args.baseline_max_rows, args.memory_budget)
         results.append(r)
         eigh = r.get("projection_eigh_s")
         rows.append([n, r["rows"], f"{r['step_s'] * 1e3:.0f}", f"{r['reg_s'] / r['step_s']:.2f}x",
@@ -99,7 +116,7 @@ def main() -> None:
         print_table(["n", "rows", "step ms", "reg", "grad reg", "proj s", "proj", "eigh s", "eigh", "proj MiB",
                      "cholesky"], rows)
         print(flush=True)
-    suffix = "" if args.outputs == 1 else f"_k{args.outputs}"
+    suffix = ("" if args.outputs == 1 else f"_k{args.outputs}") + args.json_suffix
     path = write_json(f"projection_scaling{suffix}_cpu",
                       {"environment": environment(torch.device("cpu")), "model": f"MLP 784-512-512-{args.outputs}",
                        "dtype": "float32", "results": results})

@@ -455,6 +455,26 @@ def test_each_solver_is_reached_where_it_should_be(name, kwargs, ran, monkeypatc
                      rtol=LSQR_RTOL if ran == "lsqr" else FLOAT64_RTOL)
 
 
+@pytest.mark.parametrize("budget_rows,ran", [(1.0, "on_gram"), (0.9, "lsqr")])
+def test_past_the_dense_row_limit_k_is_solved_dense_where_it_and_its_factor_fit_the_budget(budget_rows, ran,
+                                                                                            monkeypatch):
+    from noisy_label_sgd.engines import tangent
+
+    monkeypatch.setattr(tangent, "JACOBIAN_MAX_ROWS", 8)  # (the probe set has 24 rows: past it)
+    solved = []
+    for solver in ("project_on_gram", "project_lsqr"):
+        original = getattr(tangent, solver)
+        monkeypatch.setattr(tangent, solver, lambda *a, s=solver, original=original: solved.append(s) or original(*a))
+    model, x = make("mlp_multi_output")
+    rows = x.shape[0] * model(x[:1]).numel()
+    budget = int(budget_rows * 2 * 8 * rows**2)
+    v = random_vector(model)
+    actual = flat(tangent_projection(model, x, v, memory_budget=budget))
+    assert solved == [f"project_{ran}"]
+    assert_rel_close(actual, svd_tangent_projection(brute_jacobian(model, x), flat(v)),
+                     rtol=LSQR_RTOL if ran == "lsqr" else FLOAT64_RTOL)
+
+
 def test_a_float32_jacobian_is_solved_through_k_in_float64(monkeypatch):
     # its own rounding exceeds what K adds above the cutoff; the QR on J costs 2.4-3x more
     from noisy_label_sgd.engines import tangent

@@ -39,12 +39,15 @@ SYMMETRIC_MIN_ROWS, SYMMETRIC_BLOCKS = 1024, 8
 
 
 def row_gram(x: torch.Tensor) -> torch.Tensor:
-    """``x @ x^T`` for x [m, d] (the dense projection's K of a whole probe set). From
+    """``x @ x^T`` for x [m, d] (the dense projection's K of a whole probe set). On the CPU from
     :data:`SYMMETRIC_MIN_ROWS` rows on only the blocks on and below the diagonal are multiplied,
     :data:`SYMMETRIC_BLOCKS` block rows, and the rest mirrored: (B + 1) / 2B of the arithmetic
-    (56%), since a matrix product does not know its factors are the same."""
+    (56%), since a matrix product does not know its factors are the same. On an accelerator one
+    product: there each block's dozen operations cost host time its arithmetic does not."""
+    from .functional import launch_bound  # (functional imports the engines' modules)
+
     m = x.shape[0]
-    if m < SYMMETRIC_MIN_ROWS or torch.is_grad_enabled() and x.requires_grad:
+    if m < SYMMETRIC_MIN_ROWS or torch.is_grad_enabled() and x.requires_grad or launch_bound(x.device):
         return x @ x.T
     out = x.new_empty(m, m)
     step = -(-m // SYMMETRIC_BLOCKS)

@@ -28,7 +28,8 @@ Both dense solvers keep the singular values of J above ``rcond`` times the large
 (:func:`default_rcond`: one rule, so that the engines agree) and say how many they kept
 (:class:`Projection`). ``solver="auto"`` takes dense when J is at hand, K has a closed form, J
 fits the memory budget, or K can be accumulated layer by layer, with :math:`nk \le`
-:data:`~noisy_label_sgd.engines.engine.JACOBIAN_MAX_ROWS`; else LSQR.
+:data:`~noisy_label_sgd.engines.engine.JACOBIAN_MAX_ROWS`, or for K more rows where K and its
+factor fit the memory budget (:func:`gram_solve_fits`); else LSQR.
 """
 
 from __future__ import annotations
@@ -133,8 +134,9 @@ def project(engine: Engine, v: torch.Tensor, *, solver: str = "auto", rcond: flo
     dense = all_reduce is None and solver != "lsqr"
     J = engine.measurement.jacobian if dense else None
     if dense and J is None:
-        K = engine.gram() if engine.rows <= JACOBIAN_MAX_ROWS else None
-        if K is None and engine.rows <= JACOBIAN_MAX_ROWS and not engine.jacobian_fits():
+        gram_fits = gram_solve_fits(engine.rows, engine.memory_budget)
+        K = engine.gram() if gram_fits else None
+        if K is None and gram_fits and not engine.jacobian_fits():
             K = engine.gram_by_layers()  # J too large to form: K a layer at a time, if the engine can
         if K is not None:
             return project_on_gram(products, K, v64, rcond).to(v.dtype)
@@ -146,6 +148,13 @@ def project(engine: Engine, v: torch.Tensor, *, solver: str = "auto", rcond: flo
         J64 = J.double()
         return project_on_gram(products, J64 @ J64.T, v64, rcond).to(v.dtype)
     return Projection(project_lsqr(products, v64, tol, max_iter, engine.memory_budget).to(v.dtype))
+
+
+def gram_solve_fits(rows: int, memory_budget: int) -> bool:
+    """Whether the dense solve on K may run: K and its factor (two float64 [nk, nk]) fit the
+    memory budget, or nk is at most :data:`~noisy_label_sgd.engines.engine.JACOBIAN_MAX_ROWS`
+    (what the default CPU budget of 1 GiB holds, and the limit whatever the budget)."""
+    return rows <= JACOBIAN_MAX_ROWS or 2 * 8 * rows * rows <= memory_budget
 
 
 class Products:
