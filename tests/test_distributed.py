@@ -89,8 +89,6 @@ def test_distributed_probe_equals_the_single_process_probe_on_the_union(tmp_path
         for name in ("manifold_grad_norm", "normal_grad_norm"):
             assert_rel_close(getattr(report, name), getattr(single, name), rtol=0, atol=LSQR_RTOL * single.reg_grad_norm)
         assert_rel_close(report.per_sample, single.per_sample)
-        assert result["reg_after_step"] == pytest.approx(float(reg_after_step), rel=1e-9)
-        assert abs(float(reg_after_step) / float(norms.mean()) - 1) > 1e-3  # (the step changed it)
     assert os.listdir(tmp_path / "tb_rank0") and not (tmp_path / "tb_rank1").exists()
 
 
