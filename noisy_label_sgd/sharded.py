@@ -28,7 +28,7 @@ from torch import nn
 
 from .engines import torch_internals
 
-__all__ = ["ShardedModel", "sharded", "check_same_inputs"]
+__all__ = ["ShardedModel", "sharded", "gathered", "fsdp_kind", "check_same_inputs"]
 
 # where a model keeps its ShardedModel: on the model, so that the two are collected together (a
 # weak-keyed table would be kept alive by the ShardedModel's own reference to its model)
@@ -60,7 +60,8 @@ def sharded(model: nn.Module) -> ShardedModel | None:
 
 
 class ShardedModel:
-    """An FSDP model and its unsharded replica; :meth:`gather` brings the replica up to date."""
+    """An FSDP model and its unsharded replica; :meth:`gather` brings the replica up to date (its
+    values are unset until the first gather)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -102,7 +103,7 @@ class ShardedModel:
 
     def from_model_layout(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The model's layout -> full tensors (DTensors gathered: a collective)."""
-        return {name: full_tensor(v) for name, v in values.items()} if isinstance(values, dict) else values
+        return {name: full_tensor(v) for name, v in values.items()}
 
     def _full_parameters(self):
         if self.kind == "fsdp1":
@@ -139,8 +140,9 @@ class ShardedModel:
 
     def _replicate_parameter(self, owner: nn.Module, name: str, p: torch.Tensor) -> nn.Parameter:
         if id(p) not in self._replicated:
-            with torch.no_grad():
-                copy = nn.Parameter(full_tensor(p).clone(), requires_grad=p.requires_grad)
+            # (the whole shape; the values come with the first gather: a DTensor's shape is the whole one,
+            # and FSDP1's parameters are built whole inside summon_full_params)
+            copy = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=p.device), requires_grad=p.requires_grad)
             self._replicated[id(p)] = copy
             self._sources.append((owner, name, copy))
         return self._replicated[id(p)]
