@@ -308,6 +308,22 @@ class SharedInput(nn.Module):
         return self.head(torch.tanh(h).mean(1))
 
 
+class UnusedPooler(nn.Module):
+    """A pooler (LayerNorm and Linear) computed beside the hidden state the output uses, as
+    Hugging Face's vision models with a pooler compute one: its parameters' gradients are all
+    zero."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.head = nn.Linear(5, 7), nn.Linear(7, 2)
+        self.pooler = nn.Sequential(nn.LayerNorm(7), nn.Linear(7, 3))
+
+    def forward(self, x):
+        hidden = torch.tanh(self.inner(x))
+        self.pooler(hidden)
+        return self.head(hidden)
+
+
 class SharedInputProjections(nn.Module):
     """Linear maps on one input tensor, with and without bias (Llama's q, k, v), on sequence
     positions and on vectors: the closed forms share what they compute from that input."""
@@ -523,6 +539,7 @@ CASES = {
     "shared_input_and_positions": (lambda: seeded(34, SharedInput), lambda: randn(4, 5, 4, seed=5)),
     "embedding_with_padding_index": (lambda: seeded(35, BagOfTokens), lambda: randn(5, 6, seed=6)),
     "projections_of_one_input": (lambda: seeded(41, SharedInputProjections), lambda: randn(5, 3, 4, seed=12)),
+    "unused_pooler": (lambda: seeded(43, UnusedPooler), lambda: randn(6, 5, seed=13)),
     "lstm_two_layers_batch_first": (lambda: seeded(28, lambda: Recurrent(nn.LSTM, num_layers=2, batch_first=True)),
                                     lambda: randn(4, 3, 3)),
     "gru_bidirectional_state_head": (

@@ -191,18 +191,15 @@ def test_language_models_grad_reg_dispatches_at_most_4x_a_step(name):
     assert ratios(name, small_language_model(name))["reg_grad"][0] <= 4
 
 
-def small_vision_model(name):
+def small_vit():
     import transformers
 
     from probe import PooledHidden
 
     def build():
-        if name == "vit":
-            return PooledHidden(transformers.ViTModel(transformers.ViTConfig(
-                hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16,
-                patch_size=4, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), add_pooling_layer=False))
-        return PooledHidden(transformers.ConvNextModel(transformers.ConvNextConfig(
-            hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], image_size=16)))
+        return PooledHidden(transformers.ViTModel(transformers.ViTConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16,
+            patch_size=4, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), add_pooling_layer=False))
 
     return build, (8, 3, 16, 16)
 
@@ -211,15 +208,19 @@ def test_a_vision_transformer_is_on_the_fast_path_within_the_step_targets():
     # issue 28: Hugging Face's ViT whole on the fast engine (class token and position embeddings
     # written out), reg 1.31x and grad reg 3.54x a step's operations at the benchmark's size
     # (benchmarks/README.md); no host sync
-    r = ratios("vit", small_vision_model("vit"))
+    r = ratios("vit", small_vit())
     assert r["reg"][2] == 0 == r["reg_grad"][2]
     assert r["reg"][0] <= 1.5 and r["reg_grad"][0] <= 4, r
 
 
-@pytest.mark.xfail(strict=True, reason="ConvNeXt's channels-first LayerNorm, written in elementwise operations, "
-                                       "and its layer scale: many small closed forms (2.6x a step at the benchmark's size)")
-def test_convnext_reg_dispatches_at_most_1_5x_a_step():
-    assert ratios("convnext", small_vision_model("convnext"))["reg"][0] <= 1.5
+def test_convnext_is_on_the_fast_path_within_the_step_targets():
+    # issue 28: Hugging Face's ConvNeXt (channels-first LayerNorms by the F.layer_norm they apply,
+    # layer scales as elementwise uses), reg 1.29x and grad reg 3.96x a step's operations at the
+    # benchmark's size (benchmarks/README.md); its pooler LayerNorm, which the model's output does
+    # not use, costs nothing; no host sync
+    r = ratios("convnext")  # (at the benchmark's size: 4.04x for grad reg with one block a stage)
+    assert r["reg"][2] == 0 == r["reg_grad"][2]
+    assert r["reg"][0] <= 1.5 and r["reg_grad"][0] <= 4, r
 
 
 def test_accelerator_choices_dispatch_whole_layers_and_give_the_same_numbers():

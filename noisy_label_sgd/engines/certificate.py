@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .trace import FastPathUnsupported, Owner
+from .trace import FastPathUnsupported, Owner, graph_nodes
 
 # The random weights u: drawn from their own generator (never the global one), the same for
 # every certificate, so that a measurement is a pure function of the model and the probe set.
@@ -99,16 +99,8 @@ def graph_signature(h: torch.Tensor, owners: list[Owner]) -> tuple:
     """The autograd graph of ``h`` as a value: per node (in the order a walk from h finds them)
     its type, its inputs (as positions in that order) and, for a leaf, the parameter; then where
     each owner's calls were recorded and whether a formula is bound to it."""
-    position: dict = {}
-    order = []
-    stack = [h.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in position:
-            continue
-        position[node] = len(order)
-        order.append(node)
-        stack.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
+    order = graph_nodes(h)
+    position = {node: i for i, node in enumerate(order)}
     nodes = tuple((type(node).__name__, tuple((None if m is None else position.get(m), i) for m, i in node.next_functions),
                    id(getattr(node, "variable", None))) for node in order)
     records = tuple((o.name, o.contract is not None, o.original is not None,

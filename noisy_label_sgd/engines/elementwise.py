@@ -125,6 +125,16 @@ def use_of(func, args, kwargs, result: torch.Tensor, views: dict[int, ParameterV
 
 
 def elementwise_sq_norms(use: Elementwise, other, sample_dim: int, g: torch.Tensor) -> torch.Tensor:
-    """Per-sample squared norms summed over the directions of g [c, *out] (or one direction's, bare)."""
-    per_sample = use.per_sample(other, g if g.dim() == len(use.view_shape) + 1 else g.unsqueeze(0), sample_dim)
-    return squared_norms(per_sample.reshape(*per_sample.shape[:2], -1), (0, -1))
+    """Per-sample squared norms summed over the directions of g [c, *out] (or one direction's,
+    bare [*out]): the per-sample gradient's entries reduced in place, never put in the
+    parameter's shape (a norm does not need its order: two operations fewer, and their
+    backwards in grad reg)."""
+    lead = 0 if g.dim() == len(use.view_shape) else 1
+    if use.kind == "cat":
+        g = g.narrow(use.dim + lead, use.start, use.length)
+    elif use.kind == "mul":
+        g = g * other.to(g.dtype)
+    shared = [j for j, size in enumerate(use.view_shape) if size == 1 and g.shape[j + lead] != 1 and j != sample_dim]
+    if shared:  # (keepdim: its backward is one expand, without an unsqueeze per dim)
+        g = g.sum([j + lead for j in shared], keepdim=True)
+    return squared_norms(g, [d for d in range(g.dim()) if d != lead + sample_dim])

@@ -45,7 +45,8 @@ from .functional import Batch, ParamDict, cat_or_one, chunks_of, fused_attention
 from .per_sample import module_per_sample_grads, per_sample_direct, per_sample_gradient_blocks, per_sample_grads
 from .ties import cross_terms, ties_of
 from .certificate import certify
-from .trace import Call, FastPathUnsupported, NoSecondOrder, Owner, fast_chunk_size, grads_over_calls, trace
+from .trace import (Call, FastPathUnsupported, NoSecondOrder, Owner, fast_chunk_size, grads_over_calls, graph_nodes,
+                    trace)
 from .torch_internals import functorch_transforms_active
 
 
@@ -242,13 +243,12 @@ class FastEngine(Engine):
 
 
 def output_grads(h: torch.Tensor, calls: list[Call], directions: range, create_graph: bool,
-                 bare: bool = False) -> list[torch.Tensor]:
+                 bare: bool = False) -> list[torch.Tensor | None]:
     """d h_ij / d y for every recorded output y and the output directions j in ``directions``,
     stacked over them: [len(directions), *y.shape] (``bare``, for one output per sample:
-    [*y.shape])."""
+    [*y.shape]); None for an output h does not use."""
     n, k = h.shape
     edges = [c.edge for c in calls]
-    lead = () if bare else (len(directions),)
     if k == 1:
         grads = torch.autograd.grad(h.sum(), edges, retain_graph=create_graph, create_graph=create_graph,
                                     allow_unused=True)
@@ -270,20 +270,30 @@ def output_grads(h: torch.Tensor, calls: list[Call], directions: range, create_g
                                                  create_graph=create_graph, allow_unused=True)
                              for d in rows]
             grads = [None if column[0] is None else torch.stack(column) for column in zip(*per_direction)]
-    return [torch.zeros((*lead, *c.shape), dtype=c.dtype, device=c.device) if g is None else g
-            for g, c in zip(grads, calls)]
+    return list(grads)
 
 
 def grads_by_owner(owners: list[Owner], h: torch.Tensor, directions: range,
-                   create_graph: bool, bare: bool = False) -> dict[int, list[torch.Tensor]]:
+                   create_graph: bool, bare: bool = False, skip_unused: bool = False
+                   ) -> dict[int, list[torch.Tensor]]:
     """The output gradients of every recorded call, per owner (by id), for ``directions``
-    (``bare``: see :func:`output_grads`)."""
+    (``bare``: see :func:`output_grads`), zeros for an output h does not use; ``skip_unused``:
+    without the owners none of whose outputs h uses (their parameters' gradients are all zero:
+    they have no part)."""
     records = [(o, c) for o in owners for c in o.calls]
     with torch.enable_grad():
         grads = output_grads(h, [c for _, c in records], directions, create_graph, bare)
-    by_owner: dict[int, list[torch.Tensor]] = {}
+    lead = () if bare else (len(directions),)
+    by_owner: dict[int, list[torch.Tensor | None]] = {}
     for (o, _), g in zip(records, grads):
         by_owner.setdefault(id(o), []).append(g)
+    for o in owners:
+        mine = by_owner[id(o)]
+        if skip_unused and all(g is None for g in mine):
+            del by_owner[id(o)]
+        else:
+            by_owner[id(o)] = [torch.zeros((*lead, *c.shape), dtype=c.dtype, device=c.device) if g is None else g
+                               for g, c in zip(mine, o.calls)]
     return by_owner
 
 
@@ -397,7 +407,7 @@ def held_part(owners: list[Owner], h: torch.Tensor, directions: range, create_gr
     For one output per sample the gradients stay bare (no direction dim: an unsqueeze per layer,
     and its squeeze in a double backward, are operations more)."""
     bare = h.shape[1] == 1
-    by_owner = grads_by_owner(owners, h, directions, create_graph, bare)
+    by_owner = grads_by_owner(owners, h, directions, create_graph, bare, skip_unused=not ties)
     parts = []
     if ties:
         tied = {id(o) for tie in ties for o, _ in tie.uses}
@@ -407,7 +417,8 @@ def held_part(owners: list[Owner], h: torch.Tensor, directions: range, create_gr
     # closed forms first: their gradients are freed before the per-module fallbacks, which need
     # working memory of their own
     for o in sorted(owners, key=lambda o: not o.closed_form):
-        parts.append(_owner_part(o, by_owner.pop(id(o)), h.shape[0], bare))
+        if id(o) in by_owner:
+            parts.append(_owner_part(o, by_owner.pop(id(o)), h.shape[0], bare))
     return sum_of(parts, h)
 
 
@@ -423,9 +434,10 @@ def streamed_part(owners: list[Owner], h: torch.Tensor, j: int, retain_graph: bo
     direction dim: an unsqueeze per layer is an operation more); ``hookable`` says which owners
     may take them inside the backward.
 
-    None when a hooked node was not reached (a module whose output reaches h only through
-    parameters used outside any module, or inputs that require grad): the caller then takes
-    :func:`held_part` on a fresh trace.
+    None when a hooked node on h's graph was not reached (a module whose output reaches h only
+    through parameters used outside any module, or inputs that require grad): the caller then
+    takes :func:`held_part` on a fresh trace. A module whose output h does not use (a pooler
+    beside the hidden state the model returns) has no part.
     """
     n, k = h.shape
     take = take or (lambda o, grads: _owner_part(o, grads, n, bare=True))
@@ -456,8 +468,11 @@ def streamed_part(owners: list[Owner], h: torch.Tensor, j: int, retain_graph: bo
     finally:
         for handle in handles:
             handle.remove()
-    if len(reached) + len(ended) < len(owners):
-        return None
+    missed = [o for o in owners if id(o) not in reached and all(o is not e for e in ended)]
+    if missed:  # (an owner whose output h never uses has no part: all its gradients are zero)
+        on_graph = set(graph_nodes(h))
+        if any(o.calls[0].edge.node in on_graph for o in missed):
+            return None
     start = 0
     for o in ended:
         mine = grads[start:start + len(o.calls)]

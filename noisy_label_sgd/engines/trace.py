@@ -137,6 +137,19 @@ def gradient_edge(t: torch.Tensor) -> torch.autograd.graph.GradientEdge:
     return torch.autograd.graph.GradientEdge(t.grad_fn, t.output_nr, ownership_token=t)
 
 
+def graph_nodes(h: torch.Tensor) -> list:
+    """The nodes of h's autograd graph, in the order a walk from h finds them (host time only)."""
+    seen, order, stack = set(), [], [h.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        order.append(node)
+        stack.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
+    return order
+
+
 def record(owners: list[Owner], model: nn.Module, batch: Batch, expand: frozenset[str] = frozenset(),
            watched: frozenset[str] = frozenset()) -> torch.Tensor:
     """The model's forward with a hook on every owner that records its calls, and the operations
