@@ -28,8 +28,8 @@ Both dense solvers keep the singular values of J above ``rcond`` times the large
 (:func:`default_rcond`: one rule, so that the engines agree) and say how many they kept
 (:class:`Projection`). ``solver="auto"`` takes dense when J is at hand, K has a closed form, J
 fits the memory budget, or K can be accumulated layer by layer, with :math:`nk \le`
-:data:`~noisy_label_sgd.engines.engine.JACOBIAN_MAX_ROWS`, or for K more rows where K and its
-factor fit the memory budget (:func:`gram_solve_fits`); else LSQR.
+:data:`~noisy_label_sgd.engines.engine.JACOBIAN_MAX_ROWS`, or on an accelerator for K more
+rows where K and its factor fit the memory budget (:func:`gram_solve_fits`); else LSQR.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def project(engine: Engine, v: torch.Tensor, *, solver: str = "auto", rcond: flo
     dense = all_reduce is None and solver != "lsqr"
     J = engine.measurement.jacobian if dense else None
     if dense and J is None:
-        gram_fits = gram_solve_fits(engine.rows, engine.memory_budget)
+        gram_fits = gram_solve_fits(engine.rows, engine.memory_budget, v.device)
         K = engine.gram() if gram_fits else None
         if K is None and gram_fits and not engine.jacobian_fits():
             K = engine.gram_by_layers()  # J too large to form: K a layer at a time, if the engine can
@@ -150,11 +150,17 @@ def project(engine: Engine, v: torch.Tensor, *, solver: str = "auto", rcond: flo
     return Projection(project_lsqr(products, v64, tol, max_iter, engine.memory_budget).to(v.dtype))
 
 
-def gram_solve_fits(rows: int, memory_budget: int) -> bool:
-    """Whether the dense solve on K may run: K and its factor (two float64 [nk, nk]) fit the
-    memory budget, or nk is at most :data:`~noisy_label_sgd.engines.engine.JACOBIAN_MAX_ROWS`
-    (what the default CPU budget of 1 GiB holds, and the limit whatever the budget)."""
-    return rows <= JACOBIAN_MAX_ROWS or 2 * 8 * rows * rows <= memory_budget
+def gram_solve_fits(rows: int, memory_budget: int, device: torch.device) -> bool:
+    """Whether the dense solve on K may run: nk is at most
+    :data:`~noisy_label_sgd.engines.engine.JACOBIAN_MAX_ROWS` (what the default CPU budget of
+    1 GiB holds), or on an accelerator K and its factor (two float64 [nk, nk]) fit the memory
+    budget. Not past it on the CPU, whatever the budget: there the dense solve's arithmetic,
+    about (nk)^3 / 3 for the factor and (nk)^2 a layer width for K, outgrew LSQR's iterations
+    (10240 rows: 478x a step against 54x, benchmarks/README.md). An accelerator does that
+    arithmetic fast, and LSQR's host sync an iteration stalls it."""
+    from . import functional  # (functional imports the engines' modules)
+
+    return rows <= JACOBIAN_MAX_ROWS or functional.launch_bound(device) and 2 * 8 * rows * rows <= memory_budget
 
 
 class Products:
