@@ -478,6 +478,39 @@ def test_past_the_dense_row_limit_k_is_solved_dense_on_an_accelerator_where_it_a
                      rtol=LSQR_RTOL if ran == "lsqr" else FLOAT64_RTOL)
 
 
+@pytest.mark.parametrize("name", IDS)
+def test_lsqr_runs_every_product_from_one_forward_and_matches_the_svd(name, monkeypatch):
+    # J v by torch.func.linearize and J^T u by one vjp's graph: the model's forward runs four
+    # times in the solve (the vjp's, linearize's primal and trace, and the jvp that checks the
+    # trace), whatever LSQR's iterations; where the check fails (an embedding's padding row: its
+    # tangent survives linearize's trace), a jvp a product
+    from noisy_label_sgd.engines import tangent
+
+    model, x = make(name)
+    forwards, during = [], []
+    original = tangent.project_lsqr
+
+    def counted(products, *args):
+        products.J_times = lambda v, J_times=products.J_times: during.append(1) or J_times(v)
+        start = len(forwards)
+        result = original(products, *args)
+        during.append(len(forwards) - start)
+        return result
+    monkeypatch.setattr(tangent, "project_lsqr", counted)
+    handle = model.register_forward_pre_hook(lambda *args: forwards.append(1))
+    try:
+        v = random_vector(model)
+        actual = flat(tangent_projection(model, x, v, method="vmap", solver="lsqr"))
+    finally:
+        handle.remove()
+    # (on the scale of v: where J has full column rank the projection is 0)
+    assert_rel_close(actual, svd_tangent_projection(brute_jacobian(model, x), flat(v)), rtol=LSQR_RTOL,
+                     atol=LSQR_RTOL * float(flat(v).norm()))
+    products, model_forwards = len(during) - 1, during[-1]
+    per_product = name in ("embedding_with_padding_index", "tied_embedding_and_head")
+    assert products >= 2 and model_forwards == 4 + (products if per_product else 0), (model_forwards, products)
+
+
 def test_a_float32_jacobian_is_solved_through_k_in_float64(monkeypatch):
     # its own rounding exceeds what K adds above the cutoff; the QR on J costs 2.4-3x more
     from noisy_label_sgd.engines import tangent

@@ -171,14 +171,21 @@ class Products:
                  all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.engine, self.dtype = engine, dtype
         self.reduce = all_reduce or (lambda t: t)
+        self._products = engine.J_times, engine.J_transpose_times
+
+    def for_iterations(self) -> None:
+        """From here on the products of an iterative solve: one forward kept for all of them
+        (:meth:`~noisy_label_sgd.engines.engine.Engine.linear_products`), not one each."""
+        with self._own_dtype():
+            self._products = self.engine.linear_products()
 
     def J_times(self, v: torch.Tensor) -> torch.Tensor:
         with self._own_dtype():
-            return self.engine.J_times(v.to(self.dtype)).double()
+            return self._products[0](v.to(self.dtype)).double()
 
     def J_transpose_times(self, u: torch.Tensor) -> torch.Tensor:
         with self._own_dtype():
-            return self.reduce(self.engine.J_transpose_times(u.to(self.dtype)).double())
+            return self.reduce(self._products[1](u.to(self.dtype)).double())
 
     def _own_dtype(self):
         """Autocast off: a jvp under it met bfloat16 weights with float32 tangents (a convolution
@@ -321,6 +328,7 @@ def project_lsqr(products: Products, v: torch.Tensor, tol: float | None, max_ite
     beta = v.norm()
     if beta == 0:
         return v.clone()
+    products.for_iterations()
     u = v / beta
     row = products.J_times(u)
     rows = int(products.reduce(torch.tensor(float(row.numel()), dtype=row.dtype, device=row.device)).item())
