@@ -160,15 +160,15 @@ class Engine:
 
     def linear_products(self) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
         """J v and J^T u for many products at the same parameters (LSQR's iterations): from J
-        where it is held; on a probe set that takes one chunk, from one forward kept for all
-        of them (:meth:`~noisy_label_sgd.engines.functional.FunctionalModel.linearized`: each J^T u
-        0.69 of a training step against 1.06 for a fresh vjp, each J v 0.75 against 1.43 for a
-        jvp, on the benchmark's MLP at n = 4096); else as :meth:`J_times` and
-        :meth:`J_transpose_times`."""
+        where it is held; on a probe set that takes one chunk, J^T u from one forward kept for
+        all of them (:meth:`~noisy_label_sgd.engines.functional.FunctionalModel.transpose_products`:
+        no forward a product); else as :meth:`J_times` and :meth:`J_transpose_times`.
+        (``torch.func.linearize`` for J v, tried: on Hugging Face's GPT-2 it held 10x the memory
+        of a jvp, benchmarks/README.md.)"""
         if self.measurement.jacobian is None:
             chunks = self.product_chunks()
             if len(chunks) == 1:
-                return self.fm.linearized(chunks[0])
+                return self.J_times, self.fm.transpose_products(chunks[0])
         return self.J_times, self.J_transpose_times
 
 

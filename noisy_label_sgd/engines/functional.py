@@ -11,14 +11,13 @@ from __future__ import annotations
 import functools
 import sys
 import types
-import warnings
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call, jvp, linearize, vjp
+from torch.func import functional_call, jvp, vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
@@ -181,31 +180,12 @@ class FunctionalModel:
             [jvp(lambda p: self.batch_output(p, c), (self.params,), (tangent,))[1].reshape(-1) for c in chunks]
         )
 
-    def linearized(self, batch: Batch) -> tuple[Callable[[torch.Tensor], torch.Tensor],
-                                                Callable[[torch.Tensor], torch.Tensor]]:
-        """J w and J^T u on one batch at the current parameters, for many products (a solver's
-        iterations) from one forward: the vjp's graph kept for every J^T u, and J w by
-        ``torch.func.linearize`` (the forward traced once with its tangent: each product then
-        runs the tangent's operations only, not the forward again). Both hold the forward's
-        activations until dropped.
-
-        linearize's trace is checked once against a jvp, on a tangent from a fixed seed (a
-        relative difference above sqrt(eps) of the dtype: a jvp per product instead). Checked
-        on torch 2.13: under its trace ``F.embedding``'s padding row kept its tangent, which
-        the engines' forwards make a constant (:func:`~.vmap.padding_rows_constant`)."""
-        f = lambda p: self.batch_output(p, batch)  # noqa: E731
-        out, pullback = vjp(f, self.params)
-        J_transpose_times = lambda u: self.flatten(pullback(u.view_as(out))[0])  # noqa: E731
-        with warnings.catch_warnings():  # (torch.fx's own notes on the graph it builds)
-            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.fx")
-            _, tangent_map = linearize(f, self.params)
-        J_times = lambda w: tangent_map(self.unflatten(w)).reshape(-1)  # noqa: E731
-        generator = torch.Generator(device=self.device).manual_seed(0)
-        probe = torch.randn(self.num_params, generator=generator, dtype=self.dtype, device=self.device)
-        expected = self.J_times([batch], probe)
-        if not bool((J_times(probe) - expected).norm() <= torch.finfo(self.dtype).eps ** 0.5 * expected.norm()):
-            return (lambda w: self.J_times([batch], w)), J_transpose_times
-        return J_times, J_transpose_times
+    def transpose_products(self, batch: Batch) -> Callable[[torch.Tensor], torch.Tensor]:
+        """u -> J^T u on one batch at the current parameters, for many products (a solver's
+        iterations) from one forward: the vjp's graph kept for every product (held, with the
+        forward's activations, until the function is dropped)."""
+        out, pullback = vjp(lambda p: self.batch_output(p, batch), self.params)
+        return lambda u: self.flatten(pullback(u.view_as(out))[0])
 
     def J_transpose_times(self, chunks: list[Batch], u: torch.Tensor) -> torch.Tensor:
         """J^T u: a vjp of the batched outputs per chunk."""
