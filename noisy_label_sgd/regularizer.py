@@ -200,7 +200,8 @@ def tangent_projection(
             :math:`\min_u \|J^\top u - v\|` by LSQR on jvp/vjp products, never forming J
             (accurate to cond(J), the row-space basis kept orthogonal within ``memory_budget``);
             ``"auto"``: dense where K has a closed form or J is held or fits ``memory_budget``,
-            with :math:`nk \le 8192`; else lsqr.
+            with :math:`nk \le 8192` (on an accelerator, K past it where K and its factor fit
+            ``memory_budget``); else lsqr.
         rcond: relative singular-value cutoff of :math:`J^+` (dense): singular values of J below
             ``rcond`` times the largest count as zero; default
             :func:`~noisy_label_sgd.engines.tangent.default_rcond`: :math:`\sqrt{nk\,\varepsilon_{64}}`
