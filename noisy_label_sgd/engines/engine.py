@@ -163,8 +163,8 @@ class Engine:
         where it is held; on a probe set that takes one chunk, J^T u from one forward kept for
         all of them (:meth:`~noisy_label_sgd.engines.functional.FunctionalModel.transpose_products`:
         no forward a product); else as :meth:`J_times` and :meth:`J_transpose_times`.
-        (``torch.func.linearize`` for J v, tried: on Hugging Face's GPT-2 it held 10x the memory
-        of a jvp, benchmarks/README.md.)"""
+        (``torch.func.linearize`` for J v was tried: on Hugging Face's GPT-2 it held many times
+        the memory of a jvp, benchmarks/README.md.)"""
         if self.measurement.jacobian is None:
             chunks = self.product_chunks()
             if len(chunks) == 1:

@@ -156,7 +156,7 @@ def gram_solve_fits(rows: int, memory_budget: int, device: torch.device) -> bool
     1 GiB holds), or on an accelerator K and its factor (two float64 [nk, nk]) fit the memory
     budget. Not past it on the CPU, whatever the budget: there the dense solve's arithmetic,
     about (nk)^3 / 3 for the factor and (nk)^2 a layer width for K, outgrew LSQR's iterations
-    (10240 rows: 478x a step against 54x, benchmarks/README.md). An accelerator does that
+    (measured in benchmarks/README.md, projection_scaling.py). An accelerator does that
     arithmetic fast, and LSQR's host sync an iteration stalls it."""
     from . import functional  # (functional imports the engines' modules)
 
@@ -174,8 +174,8 @@ class Products:
         self._products = engine.J_times, engine.J_transpose_times
 
     def for_iterations(self) -> None:
-        """From here on the products of an iterative solve: one forward kept for all of them
-        (:meth:`~noisy_label_sgd.engines.engine.Engine.linear_products`), not one each."""
+        """From here on the products of an iterative solve: J^T u from one forward kept for all
+        of them (:meth:`~noisy_label_sgd.engines.engine.Engine.linear_products`), not one each."""
         with self._own_dtype():
             self._products = self.engine.linear_products()
 

@@ -113,7 +113,7 @@ def padding_rows_constant():
 
     def embedding(input, weight, padding_idx=None, *args, **kwargs):
         # (whatever requires_grad says: a jvp's weight does not require grad, and with that
-        # condition here J v carried the padding row's tangent, LSQR's projection 0.49 off)
+        # condition here J v carried the padding row's tangent, and LSQR's projection was wrong)
         if padding_idx is not None:
             row = torch.zeros(weight.shape[0], 1, dtype=torch.bool, device=weight.device)
             row[padding_idx] = True
