@@ -78,16 +78,20 @@ class Elementwise:
     def per_sample(self, other: torch.Tensor | None, g: torch.Tensor, sample_dim: int) -> torch.Tensor:
         """The per-sample gradients [c, n, *param.shape] from output gradients g [c, *out]
         (``other``: the activations multiplied, for "mul")."""
+        g = self.reduced(other, g, sample_dim, lead=1).movedim(sample_dim + 1, 1)
+        return g.reshape(g.shape[0], g.shape[1], *self.param.shape)
+
+    def reduced(self, other: torch.Tensor | None, g: torch.Tensor, sample_dim: int, lead: int) -> torch.Tensor:
+        """The per-sample gradients' entries in the output's dims, from output gradients g with
+        ``lead`` direction dims (0 or 1): P's segment ("cat"), times the other operand ("mul"),
+        summed where P broadcasts but over the samples (keepdim: its backward is one expand)."""
         if self.kind == "cat":
-            g = g.narrow(self.dim + 1, self.start, self.length)
+            g = g.narrow(self.dim + lead, self.start, self.length)
         elif self.kind == "mul":
             g = g * other.to(g.dtype)
-        shared = [j + 1 for j, size in enumerate(self.view_shape) if size == 1 and g.shape[j + 1] != 1
-                  and j != sample_dim]
-        if shared:
-            g = g.sum(shared, keepdim=True)
-        g = g.movedim(sample_dim + 1, 1)
-        return g.reshape(g.shape[0], g.shape[1], *self.param.shape)
+        shared = [j + lead for j, size in enumerate(self.view_shape)
+                  if size == 1 and g.shape[j + lead] != 1 and j != sample_dim]
+        return g.sum(shared, keepdim=True) if shared else g
 
 
 def use_of(func, args, kwargs, result: torch.Tensor, views: dict[int, ParameterView], params: dict[int, nn.Parameter]
@@ -130,11 +134,5 @@ def elementwise_sq_norms(use: Elementwise, other, sample_dim: int, g: torch.Tens
     parameter's shape (a norm does not need its order: two operations fewer, and their
     backwards in grad reg)."""
     lead = 0 if g.dim() == len(use.view_shape) else 1
-    if use.kind == "cat":
-        g = g.narrow(use.dim + lead, use.start, use.length)
-    elif use.kind == "mul":
-        g = g * other.to(g.dtype)
-    shared = [j for j, size in enumerate(use.view_shape) if size == 1 and g.shape[j + lead] != 1 and j != sample_dim]
-    if shared:  # (keepdim: its backward is one expand, without an unsqueeze per dim)
-        g = g.sum([j + lead for j in shared], keepdim=True)
+    g = use.reduced(other, g, sample_dim, lead)
     return squared_norms(g, [d for d in range(g.dim()) if d != lead + sample_dim])

@@ -468,7 +468,8 @@ def streamed_part(owners: list[Owner], h: torch.Tensor, j: int, retain_graph: bo
     finally:
         for handle in handles:
             handle.remove()
-    missed = [o for o in owners if id(o) not in reached and all(o is not e for e in ended)]
+    ended_ids = {id(o) for o in ended}
+    missed = [o for o in owners if id(o) not in reached and id(o) not in ended_ids]
     if missed:  # (an owner whose output h never uses has no part: all its gradients are zero)
         on_graph = set(graph_nodes(h))
         if any(o.calls[0].edge.node in on_graph for o in missed):

@@ -171,21 +171,21 @@ class Products:
                  all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.engine, self.dtype = engine, dtype
         self.reduce = all_reduce or (lambda t: t)
-        self._products = engine.J_times, engine.J_transpose_times
+        self._transpose_times = engine.J_transpose_times
 
     def for_iterations(self) -> None:
         """From here on the products of an iterative solve: J^T u from one forward kept for all
-        of them (:meth:`~noisy_label_sgd.engines.engine.Engine.linear_products`), not one each."""
+        of them (:meth:`~noisy_label_sgd.engines.engine.Engine.transpose_products`), not one each."""
         with self._own_dtype():
-            self._products = self.engine.linear_products()
+            self._transpose_times = self.engine.transpose_products()
 
     def J_times(self, v: torch.Tensor) -> torch.Tensor:
         with self._own_dtype():
-            return self._products[0](v.to(self.dtype)).double()
+            return self.engine.J_times(v.to(self.dtype)).double()
 
     def J_transpose_times(self, u: torch.Tensor) -> torch.Tensor:
         with self._own_dtype():
-            return self.reduce(self._products[1](u.to(self.dtype)).double())
+            return self.reduce(self._transpose_times(u.to(self.dtype)).double())
 
     def _own_dtype(self):
         """Autocast off: a jvp under it met bfloat16 weights with float32 tangents (a convolution
