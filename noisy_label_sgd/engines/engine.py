@@ -158,18 +158,18 @@ class Engine:
         J = self.measurement.jacobian
         return J.T @ u if J is not None else self.fm.J_transpose_times(self.product_chunks(), u)
 
-    def transpose_products(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """u -> J^T u for many products at the same parameters (LSQR's iterations): on a probe
-        set that takes one chunk, from one forward kept for all of them
-        (:meth:`~noisy_label_sgd.engines.functional.FunctionalModel.transpose_products`: no
-        forward a product); else as :meth:`J_transpose_times` (from J where it is held). J v
-        stays :meth:`J_times`, a jvp each (``torch.func.linearize`` for it was tried: on Hugging
-        Face's GPT-2 it held many times the memory of a jvp, benchmarks/README.md)."""
+    def linear_products(self) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+        """(v -> J v, u -> J^T u) for many products at the same parameters (LSQR's iterations):
+        on a probe set that takes one chunk, both from one forward kept for all of them
+        (:meth:`~noisy_label_sgd.engines.functional.FunctionalModel.linear_products`); else as
+        :meth:`J_times` and :meth:`J_transpose_times` (from J where it is held, else a jvp and a
+        vjp a product)."""
         if self.measurement.jacobian is None:
             chunks = self.product_chunks()
             if len(chunks) == 1:
-                return self.fm.transpose_products(chunks[0])
-        return lambda u: Engine.J_transpose_times(self, u)  # (the router enters its contexts around it)
+                return self.fm.linear_products(chunks[0])
+        # (the router enters its contexts around these)
+        return (lambda v: Engine.J_times(self, v)), (lambda u: Engine.J_transpose_times(self, u))
 
 
 def per_sample_jacobians(fm: FunctionalModel, batch: Batch) -> ParamDict:

@@ -180,12 +180,18 @@ class FunctionalModel:
             [jvp(lambda p: self.batch_output(p, c), (self.params,), (tangent,))[1].reshape(-1) for c in chunks]
         )
 
-    def transpose_products(self, batch: Batch) -> Callable[[torch.Tensor], torch.Tensor]:
-        """u -> J^T u on one batch at the current parameters, for many products (a solver's
-        iterations) from one forward: the vjp's graph kept for every product (held, with the
-        forward's activations, until the function is dropped)."""
+    def linear_products(self, batch: Batch) -> tuple[Callable[[torch.Tensor], torch.Tensor],
+                                                      Callable[[torch.Tensor], torch.Tensor]]:
+        """v -> J v and u -> J^T u on one batch at the current parameters, for many products (a
+        solver's iterations) from one forward: J^T u by the vjp's graph, J v by the vjp of that
+        pullback (u -> J^T u is linear, so its own vjp at any u is v -> J v), both graphs held
+        until the functions are dropped. A product is then a backward, or a backward through the
+        backward, never the forward again (a jvp each recomputes it with its tangent)."""
         out, pullback = vjp(lambda p: self.batch_output(p, batch), self.params)
-        return lambda u: self.flatten(pullback(u.view_as(out))[0])
+        transpose = lambda u: pullback(u.view_as(out))[0]  # noqa: E731
+        _, pushforward = vjp(transpose, torch.zeros_like(out))
+        return (lambda v: pushforward(self.unflatten(v))[0].reshape(-1),
+                lambda u: self.flatten(transpose(u)))
 
     def J_transpose_times(self, chunks: list[Batch], u: torch.Tensor) -> torch.Tensor:
         """J^T u: a vjp of the batched outputs per chunk."""

@@ -114,6 +114,6 @@ class Router(Engine):
     def J_transpose_times(self, u: torch.Tensor) -> torch.Tensor:
         return self._by_vmap(lambda: Engine.J_transpose_times(self, u))
 
-    def transpose_products(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        J_transpose_times = self._by_vmap(lambda: Engine.transpose_products(self))
-        return lambda u: self._by_vmap(lambda: J_transpose_times(u))
+    def linear_products(self) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+        J_times, J_transpose_times = self._by_vmap(lambda: Engine.linear_products(self))
+        return (lambda v: self._by_vmap(lambda: J_times(v))), (lambda u: self._by_vmap(lambda: J_transpose_times(u)))

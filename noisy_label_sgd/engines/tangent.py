@@ -171,17 +171,18 @@ class Products:
                  all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.engine, self.dtype = engine, dtype
         self.reduce = all_reduce or (lambda t: t)
-        self._transpose_times = engine.J_transpose_times
+        self._times, self._transpose_times = engine.J_times, engine.J_transpose_times
 
     def for_iterations(self) -> None:
-        """From here on the products of an iterative solve: J^T u from one forward kept for all
-        of them (:meth:`~noisy_label_sgd.engines.engine.Engine.transpose_products`), not one each."""
+        """From here on the products of an iterative solve: J v and J^T u from one forward kept
+        for all of them (:meth:`~noisy_label_sgd.engines.engine.Engine.linear_products`), not one
+        each."""
         with self._own_dtype():
-            self._transpose_times = self.engine.transpose_products()
+            self._times, self._transpose_times = self.engine.linear_products()
 
     def J_times(self, v: torch.Tensor) -> torch.Tensor:
         with self._own_dtype():
-            return self.engine.J_times(v.to(self.dtype)).double()
+            return self._times(v.to(self.dtype)).double()
 
     def J_transpose_times(self, u: torch.Tensor) -> torch.Tensor:
         with self._own_dtype():
