@@ -1038,3 +1038,45 @@ def test_channels_last_models_give_the_same_numbers(name):
     assert_rel_close(per_sample_sq_grad_norms(model, x, method="fast"), J.pow(2).reshape(x.shape[0], -1).sum(1))
     grad = regularizer_grad(model, x, method="fast")
     assert_rel_close(torch.cat([grad[n].reshape(-1) for n in names]), expected)
+
+
+class BranchesOnItsInput(nn.Module):
+    """A forward that reads each sample's value on the host (torch.func cannot vmap it)."""
+
+    def __init__(self, read):
+        super().__init__()
+        self.linear, self.read = nn.Linear(3, 2), read
+
+    def forward(self, x):
+        return self.linear(x) if self.read(x) else -self.linear(x)
+
+
+@pytest.mark.parametrize("read", [lambda x: bool((x > -1e9).all()), lambda x: x.sum().item() > -1e9,
+                                  lambda x: float(x.sum()) > -1e9], ids=["bool", "item", "float"])
+def test_a_forward_that_reads_values_is_refused_by_vmap_with_what_to_do_and_measured_by_auto(read):
+    model = seeded(50, lambda: BranchesOnItsInput(read))
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    with pytest.raises(ValueError, match="data-dependent control flow.*method='auto' or 'fast'"):
+        per_sample_sq_grad_norms(model, x, method="vmap")
+    assert_rel_close(per_sample_sq_grad_norms(model, x), brute_sq_norms(model, x))
+
+
+class CountsNonzeros(nn.Module):
+    """A forward with an operation of data-dependent shape: another vmap failure."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 2)
+
+    def forward(self, x):
+        counts = torch.tensor([float(row.nonzero().shape[0]) for row in x], dtype=x.dtype)
+        return self.linear(x) * counts[:, None]
+
+
+def test_another_vmap_failure_is_not_called_a_value_read():
+    # (the diagnosis is the forward's own reads, not the error's text: this error stays as torch raised it)
+    model = seeded(51, CountsNonzeros)
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    with pytest.raises(RuntimeError) as raised:
+        per_sample_sq_grad_norms(model, x, method="vmap")
+    assert not isinstance(raised.value, ValueError)

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.func import jacrev, vmap
 
+from .branching import reads_values_under_vmap
 from .finite import check_finite
 from .functional import Batch, FunctionalModel, ParamDict, chunks_of, evaluation_mode
 
@@ -91,7 +92,9 @@ class Engine:
             try:
                 yield self
             except RuntimeError as error:
-                if "data-dependent control flow" not in str(error):
+                # (asked of the forward, not of the message; never an out-of-memory error)
+                if isinstance(error, torch.OutOfMemoryError) or not reads_values_under_vmap(measurement.fm,
+                                                                                            self.batch):
                     raise
                 raise ValueError(
                     "torch.func cannot vmap this model per sample: its forward branches on the values "

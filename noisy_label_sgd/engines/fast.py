@@ -265,6 +265,8 @@ def output_grads(h: torch.Tensor, calls: list[Call], directions: range, create_g
             else:
                 grads = torch.autograd.grad(h, edges, rows, is_grads_batched=True, retain_graph=True,
                                             create_graph=create_graph, allow_unused=True)
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError:  # a backward op without a batching rule: one direction at a time
             per_direction = [torch.autograd.grad(h, edges, d, retain_graph=True,
                                                  create_graph=create_graph, allow_unused=True)

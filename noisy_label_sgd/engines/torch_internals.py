@@ -22,6 +22,11 @@ def functorch_transforms_active() -> bool:
     return torch._C._are_functorch_transforms_active()
 
 
+def is_batched(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a batched tensor of a running ``torch.func.vmap`` (``torch._C._functorch.is_batchedtensor``)."""
+    return torch._C._functorch.is_batchedtensor(t)
+
+
 def is_legacy_batched(t: torch.Tensor) -> bool:
     """Whether ``t`` is a batched gradient of ``autograd.grad(..., is_grads_batched=True)``."""
     return torch._C._functorch.is_legacy_batchedtensor(t)
