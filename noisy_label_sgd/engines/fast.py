@@ -103,7 +103,7 @@ class FastEngine(Engine):
         (:func:`~noisy_label_sgd.engines.per_sample.per_sample_gradient_blocks`: a convolution's
         in slices of output channels), at most a quarter of the memory budget at a time: the
         dense projection for a J too large to form (ResNet-18 at batch 128: 5.7 GB), one trace
-        and one backward instead of LSQR's jvp and vjp per iteration. For one output per sample
+        and one backward instead of LSQR's two products per iteration. For one output per sample
         each layer's blocks are taken as the backward passes it (:func:`streamed_part`), so the
         trace of the whole batch is what must fit; for several, all output gradients at once.
         A parameter tied between layers has its uses' per-sample gradients added before their

@@ -18,7 +18,8 @@ engine answers:
   :math:`K^+` from K's eigenvalues in float64 (from 512 rows on :math:`K^{-1}` by a Cholesky
   factorisation where one certifies that every eigenvalue is above the cutoff:
   :func:`project_on_gram`), with J v and J^T u from J or as a jvp and a vjp;
-* LSQR on :math:`\min_u \|J^\top u - v\|`, matrix-free (jvp/vjp products; J never formed),
+* LSQR on :math:`\min_u \|J^\top u - v\|`, matrix-free (J never formed; J v and J^T u from one
+  forward kept for the solve: :meth:`~noisy_label_sgd.engines.engine.Engine.linear_products`),
   whose residual is :math:`P_T v`; accurate to cond(J), with the row-space basis kept
   orthogonal;
 * distributed: LSQR whose inner products and :math:`J^\top u` are summed over ranks (each rank
