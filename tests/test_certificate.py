@@ -502,3 +502,26 @@ def test_a_registered_formula_that_forgets_a_parameter_is_caught(monkeypatch):
     assert_rel_close(per_sample_sq_grad_norms(model, x), brute_sq_norms(model, x))
     with pytest.raises(ValueError, match=r"closed form of module '1' \(ExpScaleShift\) fails its certificate"):
         per_sample_sq_grad_norms(model, x, method="fast")
+
+
+def test_k_by_layers_declines_a_tied_parameter_too_large_before_its_backward(monkeypatch):
+    # its per-sample blocks are held whole until every use is in: a budget a quarter of which
+    # they exceed declines K by sizes, after the trace and before any backward through it
+    from helpers import TiedLanguageModel, seeded
+    from noisy_label_sgd.engines import fast, select_engine
+
+    model = seeded(38, lambda: TiedLanguageModel(vocabulary=500, width=16))  # (a large tied weight)
+    x = randn(20, 4, seed=9)
+    engine = select_engine(model, x, "fast")
+    with engine.measuring():
+        k = engine.k
+        tied = model.embedding.weight.numel()
+        traced, backward = [], []
+        original = fast.FastEngine.traced
+        monkeypatch.setattr(fast.FastEngine, "traced", lambda self, b: traced.append(1) or original(self, b))
+        monkeypatch.setattr(fast, "streamed_part", lambda *a, **kw: backward.append(1))
+        monkeypatch.setattr(fast, "grads_by_owner", lambda *a, **kw: backward.append(1))
+        for e in (engine, *engine.helpers):
+            e.memory_budget = 4 * x.shape[0] * k * tied * 8 - 8
+        assert engine.gram_by_layers() is None
+        assert traced == [1] and backward == []
