@@ -179,6 +179,14 @@ def convnext_4stage():
     return PooledHidden(transformers.ConvNextModel(config))
 
 
+def t5_encoder_4x256():
+    import transformers
+
+    config = transformers.T5Config(d_model=256, d_kv=64, d_ff=1024, num_layers=4, num_heads=4, dropout_rate=0.0,
+                                   vocab_size=32128)  # its relative position bias: one table, shared by the layers
+    return PooledHidden(transformers.T5EncoderModel(config))
+
+
 def token_ids(vocabulary):
     return lambda shape, generator: torch.randint(0, vocabulary, shape, generator=generator)
 
@@ -199,6 +207,8 @@ CASES = {
     "vit": ("ViT 4x(d=128) (Hugging Face), 3x32x32 in 64 patches, scalar, batch 32", vit_4x128, (32, 3, 32, 32)),
     "convnext": ("ConvNeXt 4 stages 32-256 (Hugging Face), 3x32x32, scalar, batch 32", convnext_4stage,
                  (32, 3, 32, 32)),
+    "t5": ("T5 encoder 4x(d=256) (Hugging Face), seq 64, scalar, batch 16", t5_encoder_4x256,
+           ((16, 64), token_ids(32128))),
 }
 
 
