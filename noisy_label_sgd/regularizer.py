@@ -197,7 +197,8 @@ def tangent_projection(
             NTK, :math:`nk \times nk`) in closed form (Linear on 2-D inputs, LayerNorm,
             GroupNorm), :math:`K^+` from K's eigenvalues in float64 with J v, J^T u as a jvp and
             a vjp, never forming J; ``"lsqr"``: :math:`P_T v` as the residual of
-            :math:`\min_u \|J^\top u - v\|` by LSQR on jvp/vjp products, never forming J
+            :math:`\min_u \|J^\top u - v\|` by LSQR on J v and J^T u products (from one forward
+            kept for the solve where they fit ``memory_budget`` in one chunk), never forming J
             (accurate to cond(J), the row-space basis kept orthogonal within ``memory_budget``);
             ``"auto"``: dense where K has a closed form or J is held or fits ``memory_budget``,
             with :math:`nk \le 8192` (on an accelerator, K past it where K and its factor fit
