@@ -117,9 +117,10 @@ class FastEngine(Engine):
         tied = {id(tie.parameter) for tie in ties_of(owners)}
         tied_sums: dict[int, torch.Tensor] = {}  # a tied parameter's per-sample gradients, its uses added
         n = h.shape[0]
-        with_ties = [o for o in owners if any(id(p) in tied for p in o.params.values())]
+        with_ties = {id(o): o for o in owners if any(id(p) in tied for p in o.params.values())}
         # (its blocks are held whole until every use is in: decided before the backward, by sizes)
-        if any(n * k * sum(p.numel() for p in o.params.values()) * 8 > self.memory_budget // 4 for o in with_ties):
+        if any(n * k * sum(p.numel() for p in o.params.values()) * 8 > self.memory_budget // 4
+               for o in with_ties.values()):
             return None
         K = torch.zeros(n * k, n * k, dtype=torch.float64, device=h.device)
         fits = True
@@ -128,7 +129,7 @@ class FastEngine(Engine):
             nonlocal fits
             if k == 1:  # (streamed: bare)
                 grads = [g.unsqueeze(0) for g in grads]
-            if any(id(p) in tied for p in o.params.values()):
+            if id(o) in with_ties:
                 with sdpa_kernel(SDPBackend.MATH):
                     for name, g in per_sample_grads(o, grads, n).items():
                         block = g.detach().double().transpose(0, 1).reshape(n * k, -1)  # rows (i, j)
