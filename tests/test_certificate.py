@@ -525,3 +525,76 @@ def test_k_by_layers_declines_a_tied_parameter_too_large_before_its_backward(mon
             e.memory_budget = 4 * x.shape[0] * k * tied * 8 - 8
         assert engine.gram_by_layers() is None
         assert traced == [1] and backward == []
+
+
+# -- values made from parameters alone that every sample shares (engines.shared) --------------
+
+
+class SharedBias(nn.Module):
+    """T5's relative position bias in small: an Embedding looked up on a constant grid (no
+    sample dim), met by the samples' activations in an add, a product or attention's mask."""
+
+    def __init__(self, meet, positions=3, d=4):
+        super().__init__()
+        self.meet = meet
+        self.inp = nn.Linear(5, d)
+        self.table = nn.Embedding(7, d)
+        self.register_buffer("grid", (torch.arange(positions)[:, None] - torch.arange(positions)[None]).abs())
+        self.out = nn.Linear(positions * d, 2)
+
+    def forward(self, x):  # x: [n, positions, 5]
+        h = self.inp(x)
+        bias = self.table(self.grid)  # [positions, positions, d]: shared by all samples
+        if self.meet == "add":
+            h = h + bias.mean(1)
+        elif self.meet == "mul":
+            h = torch.tanh(h) * bias.sum(0).sigmoid()
+        elif self.meet == "attention":
+            mask = bias.sum(-1)[None, None]  # [1, 1, q, k]
+            h = F.scaled_dot_product_attention(h[:, None], h[:, None], h[:, None], attn_mask=mask)[:, 0]
+        elif self.meet == "linear":  # (a weight made per call: no rule meets the samples there)
+            h = F.linear(h, torch.diag(bias.mean((0, 1))))
+        return self.out(torch.tanh(h).flatten(1))
+
+
+@pytest.mark.parametrize("meet", ["add", "mul", "attention"])
+def test_a_value_every_sample_shares_is_traced_to_where_it_meets_them(meet):
+    model, x = seeded(81, lambda: SharedBias(meet)), randn(N, 3, 5, seed=82)
+    assert norms_method(model, x, "auto") == "fast"
+    for method in ("auto", "fast"):
+        assert_exact(model, x, method)
+
+
+def test_a_shared_value_met_by_an_operation_without_a_rule_is_refused_not_wrong():
+    model, x = seeded(83, lambda: SharedBias("linear")), randn(N, 3, 5, seed=84)
+    assert_exact(model, x, "auto")  # (the whole-model path)
+    with pytest.raises(ValueError, match=r"module 'table' alone \(shared by all samples\) meets them in linear, "
+                                         "which has no rule"):
+        per_sample_sq_grad_norms(model, x, method="fast")
+
+
+def test_a_wrong_per_sample_gradient_of_a_shared_value_is_caught_at_run_time(monkeypatch):
+    from noisy_label_sgd.engines import shared
+
+    right = shared.SharedUse.per_sample
+    monkeypatch.setattr(shared.SharedUse, "per_sample",
+                        lambda self, grads: {k: 1.01 * g for k, g in right(self, grads).items()})
+    model, x = seeded(85, lambda: SharedBias("add")), randn(N, 3, 5, seed=86)
+    assert_rel_close(per_sample_sq_grad_norms(model, x), brute_sq_norms(model, x))
+    # (its output has no samples, so no per-module fallback: the whole-model path, or refused)
+    assert norms_method(model, x, "auto") == "vmap"
+    with pytest.raises(ValueError, match=r"module 'table' \(Embedding\), through where its output \(shared by all "
+                                         r"samples\) meets them, are 0.0099 \(relative\) off"):
+        per_sample_sq_grad_norms(model, x, method="fast")
+
+
+def test_k_by_layers_takes_a_shared_values_blocks_from_its_meetings():
+    from noisy_label_sgd.engines import select_engine
+
+    model, x = seeded(87, lambda: SharedBias("attention")), randn(40, 3, 5, seed=88)
+    engine = select_engine(model, x, "fast")
+    with engine.measuring():
+        K = engine.gram_by_layers()
+    J = brute_jacobian(model, x)
+    assert K is not None
+    assert_rel_close(K, J @ J.T)

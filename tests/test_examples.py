@@ -21,13 +21,20 @@ EXAMPLES = os.path.join(ROOT, "examples")
 HANG_GUARD_S = 1800
 
 
+# The CPU kernels the stored summaries were made with: torch's own (ATen), oneDNN's and MKL's
+# picked for AVX2. On a CPU with AVX-512 they would otherwise take wider kernels, whose float32
+# sums round differently: over the flip example's 3000 steps that moved reg by 2-3% (an AMD EPYC
+# with AVX-512, 2026-12-04; the same numbers bit for bit with these set). No-ops on an AVX2 CPU.
+SAME_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "DNNL_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
 def run_example(name, *options):
     """One torch thread unless told otherwise: beside other work torch's thread per core waits on
     the busy cores (12x slower for the flip example with both cores taken), and a run's numbers
-    are reproducible bit for bit only at the thread count they were made with."""
+    are reproducible bit for bit only at the thread count and the kernels they were made with."""
     threads = () if "--threads" in options else ("--threads", "1")
     proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, f"{name}.py"), *threads, *options],
-                          capture_output=True, text=True, timeout=HANG_GUARD_S)
+                          capture_output=True, text=True, timeout=HANG_GUARD_S, env={**os.environ, **SAME_KERNELS})
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc
 

@@ -158,3 +158,35 @@ def test_a_language_model_with_tied_embedding_and_head_is_exact_on_the_fast_path
     assert_rel_close(report.reg_grad_norm, float(grad.norm()), rtol=rtol)
     manifold = svd_tangent_projection(J, grad)
     assert_rel_close(report.manifold_grad_norm, float(manifold.norm()), rtol=0, atol=rtol * float(grad.norm()))
+
+
+def t5_encoder():
+    config = transformers.T5Config(vocab_size=VOCAB, d_model=WIDTH, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+                                   relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                                   dropout_rate=0.0)
+    return transformers.T5EncoderModel(config)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("method", ["auto", "fast"])
+def test_a_t5_encoder_is_probed_exactly_on_the_fast_path(method, padded):
+    # its relative position bias is one Embedding looked up on a grid of positions, [q, k,
+    # heads]: no sample dim; it meets the samples as every layer's attention mask, where the
+    # trace takes its per-sample gradients (engines.shared); its RMS norm's weight is a bare
+    # parameter times the normalised input (engines.elementwise); its token embedding is tied
+    # to the model's never-called `shared` embedding
+    model = seeded(46, lambda: WithHead(t5_encoder())).eval()
+    ids, mask = tokens(40, seed=4)
+    inputs = (ids, mask if padded else torch.ones_like(mask))
+    report = RegularizerProbe(model, inputs, method=method)()
+    assert report.method == "fast"
+    J = brute_jacobian(model, inputs)
+    assert_rel_close(report.per_sample, J.pow(2).reshape(40, -1).sum(1))
+    grad = brute_reg_grad(model, inputs)
+    got = regularizer_grad(model, inputs, method=method)
+    assert_rel_close(torch.cat([got[n].reshape(-1) for n, p in model.named_parameters()]), grad)
+    manifold = svd_tangent_projection(J, grad)
+    assert_rel_close(report.manifold_grad_norm, float(manifold.norm()), rtol=0, atol=FLOAT64_RTOL * float(grad.norm()))
+    # T5 branches on the mask's values: torch.func cannot run it, so the fast path is the only one
+    with pytest.raises(ValueError, match="data-dependent control flow.*method='auto' or 'fast'"):
+        per_sample_sq_grad_norms(model, inputs, method="vmap")

@@ -148,6 +148,12 @@ def run_certificate(owners: list[Owner], h: torch.Tensor, parameters: dict[str, 
     if failed:
         # the modules' own forwards in place of their formulas, for the parameters that failed
         users = {id(o): o for o in owners for p in failed if any(q is p for q in o.params.values()) and o.contract}
+        for o in users.values():
+            if o.shared is not None:  # (no call of its own to fall back on: its output has no samples)
+                relative = max(e for (p, _), e in zip(errors, verdict) if any(q is p for q in o.params.values()))
+                raise FastPathUnsupported(
+                    f"the per-sample gradients of module {o.name!r} ({type(o.module).__name__}), through where its "
+                    f"output (shared by all samples) meets them, are {relative:.2g} (relative) off autograd's")
         with torch.no_grad():
             for i, o in users.items():
                 module_call = o.original or o

@@ -167,6 +167,9 @@ def bind(owners: list[Owner]) -> None:
             owners[i:i + 1] = made
     for o in owners:
         call = o.calls[0]
+        if o.shared is not None:  # (an output all samples share: its meetings' per-sample gradients)
+            o.closed_form, o.contract = o.shared.sq_norms, o.shared.contract
+            continue
         if o.elementwise is not None:
             use, other, d = o.elementwise, call.args[0], call.sample_dim
             o.closed_form = partial(elementwise_sq_norms, use, other, d)

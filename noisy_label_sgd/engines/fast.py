@@ -398,6 +398,8 @@ def _owner_part(o: Owner, grads: list[torch.Tensor], n: int, bare: bool = False)
         return o.closed_form(grads[0])
     if bare:
         grads = [g.unsqueeze(0) for g in grads]
+    if o.shared is not None:  # (one gradient per meeting with the samples)
+        return o.closed_form(grads)
     if o.closed_form:  # (an affine map applied at several time steps: the steps as positions)
         return o.closed_form(grads_over_calls(grads))
     with sdpa_kernel(SDPBackend.MATH):  # vmapped: the fused attention kernels have no batching rule
@@ -449,7 +451,8 @@ def streamed_part(owners: list[Owner], h: torch.Tensor, j: int, retain_graph: bo
     for o in owners:
         call = o.calls[0]
         needs_grad = any(isinstance(t, torch.Tensor) and t.requires_grad for t in call.args)
-        if not hookable(o) or not needs_grad or len(o.calls) > 1:
+        # (a shared output's part is a backward of its own: not inside this one)
+        if not hookable(o) or not needs_grad or len(o.calls) > 1 or o.shared is not None:
             ended.append(o)
             continue
 

@@ -23,6 +23,8 @@ def per_sample_grads(owner: Owner, grads: list[torch.Tensor], n: int) -> dict[st
     output directions: an affine map (a Linear, or a written-out map; its calls are positions)
     from its input and output gradients, a convolution by :func:`conv_per_sample_grads`, any
     other module by :func:`module_per_sample_grads`."""
+    if owner.shared is not None:  # (an output all samples share, through its meetings with them)
+        return owner.shared.per_sample(grads)
     if owner.elementwise is not None:  # (a bare parameter's elementwise use)
         call = owner.calls[0]
         return {name: owner.elementwise.per_sample(call.args[0], grads[0], call.sample_dim) for name in owner.params}

@@ -32,6 +32,7 @@ from .attention import self_attention_forward
 from .functional import Batch, forward_replacements, per_sample_outputs
 from .ops import OpCall, OpRecorder, Watch
 from .recurrent import is_stock_recurrent, unrolled_forward
+from .shared import SharedUse, SharedValues, Verdict, survey
 from .torch_internals import EDGES_OWNED
 
 
@@ -102,6 +103,9 @@ class Owner:
     form: object | None = None
     # a bare parameter's elementwise use (:mod:`~noisy_label_sgd.engines.elementwise`)
     elementwise: object | None = None
+    # an output shared by all samples, reached through where it meets them (its calls are those
+    # meetings: :mod:`~noisy_label_sgd.engines.shared`)
+    shared: SharedUse | None = None
 
 
 def input_over_calls(owner: Owner) -> torch.Tensor:
@@ -151,9 +155,11 @@ def graph_nodes(h: torch.Tensor) -> list:
 
 
 def record(owners: list[Owner], model: nn.Module, batch: Batch, expand: frozenset[str] = frozenset(),
-           watched: frozenset[str] = frozenset()) -> torch.Tensor:
+           watched: frozenset[str] = frozenset(), shared: SharedValues | None = None,
+           roots: frozenset[str] = frozenset()) -> torch.Tensor:
     """The model's forward with a hook on every owner that records its calls, and the operations
-    that take the parameters of the owners named in ``watched`` (:class:`~.ops.OpRecorder`).
+    that take the parameters of the owners named in ``watched`` (:class:`~.ops.OpRecorder`); the
+    outputs of the owners named in ``roots`` (shared by all samples) followed by ``shared``.
 
     The owners named in ``expand`` return an output shared by all samples ([1, ...], broadcast
     by what follows): expanded to the batch (and their inputs with it), so that the backward
@@ -175,6 +181,8 @@ def record(owners: list[Owner], model: nn.Module, batch: Batch, expand: frozense
             call, replaced = record_call(module, args, kwargs, output)
             if owner.name in watched:
                 call.ops = recorder.running.pop()[1].partition(owner.params)
+            if owner.name in roots and shared is not None and isinstance(output, torch.Tensor):
+                shared.add_root(output, owner.name)
             return replaced
 
         def record_call(module, args, kwargs, output) -> tuple[Call, torch.Tensor | None]:
@@ -217,7 +225,7 @@ def record(owners: list[Owner], model: nn.Module, batch: Batch, expand: frozense
             written_out[id(o)] = (o, own)
             o.module.forward = unrolled_forward(o.module, record=_packer(o))
     try:
-        with forward_replacements(), recorder if watched else nullcontext():
+        with forward_replacements(), recorder if watched else nullcontext(), shared if shared is not None else nullcontext():
             out = model(*batch)
     finally:
         for h in handles:
@@ -266,12 +274,17 @@ def _split_packed(owners: list[Owner]) -> list[Owner]:
 
 def _merge_uncalled(owners: list[Owner]) -> list[Owner]:
     """Give the parameters of a never-called module to its called parent (the parent's own
-    code uses them, e.g. MultiheadAttention's out_proj), for the parent's per-module fallback."""
+    code uses them, e.g. MultiheadAttention's out_proj), for the parent's per-module fallback;
+    drop one whose parameters are all tied to called modules (T5's ``shared`` embedding, whose
+    weight its encoder's ``embed_tokens`` looks up: their calls are its uses)."""
     by_name = {o.name: o for o in owners}
+    called = {id(p) for o in owners if o.calls for p in o.params.values()}
     kept = []
     for o in owners:
         if o.calls:
             kept.append(o)
+            continue
+        if all(id(p) in called for p in o.params.values()):  # (tied to called modules: their calls use them)
             continue
         parent_name, _, child = o.name.rpartition(".")
         parent = by_name.get(parent_name)
@@ -291,11 +304,32 @@ def trace(model: nn.Module, batch: Batch) -> tuple[list[Owner], torch.Tensor]:
     """
     layout = one_sample_layout(model, batch)
     owners = owners_of(model)
+    shared = SharedValues(layout.verdicts, batch[0].shape[0], gradient_edge) if layout.roots else None
     with torch.enable_grad():
-        h = per_sample_outputs(record(owners, model, batch, layout.expanded, layout.watched), batch)
+        h = per_sample_outputs(record(owners, model, batch, layout.expanded, layout.watched, shared, layout.roots),
+                               batch)
     owners = _split_packed(_merge_uncalled(owners))
+    if shared is not None:
+        _reached_through_meetings(owners, shared)
     set_sample_dims(owners, layout.sample_dims, layout.op_sample_dims)
     return owners, h
+
+
+def _reached_through_meetings(owners: list[Owner], shared: SharedValues) -> None:
+    """The owners whose output all samples share get their meetings with the samples as calls
+    (:mod:`~noisy_label_sgd.engines.shared`)."""
+    if shared.failed is not None:
+        raise FastPathUnsupported(shared.failed)
+    for o in owners:
+        if o.name not in shared.roots:
+            continue
+        met = [m for m in shared.meetings if o.name in m.roots]
+        if not met or any(m.edge is None for m in met):
+            raise FastPathUnsupported(f"the output of module {o.name!r} is shared by all samples and never meets "
+                                      "them differentiably")
+        o.calls = [Call((m.operand,), {}, m.edge, m.shape, m.operand.dtype, m.operand.device, sample_dim=m.sample_dim)
+                   for m in met]
+        o.shared = SharedUse(o.params, [m.operand for m in met], [m.sample_dim for m in met])
 
 
 def watched_owners(owners: list[Owner]) -> frozenset[str]:
@@ -313,7 +347,7 @@ def set_sample_dims(owners: list[Owner], sample_dims: dict[str, list[int | None]
     ``OpCall.sample_dim``; the written-out maps' are samples-first by construction): a closed
     form that treats leading dims as positions takes any dim, the others only dim 0."""
     for o in owners:
-        if o.affine:
+        if o.affine or o.shared is not None:  # (their own dims, set as they were made)
             continue
         for call, dims in zip(o.calls, (op_sample_dims or {}).get(o.name, [])):
             for op, d in zip(call.ops or (), dims or ()):
@@ -349,6 +383,11 @@ class Layout:
     op_sample_dims: dict[str, list[list[int | None] | None]]
     # every owner has a closed form, its class's or its operations' (none falls back)
     covered: bool
+    # owners whose output all samples share (no sample dim, the same for one sample and two),
+    # followed to where they meet the samples, and the verdicts on the operations on them
+    # (:mod:`~noisy_label_sgd.engines.shared`)
+    roots: frozenset[str] = frozenset()
+    verdicts: tuple[Verdict, ...] = ()
 
 
 # The one-sample forward per model and per-sample input signature: a probe calls with the same
@@ -387,17 +426,37 @@ def one_sample_layout(model: nn.Module, batch: Batch) -> Layout:
             expanded = shared
             sample_dims = {name: [0 if name in shared and d is None else d for d in dims]
                            for name, dims in sample_dims.items()}
+        roots = frozenset(o.name for o, t in zip(owners, twice) if sample_dims.get(o.name) == [None]
+                          and o.name not in expanded and o.calls[0].shape == t.calls[0].shape)
+        verdicts: tuple[Verdict, ...] = ()
+        if roots:
+            surveyed = _surveyed(model, tuple(t[:1] for t in batch), two, roots, watched)
+            if isinstance(surveyed, str):  # (the trace refuses them: no sample dim)
+                roots = frozenset()
+            else:
+                verdicts, met = surveyed
+                floats += met
         from .closed_forms import covered  # (the closed forms read the trace's records)
 
         try:
             sized = _split_packed(_merge_uncalled(owners))
             set_sample_dims(sized, {}, op_sample_dims, strict=False)
-            all_covered = covered(sized)
+            all_covered = covered([o for o in sized if o.name not in roots])
         except FastPathUnsupported:
             all_covered = False
         layouts[signature] = Layout(out.numel(), floats, out.element_size(), outside, sample_dims, expanded, watched,
-                                    op_sample_dims, all_covered)
+                                    op_sample_dims, all_covered, roots, verdicts)
     return layouts[signature]
+
+
+def _surveyed(model: nn.Module, one: Batch, two: Batch, roots: frozenset[str], watched: frozenset[str]
+              ) -> tuple[tuple[Verdict, ...], int] | str:
+    """:func:`~noisy_label_sgd.engines.shared.survey` of the forwards of one sample and of two."""
+    surveys = (SharedValues(), SharedValues())
+    with torch.no_grad():
+        for batch, shared in zip((one, two), surveys):
+            record(owners_of(model), model, batch, watched=watched, shared=shared, roots=roots)
+    return survey(*surveys)
 
 
 def _same_when_expanded(model: nn.Module, two: Batch, shared: frozenset[str], out_twice: torch.Tensor) -> bool:
