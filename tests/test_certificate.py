@@ -545,7 +545,9 @@ class SharedBias(nn.Module):
     def forward(self, x):  # x: [n, positions, 5]
         h = self.inp(x)
         bias = self.table(self.grid)  # [positions, positions, d]: shared by all samples
-        if self.meet == "add":
+        if self.meet == "attributes" and torch.is_grad_enabled() and bias.requires_grad:
+            bias = bias.mT.mT  # (read only with grad on, as Hugging Face's attention does; .mT anew each time)
+        if self.meet in ("add", "attributes"):
             h = h + bias.mean(1)
         elif self.meet == "mul":
             h = torch.tanh(h) * bias.sum(0).sigmoid()
@@ -557,7 +559,7 @@ class SharedBias(nn.Module):
         return self.out(torch.tanh(h).flatten(1))
 
 
-@pytest.mark.parametrize("meet", ["add", "mul", "attention"])
+@pytest.mark.parametrize("meet", ["add", "mul", "attention", "attributes"])
 def test_a_value_every_sample_shares_is_traced_to_where_it_meets_them(meet):
     model, x = seeded(81, lambda: SharedBias(meet)), randn(N, 3, 5, seed=82)
     assert norms_method(model, x, "auto") == "fast"
@@ -598,3 +600,29 @@ def test_k_by_layers_takes_a_shared_values_blocks_from_its_meetings():
     J = brute_jacobian(model, x)
     assert K is not None
     assert_rel_close(K, J @ J.T)
+
+
+class RowsPerSample(nn.Linear):
+    """A Linear whose output holds each sample's positions as rows of one dim ([n T, d]: Swin's
+    windows merged into the batch): no closed form reads the samples apart there."""
+
+    def forward(self, x):
+        return super().forward(x).flatten(0, 1)
+
+
+class MergedRows(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner, self.head = RowsPerSample(4, 4), nn.Linear(4, 1)
+
+    def forward(self, x):  # x: [n, 3, 4]
+        return self.head(torch.tanh(self.inner(x))).reshape(x.shape[0], -1).sum(1, keepdim=True)
+
+
+def test_an_output_with_several_rows_per_sample_in_one_dim_is_refused_not_crashed():
+    # (its closed forms once gave a norm per row, n T of them, and the sum over layers crashed)
+    model, x = seeded(89, MergedRows), randn(N, 3, 4, seed=90)
+    assert norms_method(model, x, "auto") == "vmap"
+    assert_exact(model, x, "auto")
+    with pytest.raises(ValueError, match=r"module 'inner' has no single sample dim .*several rows per sample"):
+        per_sample_sq_grad_norms(model, x, method="fast")

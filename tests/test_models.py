@@ -40,7 +40,7 @@ class WithHead(nn.Module):
         super().__init__()
         self.body, self.head = body, nn.Linear(WIDTH, 2)
 
-    def forward(self, ids, mask):
+    def forward(self, ids, mask=None):
         return self.head(self.body(input_ids=ids, attention_mask=mask).last_hidden_state[:, -1])
 
 
@@ -167,17 +167,18 @@ def t5_encoder():
     return transformers.T5EncoderModel(config)
 
 
-@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("mask", ["none", "ones", "padded"])
 @pytest.mark.parametrize("method", ["auto", "fast"])
-def test_a_t5_encoder_is_probed_exactly_on_the_fast_path(method, padded):
+def test_a_t5_encoder_is_probed_exactly_on_the_fast_path(method, mask):
     # its relative position bias is one Embedding looked up on a grid of positions, [q, k,
     # heads]: no sample dim; it meets the samples as every layer's attention mask, where the
     # trace takes its per-sample gradients (engines.shared); its RMS norm's weight is a bare
     # parameter times the normalised input (engines.elementwise); its token embedding is tied
     # to the model's never-called `shared` embedding
     model = seeded(46, lambda: WithHead(t5_encoder())).eval()
-    ids, mask = tokens(40, seed=4)
-    inputs = (ids, mask if padded else torch.ones_like(mask))
+    ids, padding = tokens(40, seed=4)
+    # (without a mask its attention reads attributes of the bias a mask's path does not)
+    inputs = {"none": (ids,), "ones": (ids, torch.ones_like(padding)), "padded": (ids, padding)}[mask]
     report = RegularizerProbe(model, inputs, method=method)()
     assert report.method == "fast"
     J = brute_jacobian(model, inputs)
@@ -187,6 +188,9 @@ def test_a_t5_encoder_is_probed_exactly_on_the_fast_path(method, padded):
     assert_rel_close(torch.cat([got[n].reshape(-1) for n, p in model.named_parameters()]), grad)
     manifold = svd_tangent_projection(J, grad)
     assert_rel_close(report.manifold_grad_norm, float(manifold.norm()), rtol=0, atol=FLOAT64_RTOL * float(grad.norm()))
+    if mask == "none":  # (torch.func runs it: the same numbers)
+        assert_rel_close(per_sample_sq_grad_norms(model, inputs, method="vmap"), report.per_sample)
+        return
     # T5 branches on the mask's values: torch.func cannot run it, so the fast path is the only one
     with pytest.raises(ValueError, match="data-dependent control flow.*method='auto' or 'fast'"):
         per_sample_sq_grad_norms(model, inputs, method="vmap")

@@ -138,17 +138,17 @@ def test_recurrent_layers_are_traced_as_their_affine_maps_one_call_per_time_step
     assert_rel_close(h.detach().reshape(-1), model(x).detach().reshape(-1), rtol=1e-12)
 
 
-def test_a_shared_output_reduced_over_its_first_dim_is_not_expanded_and_fast_refuses_it():
+def test_a_shared_output_reduced_over_its_first_dim_is_not_expanded_but_followed_to_the_samples():
     # expanded to the batch, its sum over dim 0 would change the model: the trace sees that on
-    # two samples and leaves it; no closed form can then see the samples apart (before the
-    # sample dims were checked, the closed form added one number to every sample: 1160x off)
+    # two samples and leaves it (before the sample dims were checked, the closed form added one
+    # number to every sample: 1160x off); its per-sample gradients are taken where it meets the
+    # samples, in the add (engines.shared)
     from helpers import SharedInput
 
     model, x = seeded(34, lambda: SharedInput(summed=True)), randn(70, 5, 4)
-    with pytest.raises(ValueError, match="'shared' has no single sample dim"):
-        per_sample_sq_grad_norms(model, x, method="fast")
-    assert_rel_close(per_sample_sq_grad_norms(model, x), brute_sq_norms(model, x))
-    assert_rel_close(flat(regularizer_grad(model, x)), brute_reg_grad(model, x))
+    for method in ("fast", "auto"):
+        assert_rel_close(per_sample_sq_grad_norms(model, x, method=method), brute_sq_norms(model, x))
+        assert_rel_close(flat(regularizer_grad(model, x, method=method)), brute_reg_grad(model, x))
 
 
 @pytest.mark.parametrize("frozen", ["in_proj", "out_proj"])

@@ -117,10 +117,15 @@ class SharedValues(TorchFunctionMode):
                 self._track(result, roots)
             return result
         verdict = self.verdicts[self.index] if self.index < len(self.verdicts) else None
+        # (==: an attribute's getter is a new method-wrapper at each access, equal to the last)
+        if verdict is None or verdict.func != func:
+            result = func(*args, **kwargs)
+            if not isinstance(result, torch.Tensor):  # (a size, a flag: the survey keeps tensors only)
+                return result
+            name = getattr(func, "__name__", func)
+            self.failed = self._named(roots, f"takes another path than for one sample ({name})")
+            return result
         self.index += 1
-        if verdict is None or verdict.func is not func:
-            return self._fail(roots, f"takes another path than for one sample ({getattr(func, '__name__', func)})",
-                              func, args, kwargs)
         if verdict.meets is None:
             result = func(*args, **kwargs)
             if isinstance(result, torch.Tensor):
@@ -151,10 +156,14 @@ class SharedValues(TorchFunctionMode):
         return func(*swap(args), **{key: swap(value) for key, value in kwargs.items()})
 
     def _fail(self, roots: frozenset[str], why: str, func, args, kwargs):
-        """The operation as it is, and why the trace cannot use it (naming the modules)."""
-        names = ", ".join(repr(r) for r in sorted(roots))
-        self.failed = f"a value made by module {names} alone (shared by all samples) {why}"
+        """The operation as it is, and why the trace cannot use it."""
+        self.failed = self._named(roots, why)
         return func(*args, **kwargs)
+
+    @staticmethod
+    def _named(roots: frozenset[str], why: str) -> str:
+        names = ", ".join(repr(r) for r in sorted(roots))
+        return f"a value made by module {names} alone (shared by all samples) {why}"
 
 
 def _expanded(t: torch.Tensor, d: int, dims: int, n: int) -> torch.Tensor | None:

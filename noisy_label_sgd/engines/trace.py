@@ -361,7 +361,7 @@ def set_sample_dims(owners: list[Owner], sample_dims: dict[str, list[int | None]
         for call, d in zip(o.calls, dims):
             if d is None:
                 raise FastPathUnsupported(f"the output of module {o.name!r} has no single sample dim (one "
-                                          "output shared by all samples, broadcast?)")
+                                          "output shared by all samples, or several rows per sample in one dim)")
             call.sample_dim = d
 
 
@@ -453,7 +453,7 @@ def _surveyed(model: nn.Module, one: Batch, two: Batch, roots: frozenset[str], w
               ) -> tuple[tuple[Verdict, ...], int] | str:
     """:func:`~noisy_label_sgd.engines.shared.survey` of the forwards of one sample and of two."""
     surveys = (SharedValues(), SharedValues())
-    with torch.no_grad():
+    with torch.enable_grad():  # (as the trace runs: a forward may take another path without grad)
         for batch, shared in zip((one, two), surveys):
             record(owners_of(model), model, batch, watched=watched, shared=shared, roots=roots)
     return survey(*surveys)
@@ -474,9 +474,13 @@ def _same_when_expanded(model: nn.Module, two: Batch, shared: frozenset[str], ou
 
 
 def sample_dim(one: torch.Size, two: torch.Size) -> int | None:
-    """The one dim in which an output for one sample and for two differ (None: not one)."""
+    """The one dim in which an output for one sample and for two differ, from 1 to 2 (None: not
+    one; a dim from m to 2m holds several rows per sample, Swin's windows merged into the batch,
+    which no closed form reads apart)."""
     differ = [d for d, (a, b) in enumerate(zip(one, two)) if a != b]
-    return differ[0] if len(one) == len(two) and len(differ) == 1 else None
+    if len(one) != len(two) or len(differ) != 1 or (one[differ[0]], two[differ[0]]) != (1, 2):
+        return None
+    return differ[0]
 
 
 def fast_chunk_size(model: nn.Module, batch: Batch, memory_budget: int) -> tuple[int, int]:
