@@ -549,6 +549,8 @@ class SharedBias(nn.Module):
             bias = bias.mT.mT  # (read only with grad on, as Hugging Face's attention does; .mT anew each time)
         if self.meet in ("add", "attributes"):
             h = h + bias.mean(1)
+        elif self.meet == "sequence_first":  # (met along dim 1: [positions, n, d])
+            h = (h.transpose(0, 1) + bias.mean(1)[:, None]).transpose(0, 1)
         elif self.meet == "mul":
             h = torch.tanh(h) * bias.sum(0).sigmoid()
         elif self.meet == "attention":
@@ -559,7 +561,7 @@ class SharedBias(nn.Module):
         return self.out(torch.tanh(h).flatten(1))
 
 
-@pytest.mark.parametrize("meet", ["add", "mul", "attention", "attributes"])
+@pytest.mark.parametrize("meet", ["add", "sequence_first", "mul", "attention", "attributes"])
 def test_a_value_every_sample_shares_is_traced_to_where_it_meets_them(meet):
     model, x = seeded(81, lambda: SharedBias(meet)), randn(N, 3, 5, seed=82)
     assert norms_method(model, x, "auto") == "fast"

@@ -307,6 +307,21 @@ MUTANTS = [
     Mutant("fsdp-not-gathered", "the replica measured at the parameters of its first gather",
            "noisy_label_sgd/sharded.py", "                target.copy_(full_tensor(owner._parameters[name]))",
            "                pass", ("tests/test_distributed.py",)),
+    # values every sample shares, taken where they meet the samples (engines/shared.py)
+    Mutant("shared-sample-dim-not-moved", "a meeting's output gradients read with the samples in the wrong dim",
+           "noisy_label_sgd/engines/shared.py", "g = g.movedim(d + 1, 1).reshape(c * n, *s.shape)",
+           "g = g.reshape(c * n, *s.shape)", CERTIFICATE_TESTS),
+    Mutant("shared-seeds-not-summed", "an operand met several times keeps only its last meeting",
+           "noisy_label_sgd/engines/shared.py",
+           "cotangents[id(s)] = (s, g + cotangents[id(s)][1] if id(s) in cotangents else g)",
+           "cotangents[id(s)] = (s, g)", ("tests/test_models.py",)),
+    Mutant("shared-any-op-meets", "a shared value met by an operation without a rule is expanded anyway",
+           "noisy_label_sgd/engines/shared.py", "        elif func not in BROADCASTING:", "        elif False:",
+           CERTIFICATE_TESTS),
+    Mutant("rows-as-samples", "a dim from m to 2m rows taken as the samples' dim",
+           "noisy_label_sgd/engines/trace.py",
+           "if len(one) != len(two) or len(differ) != 1 or (one[differ[0]], two[differ[0]]) != (1, 2):",
+           "if len(one) != len(two) or len(differ) != 1:", CERTIFICATE_TESTS),
 ]
 
 
