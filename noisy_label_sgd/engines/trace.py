@@ -10,11 +10,14 @@ gradients the model's own backward reaches.
 
 Each recorded output's sample dim comes from a forward of one sample and of two
 (:func:`one_sample_layout`, cached); an output shared by all samples ([1, ...], broadcast) is
-traced expanded to the batch where that leaves the model's output unchanged.
+traced expanded to the batch where that leaves the model's output unchanged; one that is the
+same for one sample and for two ([q, k, heads]: T5's relative position bias) is followed to where
+it meets the samples (:mod:`~noisy_label_sgd.engines.shared`).
 
 Whole-model refusals (:class:`FastPathUnsupported`): a module with parameters that is never
-called (its weight used by a parent's functional code), a module returning a non-tensor, or an
-output with no single sample dim.
+called (its weight used by a parent's functional code), a module returning a non-tensor, an
+output with no single sample dim (several rows per sample in one dim, Swin's windows merged into
+the batch, included), or a shared value met by an operation without a rule.
 """
 
 from __future__ import annotations
