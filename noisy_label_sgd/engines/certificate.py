@@ -12,7 +12,11 @@ probability one only if every per-sample gradient the formulas imply is right. A
 closed form is held to the same check through its own ``forward`` (a vjp at its recorded
 inputs: what its per-module fallback differentiates). Then, for one random sample, each formula's
 squared norm must equal that of its own per-sample gradient (``Owner.one_sample``): the norms'
-shortcut (ghost norms, fused kernels) against the gradient just certified.
+shortcut (ghost norms, fused kernels) against the gradient just certified. The formulas read
+sample i's gradient off row i of each output's sample dim; a second backward, with each sample's
+weights scaled by a random s_i, certifies that: every recorded output's gradient must scale by
+s_r along that dim (a forward that reorders the batch and restores it, ``x.flip(0)`` in and out,
+passes the preflight but not this; the whole-model path is then needed).
 
 A parameter whose sum disagrees beyond :func:`tolerance` is first given its modules' own
 ``forward`` instead of their formulas: if that agrees, those modules fall back
@@ -20,8 +24,8 @@ A parameter whose sum disagrees beyond :func:`tolerance` is first given its modu
 output in a way no module call explains (a use outside its module, a global forward hook) and
 the whole-model path is needed (:class:`~noisy_label_sgd.engines.trace.FastPathUnsupported`).
 
-A certificate costs one backward (a training step's, with the parameters' gradients), a product
-per layer and one host sync to read the verdict. It is kept per model and per autograd graph
+A certificate costs two backwards (a training step's, with the parameters' gradients, and one
+to the layer outputs), a product per layer and one host sync to read the verdict. It is kept per model and per autograd graph
 (:func:`graph_signature`: every node's type, its inputs, the parameters it accumulates into, and
 where the trace recorded each layer output): a later forward with the same graph computes the
 same functions of the parameters, so its verdict stands, and a forward whose graph changed (a
@@ -123,9 +127,14 @@ def run_certificate(owners: list[Owner], h: torch.Tensor, parameters: dict[str, 
     records = [(o, c) for o in owners for c in o.calls] + [(o, c) for o in originals for c in o.calls]
     names = {id(p): name for name, p in parameters.items()}
     leaves = list(parameters.values())
+    # each sample's weights scaled by its own s_i: a recorded output's gradient must scale by s_r
+    # along its sample dim, row r reaching sample r's outputs alone
+    s = (torch.rand(n, generator=generator, dtype=torch.float64) + 0.5).to(h.device, h.dtype)
     with torch.enable_grad():
         grads = torch.autograd.grad(h, [c.edge for _, c in records] + leaves, u, retain_graph=True,
                                     allow_unused=True)
+        scaled = torch.autograd.grad(h, [c.edge for _, c in records], u * s[:, None], retain_graph=True,
+                                     allow_unused=True)
     by_owner: dict[int, list[torch.Tensor]] = {}
     for (o, c), g in zip(records, grads):
         by_owner.setdefault(id(o), []).append(torch.zeros(c.shape, dtype=c.dtype, device=c.device) if g is None else g)
@@ -141,9 +150,18 @@ def run_certificate(owners: list[Owner], h: torch.Tensor, parameters: dict[str, 
         for o in owners:
             if o.one_sample is not None:
                 norms.append((o, *_evaluated(o.one_sample, by_owner[id(o)], sample, empty=failed_to_evaluate)))
-        verdict = torch.stack([e for _, e in errors] + [_relative(a, b) for _, a, b in norms]).tolist()  # (the sync)
-    mismatches: dict[int, Mismatch] = {}
+        rows = [(o, _relative(g2, g * s.reshape([n if d == c.sample_dim else 1 for d in range(g.dim())])))
+                for (o, c), g, g2 in zip(records, grads, scaled)
+                if g2 is not None and c.shape[c.sample_dim] == n]
+        verdict = torch.stack([e for _, e in errors] + [_relative(a, b) for _, a, b in norms]
+                              + [e for _, e in rows]).tolist()  # (the sync)
     limit = tolerance(h.dtype)
+    for (o, _), e in zip(rows, verdict[len(errors) + len(norms):]):
+        if e > limit:
+            raise FastPathUnsupported(
+                f"the output of module {o.name!r} mixes the samples: a row of its sample dim reaches another "
+                f"sample's outputs ({e:.2g} relative; a forward that reorders the batch?)")
+    mismatches: dict[int, Mismatch] = {}
     failed = [p for (p, _), e in zip(errors, verdict) if e > limit]
     if failed:
         # the modules' own forwards in place of their formulas, for the parameters that failed
@@ -169,7 +187,7 @@ def run_certificate(owners: list[Owner], h: torch.Tensor, parameters: dict[str, 
         for i, o in users.items():
             relative = max(e for p, e in worst.items() if any(q is p for q in o.params.values()))
             mismatches[i] = Mismatch(o, relative, "gradient")
-    for (o, _, _), e in zip(norms, verdict[len(errors):]):
+    for (o, _, _), e in zip(norms, verdict[len(errors):len(errors) + len(norms)]):
         if e > limit and id(o) not in mismatches:
             mismatches[id(o)] = Mismatch(o, e, "norm")
     return list(mismatches.values())
