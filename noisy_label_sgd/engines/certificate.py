@@ -128,8 +128,10 @@ def run_certificate(owners: list[Owner], h: torch.Tensor, parameters: dict[str, 
     names = {id(p): name for name, p in parameters.items()}
     leaves = list(parameters.values())
     # each sample's weights scaled by its own s_i: a recorded output's gradient must scale by s_r
-    # along its sample dim, row r reaching sample r's outputs alone
-    s = (torch.rand(n, generator=generator, dtype=torch.float64) + 0.5).to(h.device, h.dtype)
+    # along its sample dim, row r reaching sample r's outputs alone. Powers of two: a backward
+    # that keeps the samples apart then scales each row exactly, its rounding too (a gradient
+    # that is all rounding, where a sum over a LayerNorm's outputs cancels, included)
+    s = torch.pow(2.0, torch.randint(-4, 5, (n,), generator=generator, dtype=torch.float64)).to(h.device, h.dtype)
     with torch.enable_grad():
         grads = torch.autograd.grad(h, [c.edge for _, c in records] + leaves, u, retain_graph=True,
                                     allow_unused=True)
