@@ -187,6 +187,27 @@ def t5_encoder_4x256():
     return PooledHidden(transformers.T5EncoderModel(config))
 
 
+class LinearScore(nn.Module):
+    """A Hugging Face vision model, scalar output: a linear head on its last hidden state's mean over
+    tokens (the mean over everything of a LayerNorm's output is zero to rounding, no score)."""
+
+    def __init__(self, model, width):
+        super().__init__()
+        self.model = model
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, x):
+        return self.head(self.model(x).last_hidden_state.mean(1)).squeeze(1)
+
+
+def swin_3stage():
+    import transformers
+
+    config = transformers.SwinConfig(image_size=32, patch_size=2, embed_dim=32, depths=[2, 2, 2], num_heads=[2, 4, 8],
+                                     window_size=4, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return LinearScore(transformers.SwinModel(config, add_pooling_layer=False), 128)  # 16x16 patches, windows of 4x4
+
+
 def token_ids(vocabulary):
     return lambda shape, generator: torch.randint(0, vocabulary, shape, generator=generator)
 
@@ -207,6 +228,8 @@ CASES = {
     "vit": ("ViT 4x(d=128) (Hugging Face), 3x32x32 in 64 patches, scalar, batch 32", vit_4x128, (32, 3, 32, 32)),
     "convnext": ("ConvNeXt 4 stages 32-256 (Hugging Face), 3x32x32, scalar, batch 32", convnext_4stage,
                  (32, 3, 32, 32)),
+    "swin": ("Swin 3 stages 32-128 (Hugging Face), 3x32x32 in 4x4 windows, scalar, batch 32", swin_3stage,
+             (32, 3, 32, 32)),
     "t5": ("T5 encoder 4x(d=256) (Hugging Face), seq 64, scalar, batch 16", t5_encoder_4x256,
            ((16, 64), token_ids(32128))),
 }
