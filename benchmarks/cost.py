@@ -1,7 +1,7 @@
 """What a GPU pays for, counted on any device: dispatched operations, FLOPs, host syncs.
 
     python benchmarks/cost.py [--cases mlp,mlp_b8,mlp10,cnn,resnet18,transformer4,vit] [--device cpu] [--autocast bf16]
-    for c in mlp mlp_b8 mlp10 cnn resnet18 transformer4 transformer relu1d gpt2 llama vit convnext t5; do
+    for c in mlp mlp_b8 mlp10 cnn resnet18 transformer4 transformer relu1d gpt2 llama vit convnext t5 swin; do
         python benchmarks/cost.py --cases $c; done   # one case a process
 
 The cases run replace their rows of the stored table (results/cost_<device>*.json); the others stay.
@@ -201,7 +201,7 @@ def case_costs(case: str, device: torch.device, methods=None, build_and_shape=No
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cases", default="mlp,mlp_b8,mlp10,cnn,resnet18,transformer4,transformer,relu1d,gpt2,llama,vit,convnext,t5")
+    p.add_argument("--cases", default="mlp,mlp_b8,mlp10,cnn,resnet18,transformer4,transformer,relu1d,gpt2,llama,vit,convnext,t5,swin")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--cpu-choices", action="store_true",
                    help="count the CPU's own choices (cache-sized pieces), not an accelerator's")
