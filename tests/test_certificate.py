@@ -373,7 +373,8 @@ def test_a_model_whose_samples_are_not_independent_is_refused_by_every_entry_poi
     for method in ("auto", "fast", "vmap"):
         for ask in (lambda: per_sample_sq_grad_norms(model, x, method=method),
                     lambda: RegularizerProbe(model, x, method=method)()):
-            with pytest.raises(ValueError, match="depends on the other samples of the batch"):
+            # (the outputs' norm beside it: an output zero to rounding differs by rounding alone)
+            with pytest.raises(ValueError, match="depends on the other samples of the batch.*outputs' norm is "):
                 ask()
 
 

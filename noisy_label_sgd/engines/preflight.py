@@ -81,7 +81,9 @@ def check_model(model: nn.Module, batch: Batch) -> None:
                     f"run together and alone differ by {differ:.2g}, relative): per-sample gradients are undefined. "
                     "A forward that normalises over the batch (a BatchNorm-like statistic over dim 0) or depends "
                     "on the batch size mixes the samples; use running statistics or per-sample normalisation "
-                    "(GroupNorm, LayerNorm)")
+                    f"(GroupNorm, LayerNorm). (The outputs' norm is {float(scale):.2g}: an output that is zero to "
+                    "rounding, such as the mean of a LayerNorm's output over its features, differs by rounding "
+                    "alone; probe a score that is not.)")
     checked.add(signature)
 
 
