@@ -1080,3 +1080,20 @@ def test_another_vmap_failure_is_not_called_a_value_read():
     with pytest.raises(RuntimeError) as raised:
         per_sample_sq_grad_norms(model, x, method="vmap")
     assert not isinstance(raised.value, ValueError)
+
+
+@pytest.mark.parametrize("name", ["embedding_with_padding_index", "tied_embedding_and_head"])
+def test_j_times_by_a_jvp_gives_the_padding_row_no_tangent(name):
+    # J v by forward mode, J not held (a budget of one byte): the jvp's weights do not require
+    # grad, and the padding row must be a constant there all the same, as reverse mode makes it
+    from noisy_label_sgd.engines.vmap import VmapEngine
+
+    model, x = make(name)
+    engine = VmapEngine(model, (x,), None, 1)
+    J = brute_jacobian(model, x)
+    v, u = flat(random_vector(model)), torch.randn(J.shape[0], generator=torch.Generator().manual_seed(3),
+                                                    dtype=J.dtype)
+    with engine.measuring():
+        assert not engine.jacobian_fits()
+        assert_rel_close(engine.J_times(v), J @ v)
+        assert_rel_close(engine.J_transpose_times(u), J.T @ u)
