@@ -464,10 +464,14 @@ def test_k_by_layers_adds_the_cross_terms_of_a_tied_parameter(name):
     # K = J J^T a layer at a time (the dense projection where J does not fit): a tied parameter's
     # uses added before their product, (G_A + G_B)(G_A + G_B)^T
     from helpers import make
-    from noisy_label_sgd.engines import select_engine
 
     model, x = make(name)
-    x = randn(40, *x.shape[1:], seed=12)
+    assert_k_by_layers_is_j_jt(model, randn(40, *x.shape[1:], seed=12))
+
+
+def assert_k_by_layers_is_j_jt(model, x):
+    from noisy_label_sgd.engines import select_engine
+
     engine = select_engine(model, x, "fast")
     with engine.measuring():
         K = engine.gram_by_layers()
@@ -594,15 +598,7 @@ def test_a_wrong_per_sample_gradient_of_a_shared_value_is_caught_at_run_time(mon
 
 
 def test_k_by_layers_takes_a_shared_values_blocks_from_its_meetings():
-    from noisy_label_sgd.engines import select_engine
-
-    model, x = seeded(87, lambda: SharedBias("attention")), randn(40, 3, 5, seed=88)
-    engine = select_engine(model, x, "fast")
-    with engine.measuring():
-        K = engine.gram_by_layers()
-    J = brute_jacobian(model, x)
-    assert K is not None
-    assert_rel_close(K, J @ J.T)
+    assert_k_by_layers_is_j_jt(seeded(87, lambda: SharedBias("attention")), randn(40, 3, 5, seed=88))
 
 
 class RowsPerSample(nn.Linear):
