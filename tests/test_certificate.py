@@ -602,8 +602,7 @@ def test_k_by_layers_takes_a_shared_values_blocks_from_its_meetings():
 
 
 class RowsPerSample(nn.Linear):
-    """A Linear whose output holds each sample's positions as rows of one dim ([n T, d]: Swin's
-    windows merged into the batch): no closed form reads the samples apart there."""
+    """A Linear whose output holds each sample's positions as rows of one dim ([n T, d])."""
 
     def forward(self, x):
         return super().forward(x).flatten(0, 1)
@@ -618,12 +617,65 @@ class MergedRows(nn.Module):
         return self.head(torch.tanh(self.inner(x))).reshape(x.shape[0], -1).sum(1, keepdim=True)
 
 
-def test_an_output_with_several_rows_per_sample_in_one_dim_is_refused_not_crashed():
-    # (its closed forms once gave a norm per row, n T of them, and the sum over layers crashed)
+def test_an_output_with_several_rows_per_sample_in_one_dim_is_read_in_blocks():
+    # (its closed forms once gave a norm per row, n T of them, and the sum over layers crashed;
+    # then it was refused: now its rows are read as sample-major blocks, which the certificate
+    # checks)
     model, x = seeded(89, MergedRows), randn(N, 3, 4, seed=90)
+    assert norms_method(model, x, "auto") == "fast"
+    for method in ("auto", "fast"):
+        assert_exact(model, x, method)
+
+
+class Windows(nn.Module):
+    """Each sample's 4 positions as 2 windows of 2 merged into the batch dim ([n 2, 2, d], Swin's
+    windows: "sample-major"), or with the windows of all samples ordered window-major
+    ("interleaved": row r is sample r mod n's, which no reading in blocks fits); a Linear, a
+    LayerNorm and a bias table indexed by position (shared by all samples, met per window) on
+    them, and the windows back."""
+
+    def __init__(self, order):
+        super().__init__()
+        self.order = order
+        self.inner, self.norm, self.head = nn.Linear(3, 8), nn.LayerNorm(8), nn.Linear(32, 1)
+        self.bias = TableBias()
+
+    def forward(self, x):  # x: [n, 4, 3]
+        n = x.shape[0]
+        w = x.reshape(n, 2, 2, 3)
+        w = (w if self.order == "sample-major" else w.transpose(0, 1)).flatten(0, 1)
+        y = torch.tanh(self.norm(self.inner(w)) + self.bias())  # [n 2, 2, 8]
+        y = y.reshape(n, 2, 2, 8) if self.order == "sample-major" else y.reshape(2, n, 2, 8).transpose(0, 1)
+        return self.head(y.flatten(1))
+
+
+class TableBias(nn.Module):
+    """Swin's relative position bias in small: a table indexed by constant positions, [1, 2, 8]."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(3, 8))
+        self.register_buffer("index", torch.tensor([0, 2]), persistent=False)
+
+    def forward(self):
+        return self.table[self.index].unsqueeze(0)
+
+
+def test_windows_merged_into_the_batch_are_read_as_sample_major_blocks():
+    model, x = seeded(93, lambda: Windows("sample-major")), randn(N, 4, 3, seed=94)
+    assert norms_method(model, x, "auto") == "fast"
+    for method in ("auto", "fast"):
+        assert_exact(model, x, method)
+    assert_exact(model, x, "auto", solver="lsqr")
+
+
+def test_windows_interleaved_by_sample_are_caught_by_the_row_check():
+    # (one sample's rows, 2, and two samples', 4, look like blocks; read so, every norm would be
+    # wrong: the certificate's row check sends the model to the whole-model path)
+    model, x = seeded(95, lambda: Windows("interleaved")), randn(N, 4, 3, seed=96)
     assert norms_method(model, x, "auto") == "vmap"
     assert_exact(model, x, "auto")
-    with pytest.raises(ValueError, match=r"module 'inner' has no single sample dim .*several rows per sample"):
+    with pytest.raises(ValueError, match=r"module '(inner|norm)' mixes the samples: a row of its sample dim reaches"):
         per_sample_sq_grad_norms(model, x, method="fast")
 
 

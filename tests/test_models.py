@@ -194,3 +194,42 @@ def test_a_t5_encoder_is_probed_exactly_on_the_fast_path(method, mask):
     # T5 branches on the mask's values: torch.func cannot run it, so the fast path is the only one
     with pytest.raises(ValueError, match="data-dependent control flow.*method='auto' or 'fast'"):
         per_sample_sq_grad_norms(model, inputs, method="vmap")
+
+
+class SwinWithHead(nn.Module):
+    """Hugging Face's Swin (2 stages; 4 windows of 2x2 patches a sample in the first, with a
+    shifted block, one window in the second) and a 2-output Linear head on its mean token."""
+
+    def __init__(self):
+        super().__init__()
+        config = transformers.SwinConfig(image_size=8, patch_size=2, num_channels=3, embed_dim=8, depths=[2, 2],
+                                         num_heads=[2, 2], window_size=2, mlp_ratio=2.0, hidden_dropout_prob=0.0,
+                                         attention_probs_dropout_prob=0.0, drop_path_rate=0.0)
+        self.body, self.head = transformers.SwinModel(config, add_pooling_layer=False), nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.head(self.body(pixel_values=x).last_hidden_state.mean(1))
+
+
+@pytest.mark.parametrize("method", ["auto", "fast"])
+def test_a_swin_transformer_is_probed_exactly_on_the_fast_path(method):
+    # its windows are merged into the batch dim ([n windows, T, C]: read as sample-major blocks,
+    # which the certificate's row check holds each measurement to), and its relative position
+    # bias is a table indexed by position, shared by all samples and met by every window's
+    # scores (engines.shared, replayed on the table batched per sample)
+    model = seeded(47, SwinWithHead).eval()
+    with torch.no_grad():  # (Hugging Face starts the bias tables at zero: no gradient would test them)
+        for name, p in model.named_parameters():
+            if "relative_position_bias_table" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name)), dtype=p.dtype))
+    x = torch.randn(40, 3, 8, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    report = RegularizerProbe(model, x, method=method)()
+    assert report.method == "fast"
+    J = brute_jacobian(model, x)
+    assert_rel_close(report.per_sample, J.pow(2).reshape(40, -1).sum(1))
+    grad = brute_reg_grad(model, x)
+    got = regularizer_grad(model, x, method=method)
+    assert_rel_close(torch.cat([got[n].reshape(-1) for n, p in model.named_parameters()]), grad)
+    manifold = svd_tangent_projection(J, grad)
+    assert_rel_close(report.manifold_grad_norm, float(manifold.norm()), rtol=0, atol=FLOAT64_RTOL * float(grad.norm()))
+    assert_rel_close(per_sample_sq_grad_norms(model, x, method="vmap"), report.per_sample)

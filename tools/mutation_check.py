@@ -323,10 +323,24 @@ MUTANTS = [
            "    for (o, _), e in zip(rows, verdict[len(errors) + len(norms):]):\n        if e > limit:",
            "    for (o, _), e in zip(rows, verdict[len(errors) + len(norms):]):\n        if False:",
            CERTIFICATE_TESTS),
-    Mutant("rows-as-samples", "a dim from m to 2m rows taken as the samples' dim",
-           "noisy_label_sgd/engines/trace.py",
-           "if len(one) != len(two) or len(differ) != 1 or (one[differ[0]], two[differ[0]]) != (1, 2):",
-           "if len(one) != len(two) or len(differ) != 1:", CERTIFICATE_TESTS),
+    # rows per sample in one dim (Swin's windows merged into the batch), read as sample-major blocks
+    Mutant("rows-read-interleaved", "a layer output's rows per sample read as interleaved by sample, not in blocks",
+           "noisy_label_sgd/engines/trace.py", "recorded = output.unflatten(d, (n, rows))",
+           "recorded = output.unflatten(d, (rows, n)).transpose(d, d + 1)", CERTIFICATE_TESTS),
+    Mutant("rows-input-not-unflattened", "a Linear's input on rows per sample read as one position per row",
+           "noisy_label_sgd/engines/trace.py", "    return a.unflatten(d, (call.shape[d], call.rows))",
+           "    return a", CERTIFICATE_TESTS),
+    Mutant("shared-rows-interleaved", "a shared value met in a dim of rows per sample, its copies read interleaved",
+           "noisy_label_sgd/engines/shared.py", "return per_sample, over_rows.flatten(at, at + 1), at",
+           "return per_sample, over_rows.transpose(at, at + 1).flatten(at, at + 1), at", CERTIFICATE_TESTS),
+    Mutant("shared-replay-not-differentiated", "a replayed root's per-sample gradients not differentiable (grad reg)",
+           "noisy_label_sgd/engines/shared.py",
+           "found = torch.autograd.grad(replayed, list(expanded.values()), at_output, create_graph=create_graph,",
+           "found = torch.autograd.grad(replayed, list(expanded.values()), at_output, create_graph=False,",
+           ("tests/test_models.py",)),
+    Mutant("shared-never-replayed", "a shared root's per-sample gradients always by a vmapped backward (loops)",
+           "noisy_label_sgd/engines/trace.py", "replay = _replay(o.module, root_call) if o.name in replayable else None",
+           "replay = None", ("tests/test_cost.py::test_a_swin_transformer_is_on_the_fast_path_within_the_step_targets",)),
 ]
 
 

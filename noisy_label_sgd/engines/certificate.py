@@ -258,6 +258,8 @@ def own_forward_contract(owner: Owner, grads: list[torch.Tensor]) -> dict[str, t
             kwargs = {key: t.detach() if isinstance(t, torch.Tensor) else t for key, t in call.kwargs.items()}
             out = owner.module.forward(*args, **kwargs)
             out = out[0] if isinstance(out, tuple) else out
+            if call.rows > 1:  # (recorded with its rows per sample unflattened)
+                g = g.flatten(call.sample_dim, call.sample_dim + 1)
             if not isinstance(out, torch.Tensor) or out.shape != g.shape or not out.requires_grad:
                 return {}  # (nothing to compare: the parameters' sums then miss this use and fail)
             grads_call = torch.autograd.grad(out, list(owner.params.values()), g, allow_unused=True)

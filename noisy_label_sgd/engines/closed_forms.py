@@ -65,7 +65,7 @@ from .functional import cat_or_one
 from .gram import gram, gram_inner, row_gram, squared_norms
 from .group_norm import per_sample_affine_sq_norms
 from .recurrent import is_stock_recurrent
-from .trace import Call, FastPathUnsupported, Owner, input_over_calls, owners_of
+from .trace import Call, FastPathUnsupported, Owner, input_over_calls, owners_of, recorded_input
 
 
 @dataclass(frozen=True)
@@ -191,9 +191,18 @@ def bind(owners: list[Owner]) -> None:
         own = {n for n, p in o.module._parameters.items() if p is not None and p.requires_grad}
         form = o.form or closed_form_of(o.module)
         if form is None or len(o.calls) != 1 or call.kwargs or len(call.args) != 1 or set(o.params) != own:
+            if any(c.rows > 1 for c in o.calls):
+                raise _several_rows(o)
             continue
         trainable = frozenset(o.params)
         a, d = call.args[0], call.sample_dim
+        if call.rows > 1:  # (its output recorded unflattened, [.., n, m, ..]: the input alike)
+            if not form.samples_anywhere:
+                raise _several_rows(o)
+            try:
+                a = recorded_input(call)
+            except FastPathUnsupported:
+                raise _several_rows(o) from None
         if d == 0:
             o.closed_form = partial(form.sq_norms, o.module, a, trainable=trainable, memo=memo_of(call))
             o.bare = form.bare
@@ -206,6 +215,11 @@ def bind(owners: list[Owner]) -> None:
         if o.closed_form is not None:
             o.contract = lambda grads, form=form, o=o, a=a, t=trainable: form.contract(o.module, a, grads[0], t)
             o.one_sample = partial(_one_sample, form, o.module, a, d, trainable)
+
+
+def _several_rows(o: Owner) -> FastPathUnsupported:
+    return FastPathUnsupported(f"module {o.name!r} holds several rows per sample in one dim of its output, which "
+                               "only a closed form over positions (Linear, LayerNorm, ...) reads apart")
 
 
 def operation_owners(o: Owner, sizing: bool = False) -> list[Owner] | None:

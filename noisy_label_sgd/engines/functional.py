@@ -388,3 +388,15 @@ def chunks_of(batch: Batch, chunk_size: int) -> list[Batch]:
 def cat_or_one(parts: list[torch.Tensor]) -> torch.Tensor:
     """torch.cat, except of one part: that part (a cat of one is still a copy and an operation)."""
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class OwnForward(nn.Module):
+    """A module's own ``forward``, without its hooks: the trace records the output of that (the
+    hooks are ops of the graph after it)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module.forward(*args, **kwargs)

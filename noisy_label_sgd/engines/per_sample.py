@@ -14,7 +14,7 @@ from torch import nn
 from torch.func import functional_call, vjp, vmap
 
 from .closed_forms import _plain_convolution, conv_geometry, grouped_weight_grads
-from .functional import forward_replacements
+from .functional import OwnForward, forward_replacements
 from .trace import FastPathUnsupported, Owner, grads_over_calls, input_over_calls
 
 
@@ -33,6 +33,7 @@ def per_sample_grads(owner: Owner, grads: list[torch.Tensor], n: int) -> dict[st
     if not (owner.affine or _linear_owner(owner)):
         return module_per_sample_grads(owner, grads, n)
     d = owner.calls[0].sample_dim  # (0 where several calls are stacked)
+    # (rows per sample: unflattened in both, [.., n, m, ..], their order as positions alike)
     a, g = input_over_calls(owner).movedim(d, 0), grads_over_calls(grads).movedim(d + 1, 1)
     a = a.reshape(n, -1, a.shape[-1]).to(g.dtype)  # [n, positions, in]
     g = g.reshape(g.shape[0], n, -1, g.shape[-1])  # [c, n, positions, out]
@@ -105,24 +106,14 @@ def per_sample_gradient_blocks(owner: Owner, grads: list[torch.Tensor], n: int,
         yield g.transpose(0, 1).reshape(n * c, -1)
 
 
-class OwnForward(nn.Module):
-    """A module's own ``forward``, without its hooks: the trace records the output of that (the
-    hooks are ops of the graph after it)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, *args, **kwargs):
-        return self.module.forward(*args, **kwargs)
-
-
 def module_per_sample_grads(owner: Owner, grads: list[torch.Tensor], n: int) -> dict[str, torch.Tensor]:
     """Per-sample gradients of this module's own parameters, summed over its calls, by a
     vmapped vjp of the module at its recorded inputs: name -> [c, n, *param.shape].
 
     Samples must run along dim 0 of the module's output; a tensor argument (positional or
     keyword) whose dim 0 has n entries is taken per sample, any other as shared by all samples.
+    Where the output holds m rows per sample in dim 0 (``Call.rows``), an argument with n m
+    entries there is taken a block of m rows per sample: the module applied to one sample's rows.
     """
     attention = isinstance(owner.module, torch.nn.MultiheadAttention)
     if attention and (not owner.module.batch_first or any(
@@ -135,19 +126,23 @@ def module_per_sample_grads(owner: Owner, grads: list[torch.Tensor], n: int) -> 
     for call, g in zip(owner.calls, grads):
         names = list(call.kwargs)
         values = [*call.args, *call.kwargs.values()]
-        batched = [isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n
+        rows = call.rows
+        batched = [isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n * rows
                    and not (attention and name == "attn_mask")  # ([T, S]: shared, even where T = n)
                    for t, name in zip(values, [None] * len(call.args) + names)]
+        if rows > 1:  # (a sample's block of rows: the module applied to it)
+            values = [t.unflatten(0, (n, rows)) if b else t for t, b in zip(values, batched)]
 
         def sample_output(p, *values):
-            full = [t.unsqueeze(0) if b else t for t, b in zip(values, batched)]
+            full = [t.unsqueeze(0) if b and rows == 1 else t for t, b in zip(values, batched)]
             split = len(full) - len(names)
             if owner.original is not None:  # (an operation's owner: the operation, not the module)
                 return call.ops[0].apply(full[0], p)[0]
             with forward_replacements():
                 out = functional_call(OwnForward(owner.module), {f"module.{k}": v for k, v in p.items()},
                                       tuple(full[:split]), dict(zip(names, full[split:])))
-            return (out[0] if isinstance(out, tuple) else out)[0]
+            out = out[0] if isinstance(out, tuple) else out
+            return out[0] if rows == 1 else out
 
         def sample_grads(cotangent, *values):
             return vjp(lambda p: sample_output(p, *values), params)[1](cotangent)[0]

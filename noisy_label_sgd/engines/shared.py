@@ -18,7 +18,12 @@ parameters per sample (T5's bias table: buckets x heads), so the norms are taken
 
 Which operations keep a value shared and which meet the samples is read off the sizing forwards
 of one sample and of two (:func:`survey`): an operation whose result has the same shape in both
-keeps it shared; one whose result has one sample more in one dim meets the samples there. Any
+keeps it shared; one whose result has one sample more in one dim meets the samples there, or m
+rows more where each sample holds m rows of that dim (Swin's relative position bias, added to
+the scores of every window: [n windows, heads, T, T]). There the shared operand is handed
+expanded to [.., n, m, ..] and flattened: its copy [.., n, 1, ..] before the second expand is the
+edge, whose gradient is already summed over a sample's rows (that the rows are in sample-major
+blocks, the certificate's row check holds every measurement to). Any
 other use (a shared value meeting the samples by an operation that does not broadcast it, or
 in several dims) leaves the model to the whole-model path. The certificate holds the per-sample
 gradients against autograd like every closed form's.
@@ -27,9 +32,11 @@ gradients against autograd like every closed form's.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
+from torch.func import vmap
 from torch.overrides import TorchFunctionMode
 
 F = nn.functional
@@ -55,6 +62,7 @@ class Verdict:
     func: object
     meets: int | None
     dims: int = 0
+    rows: int = 1  # rows per sample in that dim
 
 
 @dataclass
@@ -83,6 +91,7 @@ class SharedValues(TorchFunctionMode):
         super().__init__()
         self.verdicts, self.n, self.gradient_edge = verdicts, n, gradient_edge
         self.roots: set[str] = set()  # (the owners whose outputs were followed)
+        self.outputs: dict[str, torch.Tensor] = {}  # (and those outputs)
         self.roots_of: dict[int, frozenset[str]] = {}
         self.kept: list[torch.Tensor] = []  # (alive while their ids are keys)
         # surveying: per operation, its function, the producers of its tracked inputs (an index
@@ -95,6 +104,7 @@ class SharedValues(TorchFunctionMode):
 
     def add_root(self, output: torch.Tensor, name: str) -> None:
         self.roots.add(name)
+        self.outputs[name] = output
         self._track(output, frozenset((name,)))
         self.produced[id(output)] = name
 
@@ -144,13 +154,12 @@ class SharedValues(TorchFunctionMode):
             return self._fail(roots, f"meets them in {name}, which has no rule", func, args, kwargs)
         swapped = {}
         for t in tracked:
-            expanded = _expanded(t, verdict.meets, verdict.dims, self.n)
-            if expanded is None:
+            made = _expanded(t, verdict.meets, verdict.dims, self.n, verdict.rows)
+            if made is None:
                 return self._fail(roots, f"is not broadcast along them in {name}", func, args, kwargs)
-            swapped[id(t)] = expanded
-            edge = self.gradient_edge(expanded) if torch.is_grad_enabled() and expanded.requires_grad else None
-            self.meetings.append(Meeting(t, edge, expanded.shape, verdict.meets - (verdict.dims - expanded.dim()),
-                                         self.roots_of[id(t)]))
+            per_sample, swapped[id(t)], at = made
+            edge = self.gradient_edge(per_sample) if torch.is_grad_enabled() and per_sample.requires_grad else None
+            self.meetings.append(Meeting(t, edge, per_sample.shape, at, self.roots_of[id(t)]))
         swap = lambda a: swapped.get(id(a), a) if isinstance(a, torch.Tensor) else (
             type(a)(swap(x) for x in a) if isinstance(a, (list, tuple)) else a)
         return func(*swap(args), **{key: swap(value) for key, value in kwargs.items()})
@@ -166,20 +175,27 @@ class SharedValues(TorchFunctionMode):
         return f"a value made by module {names} alone (shared by all samples) {why}"
 
 
-def _expanded(t: torch.Tensor, d: int, dims: int, n: int) -> torch.Tensor | None:
-    """``t`` expanded to ``n`` along dim ``d`` of a result of ``dims`` dims it is broadcast to
-    (right-aligned: leading dims added where it has fewer); None where it has more than one
-    entry there."""
+def _expanded(t: torch.Tensor, d: int, dims: int, n: int, rows: int = 1
+              ) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """``t`` expanded along dim ``d`` of a result of ``dims`` dims it is broadcast to
+    (right-aligned: leading dims added where it has fewer) to ``n`` samples of ``rows`` rows
+    each: the copy with one entry per sample (the meeting's edge), the operand to hand the
+    operation (the same, for one row per sample; else that copy expanded over the rows and
+    flattened) and the copy's sample dim; None where ``t`` has more than one entry there."""
     at = d - (dims - t.dim())
-    if at >= 0:
-        if t.shape[at] != 1:
-            return None
-        sizes = [-1] * t.dim()
-        sizes[at] = n
-        return t.expand(sizes)
-    sizes = [1] * (-at) + [-1] * t.dim()
-    sizes[0] = n
-    return t.expand(sizes)
+    if at >= 0 and t.shape[at] != 1:
+        return None
+    if rows == 1:  # (an expand adds the leading dims the broadcast would)
+        sizes = [-1] * t.dim() if at >= 0 else [n] + [1] * (-at - 1) + [-1] * t.dim()
+        if at >= 0:
+            sizes[at] = n
+        expanded = t.expand(sizes)
+        return expanded, expanded, max(at, 0)
+    if at < 0:  # (the leading dims the broadcast adds, made explicit: the samples' first)
+        t, at = t.reshape((1,) * -at + tuple(t.shape)), 0
+    per_sample = t.unsqueeze(at).expand(*t.shape[:at], n, *t.shape[at:])  # [.., n, 1, ..]
+    over_rows = per_sample.expand(*t.shape[:at], n, rows, *t.shape[at + 1:])
+    return per_sample, over_rows.flatten(at, at + 1), at
 
 
 def survey(one: SharedValues, two: SharedValues) -> tuple[tuple[Verdict, ...], int] | str:
@@ -195,7 +211,7 @@ def survey(one: SharedValues, two: SharedValues) -> tuple[tuple[Verdict, ...], i
         inputs_shared = [isinstance(p, str) or shared[p] for p in producers]
         differ = [d for d, (x, y) in enumerate(zip(a, b)) if x != y]
         name = getattr(func, "__name__", str(func))
-        if len(a) != len(b) or len(differ) > 1 or differ and (a[differ[0]], b[differ[0]]) != (1, 2):
+        if len(a) != len(b) or len(differ) > 1 or differ and b[differ[0]] != 2 * a[differ[0]]:
             if any(inputs_shared):
                 return f"a value shared by all samples meets them in {name}, with the samples in no single dim"
             shared[index] = False
@@ -205,7 +221,7 @@ def survey(one: SharedValues, two: SharedValues) -> tuple[tuple[Verdict, ...], i
             continue
         if not differ and not all(inputs_shared):
             return f"{name} makes a value shared by all samples from one that is not (a batch statistic?)"
-        verdicts.append(Verdict(func, differ[0] if differ else None, len(a)))
+        verdicts.append(Verdict(func, differ[0] if differ else None, len(a), a[differ[0]] if differ else 1))
         if differ:
             floats += b.numel() // 2
     return tuple(verdicts), floats
@@ -214,11 +230,16 @@ def survey(one: SharedValues, two: SharedValues) -> tuple[tuple[Verdict, ...], i
 @dataclass
 class SharedUse:
     """A root's parameters reached through its meetings' operands (one call each of its owner):
-    the per-sample gradients by one batched vjp of the operands."""
+    the per-sample gradients by one batched vjp of the operands, or, where the root's own
+    forward ``replay`` (parameters -> its output) runs under vmap, by a batched vjp to the root's
+    ``output`` and one backward of that forward replayed on parameters expanded per sample (a
+    vmapped backward of an indexed table loops over the samples: Swin's relative position bias)."""
 
     params: dict[str, nn.Parameter]
     operands: list[torch.Tensor] = field(default_factory=list)
     sample_dims: list[int] = field(default_factory=list)
+    output: torch.Tensor | None = None
+    replay: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
 
     def per_sample(self, grads: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """name -> [c, n, *param.shape] from output gradients [c, *expanded.shape] per meeting."""
@@ -229,9 +250,19 @@ class SharedUse:
             cotangents[id(s)] = (s, g + cotangents[id(s)][1] if id(s) in cotangents else g)
         names = list(self.params)
         operands, seeds = zip(*cotangents.values())
-        found = torch.autograd.grad(operands, [self.params[name] for name in names], seeds,
-                                    retain_graph=True, create_graph=torch.is_grad_enabled(), allow_unused=True,
-                                    is_grads_batched=True)
+        create_graph = torch.is_grad_enabled()
+        if self.replay is None:
+            found = torch.autograd.grad(operands, [self.params[name] for name in names], seeds,
+                                        retain_graph=True, create_graph=create_graph, allow_unused=True,
+                                        is_grads_batched=True)
+        else:
+            at_output = torch.autograd.grad(operands, self.output, seeds, retain_graph=True, create_graph=create_graph,
+                                            is_grads_batched=True)[0]
+            with torch.enable_grad():
+                expanded = {name: self.params[name].expand(c * n, *self.params[name].shape) for name in names}
+                replayed = vmap(self.replay)(expanded)
+            found = torch.autograd.grad(replayed, list(expanded.values()), at_output, create_graph=create_graph,
+                                        allow_unused=True)
         return {name: (torch.zeros((c * n, *self.params[name].shape), dtype=grads[0].dtype, device=grads[0].device)
                        if g is None else g).reshape(c, n, *self.params[name].shape) for name, g in zip(names, found)}
 

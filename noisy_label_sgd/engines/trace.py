@@ -9,15 +9,18 @@ out_proj; a recurrent layer's input and recurrent maps) become owners of their o
 gradients the model's own backward reaches.
 
 Each recorded output's sample dim comes from a forward of one sample and of two
-(:func:`one_sample_layout`, cached); an output shared by all samples ([1, ...], broadcast) is
+(:func:`one_sample_layout`, cached). An output that holds m rows per sample in one dim (m for one
+sample, 2m for two: Swin's windows merged into the batch) is recorded unflattened there, [.., n,
+m, ..] (:func:`blocked_rows`): the samples then run along a dim of their own and the m rows are
+positions; that the rows are in sample-major blocks is what the certificate's row check
+certifies. An output shared by all samples ([1, ...], broadcast) is
 traced expanded to the batch where that leaves the model's output unchanged; one that is the
 same for one sample and for two ([q, k, heads]: T5's relative position bias) is followed to where
 it meets the samples (:mod:`~noisy_label_sgd.engines.shared`).
 
 Whole-model refusals (:class:`FastPathUnsupported`): a module with parameters that is never
 called (its weight used by a parent's functional code), a module returning a non-tensor, an
-output with no single sample dim (several rows per sample in one dim, Swin's windows merged into
-the batch, included), or a shared value met by an operation without a rule.
+output with no single sample dim, or a shared value met by an operation without a rule.
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.func import functional_call, vmap
 from torch.overrides import TorchFunctionMode
 
 from .attention import self_attention_forward
-from .functional import Batch, forward_replacements, per_sample_outputs
+from .functional import Batch, OwnForward, forward_replacements, per_sample_outputs
 from .ops import OpCall, OpRecorder, Watch
 from .recurrent import is_stock_recurrent, unrolled_forward
 from .shared import SharedUse, SharedValues, Verdict, survey
@@ -67,6 +71,9 @@ class Call:
     several_outputs: bool = False
     # the dim of the output along which the samples run (1 for a sequence-first layer)
     sample_dim: int = 0
+    # rows per sample in that dim of the module's own output and input (Swin's windows merged
+    # into the batch: m > 1), recorded unflattened: ``shape`` and ``edge`` are [.., n, m, ..]'s
+    rows: int = 1
     # what every output direction reuses: the input's per-sample squared norms (2-D inputs)
     memo: dict = field(default_factory=dict, repr=False)
     # the recognised operations that took the module's trainable parameters (each its own, all
@@ -115,8 +122,21 @@ def input_over_calls(owner: Owner) -> torch.Tensor:
     """An owner's (first positional) input, its calls stacked as positions after the samples (an
     affine map applied at several time steps)."""
     if len(owner.calls) == 1:
-        return owner.calls[0].args[0]
+        return recorded_input(owner.calls[0])
     return torch.stack([c.args[0] for c in owner.calls], 1)
+
+
+def recorded_input(call: Call):
+    """A call's first positional input, as its output is recorded: where that holds m rows per
+    sample, unflattened alike, [.., n, m, ..] (an input whose leading dims are not the output's
+    has no such reading)."""
+    a = call.args[0]
+    if call.rows == 1:
+        return a
+    d = call.sample_dim
+    if not isinstance(a, torch.Tensor) or a.dim() + 1 != len(call.shape) or a.shape[d] != call.shape[d] * call.rows:
+        raise FastPathUnsupported("an input whose rows per sample do not lead as its output's do")
+    return a.unflatten(d, (call.shape[d], call.rows))
 
 
 def grads_over_calls(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -159,14 +179,17 @@ def graph_nodes(h: torch.Tensor) -> list:
 
 def record(owners: list[Owner], model: nn.Module, batch: Batch, expand: frozenset[str] = frozenset(),
            watched: frozenset[str] = frozenset(), shared: SharedValues | None = None,
-           roots: frozenset[str] = frozenset()) -> torch.Tensor:
+           roots: frozenset[str] = frozenset(), blocks: dict[str, dict[int, tuple[int, int]]] | None = None
+           ) -> torch.Tensor:
     """The model's forward with a hook on every owner that records its calls, and the operations
     that take the parameters of the owners named in ``watched`` (:class:`~.ops.OpRecorder`); the
     outputs of the owners named in ``roots`` (shared by all samples) followed by ``shared``.
 
     The owners named in ``expand`` return an output shared by all samples ([1, ...], broadcast
     by what follows): expanded to the batch (and their inputs with it), so that the backward
-    reaches one copy per sample and their gradients are per sample.
+    reaches one copy per sample and their gradients are per sample. ``blocks``: per owner and
+    call, the dim and rows per sample m of an output holding m rows per sample in one dim,
+    recorded unflattened there (:func:`blocked_rows`).
     """
     n = batch[0].shape[0]
     recorder = OpRecorder(gradient_edge)
@@ -197,6 +220,7 @@ def record(owners: list[Owner], model: nn.Module, batch: Batch, expand: frozense
                 owner.calls.append(Call(args, kwargs, _call_of(args, output).edge, output.shape, output.dtype,
                                         output.device))
                 return owner.calls[-1], output
+            module_output = output
             several = isinstance(output, tuple) and any(t is not None for t in output[1:])
             # a tuple whose other entries are None (nn.MultiheadAttention, need_weights=False),
             # or a module traced written out (its affine maps are what the closed forms see)
@@ -205,12 +229,24 @@ def record(owners: list[Owner], model: nn.Module, batch: Batch, expand: frozense
             if not isinstance(output, torch.Tensor):
                 raise FastPathUnsupported(f"module {owner.name!r} returns {type(output).__name__}")
             edge = None  # (a forward under no_grad only measures sizes)
+            block = (blocks or {}).get(owner.name, {}).get(len(owner.calls))
+            replaced, rows, shape = None, 1, output.shape
             if torch.is_grad_enabled():
                 if output.grad_fn is None:
                     raise FastPathUnsupported(f"the output of module {owner.name!r} is not differentiable")
-                edge = gradient_edge(output)
-            owner.calls.append(Call(args, kwargs, edge, output.shape, output.dtype, output.device, several))
-            return owner.calls[-1], None
+                recorded = output
+                if block is not None:  # the samples in a dim of their own: the m rows are positions
+                    d, rows = block
+                    if output.dim() <= d or output.shape[d] != n * rows:
+                        raise FastPathUnsupported(f"module {owner.name!r} holds {rows} rows per sample for one "
+                                                  f"sample but not for {n}")
+                    recorded = output.unflatten(d, (n, rows))
+                    replaced, shape = recorded.flatten(d, d + 1), recorded.shape
+                    if isinstance(module_output, tuple):
+                        replaced = (replaced, *module_output[1:])
+                edge = gradient_edge(recorded)
+            owner.calls.append(Call(args, kwargs, edge, shape, output.dtype, output.device, several, rows=rows))
+            return owner.calls[-1], replaced
 
         return hook
 
@@ -309,18 +345,19 @@ def trace(model: nn.Module, batch: Batch) -> tuple[list[Owner], torch.Tensor]:
     owners = owners_of(model)
     shared = SharedValues(layout.verdicts, batch[0].shape[0], gradient_edge) if layout.roots else None
     with torch.enable_grad():
-        h = per_sample_outputs(record(owners, model, batch, layout.expanded, layout.watched, shared, layout.roots),
-                               batch)
+        h = per_sample_outputs(record(owners, model, batch, layout.expanded, layout.watched, shared, layout.roots,
+                                      layout.blocks), batch)
     owners = _split_packed(_merge_uncalled(owners))
     if shared is not None:
-        _reached_through_meetings(owners, shared)
+        _reached_through_meetings(owners, shared, layout.replayable)
     set_sample_dims(owners, layout.sample_dims, layout.op_sample_dims)
     return owners, h
 
 
-def _reached_through_meetings(owners: list[Owner], shared: SharedValues) -> None:
+def _reached_through_meetings(owners: list[Owner], shared: SharedValues, replayable: frozenset[str]) -> None:
     """The owners whose output all samples share get their meetings with the samples as calls
-    (:mod:`~noisy_label_sgd.engines.shared`)."""
+    (:mod:`~noisy_label_sgd.engines.shared`), and those in ``replayable`` their own forward
+    replayed per sample."""
     if shared.failed is not None:
         raise FastPathUnsupported(shared.failed)
     for o in owners:
@@ -330,9 +367,41 @@ def _reached_through_meetings(owners: list[Owner], shared: SharedValues) -> None
         if not met or any(m.edge is None for m in met):
             raise FastPathUnsupported(f"the output of module {o.name!r} is shared by all samples and never meets "
                                       "them differentiably")
+        root_call = o.calls[0]
         o.calls = [Call((m.operand,), {}, m.edge, m.shape, m.operand.dtype, m.operand.device, sample_dim=m.sample_dim)
                    for m in met]
-        o.shared = SharedUse(o.params, [m.operand for m in met], [m.sample_dim for m in met])
+        replay = _replay(o.module, root_call) if o.name in replayable else None
+        o.shared = SharedUse(o.params, [m.operand for m in met], [m.sample_dim for m in met], shared.outputs[o.name],
+                             replay)
+
+
+def _replay(module: nn.Module, call: Call) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """The module's own forward (hooks not run: the trace records what it returns) at its
+    recorded call, as a function of its parameters."""
+    args = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in call.args)
+    kwargs = {key: t.detach() if isinstance(t, torch.Tensor) else t for key, t in call.kwargs.items()}
+
+    def replay(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        with forward_replacements():
+            out = functional_call(OwnForward(module), {f"module.{k}": v for k, v in params.items()}, args, kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    return replay
+
+
+def _replays(owner: Owner) -> bool:
+    """Whether the owner's own forward at its call runs under vmap, on its parameters batched
+    (twice), and returns its output for each: decided once, on the sizing forward."""
+    module, call = owner.module, owner.calls[0]
+    params = {name: p.detach() for name, p in owner.params.items()}
+    try:
+        with torch.no_grad():
+            out = vmap(_replay(module, call))({name: p.expand(2, *p.shape) for name, p in params.items()})
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError:  # (an operation without a batching rule, a read of a batched value)
+        return False
+    return isinstance(out, torch.Tensor) and out.shape == (2, *call.shape)
 
 
 def watched_owners(owners: list[Owner]) -> frozenset[str]:
@@ -378,6 +447,9 @@ class Layout:
     outside: list[str]  # owners whose parameters are also used outside their call
     # per owner and call, the dim of its output along which the samples run (None: none)
     sample_dims: dict[str, list[int | None]]
+    # per owner, the calls whose output holds several rows per sample in that dim: call index ->
+    # (dim, rows per sample), recorded unflattened (:func:`blocked_rows`)
+    blocks: dict[str, dict[int, tuple[int, int]]]
     # owners whose output is shared by all samples, traced expanded to the batch (see record)
     expanded: frozenset[str]
     # owners whose operations the trace records (:func:`watched_owners`), and per call the
@@ -391,6 +463,9 @@ class Layout:
     # (:mod:`~noisy_label_sgd.engines.shared`)
     roots: frozenset[str] = frozenset()
     verdicts: tuple[Verdict, ...] = ()
+    # the roots whose own forward runs under vmap, on parameters batched per sample (their
+    # per-sample gradients by one backward of it: :class:`~noisy_label_sgd.engines.shared.SharedUse`)
+    replayable: frozenset[str] = frozenset()
 
 
 # The one-sample forward per model and per-sample input signature: a probe calls with the same
@@ -416,7 +491,12 @@ def one_sample_layout(model: nn.Module, batch: Batch) -> Layout:
             out_twice = record(twice, model, two, watched=watched)
         outside = sorted(name for name in uses.outside if any(o.name == name and o.calls for o in owners))
         floats = sum(c.shape.numel() for o in owners for c in [*o.calls, *(call for _, _, call in o.packed)])
-        sample_dims = {o.name: [sample_dim(one.shape, two.shape) for one, two in zip(o.calls, t.calls)]
+        blocks = {o.name: {i: b for i, (one, two) in enumerate(zip(o.calls, t.calls))
+                           if (b := blocked_rows(one.shape, two.shape)) is not None}
+                  for o, t in zip(owners, twice) if len(o.calls) == len(t.calls)}
+        blocks = {name: calls for name, calls in blocks.items() if calls}
+        sample_dims = {o.name: [blocks[o.name][i][0] if i in blocks.get(o.name, {}) else sample_dim(one.shape, two.shape)
+                                for i, (one, two) in enumerate(zip(o.calls, t.calls))]
                        for o, t in zip(owners, twice) if len(o.calls) == len(t.calls)}
         op_sample_dims = {o.name: [[sample_dim(a.shape, b.shape) for a, b in zip(one.ops, two.ops)]
                                    if one.ops and two.ops and len(one.ops) == len(two.ops) else None
@@ -432,6 +512,7 @@ def one_sample_layout(model: nn.Module, batch: Batch) -> Layout:
         roots = frozenset(o.name for o, t in zip(owners, twice) if sample_dims.get(o.name) == [None]
                           and o.name not in expanded and o.calls[0].shape == t.calls[0].shape)
         verdicts: tuple[Verdict, ...] = ()
+        replayable: frozenset[str] = frozenset()
         if roots:
             surveyed = _surveyed(model, tuple(t[:1] for t in batch), two, roots, watched)
             if isinstance(surveyed, str):  # (the trace refuses them: no sample dim)
@@ -439,6 +520,7 @@ def one_sample_layout(model: nn.Module, batch: Batch) -> Layout:
             else:
                 verdicts, met = surveyed
                 floats += met
+                replayable = frozenset(o.name for o in owners if o.name in roots and _replays(o))
         from .closed_forms import covered  # (the closed forms read the trace's records)
 
         try:
@@ -447,8 +529,8 @@ def one_sample_layout(model: nn.Module, batch: Batch) -> Layout:
             all_covered = covered([o for o in sized if o.name not in roots])
         except FastPathUnsupported:
             all_covered = False
-        layouts[signature] = Layout(out.numel(), floats, out.element_size(), outside, sample_dims, expanded, watched,
-                                    op_sample_dims, all_covered, roots, verdicts)
+        layouts[signature] = Layout(out.numel(), floats, out.element_size(), outside, sample_dims, blocks, expanded,
+                                    watched, op_sample_dims, all_covered, roots, verdicts, replayable)
     return layouts[signature]
 
 
@@ -478,12 +560,26 @@ def _same_when_expanded(model: nn.Module, two: Batch, shared: frozenset[str], ou
 
 def sample_dim(one: torch.Size, two: torch.Size) -> int | None:
     """The one dim in which an output for one sample and for two differ, from 1 to 2 (None: not
-    one; a dim from m to 2m holds several rows per sample, Swin's windows merged into the batch,
-    which no closed form reads apart)."""
+    one; a dim from m to 2m is :func:`blocked_rows`)."""
+    rows = sample_rows(one, two)
+    return rows[0] if rows is not None and rows[1] == 1 else None
+
+
+def blocked_rows(one: torch.Size, two: torch.Size) -> tuple[int, int] | None:
+    """The one dim in which an output for one sample and for two differ, from m > 1 to 2m, and
+    m: several rows per sample in one dim (Swin's windows merged into the batch, [n windows,
+    ...]); None otherwise. Read as sample-major blocks, which the certificate's row check holds
+    every measurement to (rows interleaved by sample fail it)."""
+    rows = sample_rows(one, two)
+    return rows if rows is not None and rows[1] > 1 else None
+
+
+def sample_rows(one: torch.Size, two: torch.Size) -> tuple[int, int] | None:
+    """The one dim in which two shapes differ, from m to 2m (m >= 1), and m; None otherwise."""
     differ = [d for d, (a, b) in enumerate(zip(one, two)) if a != b]
-    if len(one) != len(two) or len(differ) != 1 or (one[differ[0]], two[differ[0]]) != (1, 2):
+    if len(one) != len(two) or len(differ) != 1 or two[differ[0]] != 2 * one[differ[0]]:
         return None
-    return differ[0]
+    return differ[0], one[differ[0]]
 
 
 def fast_chunk_size(model: nn.Module, batch: Batch, memory_budget: int) -> tuple[int, int]:
