@@ -267,6 +267,19 @@ def test_a_swin_transformer_is_on_the_fast_path_within_the_step_targets():
     assert r["reg"][0] <= 1.5 and r["reg_grad"][0] <= 4, r
 
 
+@pytest.mark.parametrize("name,small", [("swin", small_swin), ("t5", small_t5)])
+def test_a_shared_values_per_sample_gradients_do_not_loop_over_the_samples(name, small):
+    # a vmapped backward through an indexed table (Swin's bias) or an Embedding (T5's) loops over
+    # the samples, an operation each on a GPU: the replayed root dispatches as many for 8 as for 4
+    build, shape = small()
+    counts = []
+    for n in (4, 8):
+        batch = (n, *shape[1:]) if isinstance(shape[0], int) else ((n, *shape[0][1:]), shape[1])
+        costs = case_costs(name, torch.device("cpu"), methods=("reg", "reg_grad"), build_and_shape=(build, batch))
+        counts.append({m: c.operations for m, c in costs.items()})
+    assert counts[0] == counts[1], counts
+
+
 def test_accelerator_choices_dispatch_whole_layers_and_give_the_same_numbers():
     # the choices a GPU gets (launch_bound), made on the CPU: one patch piece per layer
     from cost import as_accelerator

@@ -340,7 +340,7 @@ MUTANTS = [
            ("tests/test_models.py",)),
     Mutant("shared-never-replayed", "a shared root's per-sample gradients always by a vmapped backward (loops)",
            "noisy_label_sgd/engines/trace.py", "replay = _replay(o.module, root_call) if o.name in replayable else None",
-           "replay = None", ("tests/test_cost.py::test_a_swin_transformer_is_on_the_fast_path_within_the_step_targets",)),
+           "replay = None", ("tests/test_cost.py::test_a_shared_values_per_sample_gradients_do_not_loop_over_the_samples",)),
 ]
 
 
