@@ -267,10 +267,18 @@ def test_a_swin_transformer_is_on_the_fast_path_within_the_step_targets():
     assert r["reg"][0] <= 1.5 and r["reg_grad"][0] <= 4, r
 
 
-@pytest.mark.parametrize("name,small", [("swin", small_swin), ("t5", small_t5)])
+def small_window_attention():
+    from test_certificate import WithWindowAttention
+
+    return (lambda: WithWindowAttention(shift=True)), (8, 4, 4)
+
+
+@pytest.mark.parametrize("name,small", [("swin", small_swin), ("t5", small_t5),
+                                        ("window_attention", small_window_attention)])
 def test_a_shared_values_per_sample_gradients_do_not_loop_over_the_samples(name, small):
     # a vmapped backward through an indexed table (Swin's bias) or an Embedding (T5's) loops over
-    # the samples, an operation each on a GPU: the replayed root dispatches as many for 8 as for 4
+    # the samples, an operation each on a GPU: the replayed root (a module, or a function of a
+    # parameter in a module's own code: torchvision's Swin) dispatches as many for 8 as for 4
     build, shape = small()
     counts = []
     for n in (4, 8):

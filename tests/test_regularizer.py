@@ -52,8 +52,8 @@ class BareScale(nn.Module):
         self.inner = nn.Linear(5, 4)
         self.head = nn.Linear(4, 2)
 
-    def forward(self, x):  # (exp: no elementwise closed form, x * scale alone would have one)
-        return self.head(torch.tanh(self.inner(x * self.scale.exp())))
+    def forward(self, x):  # (addcmul: no rule; x * scale, or x * exp(scale), would have one)
+        return self.head(torch.tanh(self.inner(torch.addcmul(torch.zeros_like(x), x, self.scale.exp()))))
 
 
 STREAMED = ["inplace_relu_residual", "cnn_groupnorm", "transformer_encoder_layer", "conv1d_sequence_linear",
@@ -805,15 +805,15 @@ def test_float32_grad_reg_and_every_solver_match_float64(name):
 
 
 class Scale(nn.Module):
-    """y = exp(w) * x elementwise: a layer the library has no closed form for, until one is
-    registered (w * x alone is a bare parameter's elementwise use, written out)."""
+    """y = exp(w) * x elementwise, by addcmul: a layer the library has no closed form for, until
+    one is registered (w * x, or exp(w) * x, would be followed to the product: a rule)."""
 
     def __init__(self, d):
         super().__init__()
         self.weight = nn.Parameter(torch.linspace(-0.5, 0.5, d, dtype=torch.float64))
 
     def forward(self, x):
-        return self.weight.exp() * x
+        return torch.addcmul(torch.zeros_like(x), self.weight.exp(), x)
 
 
 def test_a_closed_form_registered_from_outside_is_used_and_differentiated(monkeypatch):

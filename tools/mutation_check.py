@@ -5,7 +5,7 @@
 Each mutant is an exact text replacement in one file of a scratch copy of the repository; only
 the test files that cover that code run (pytest -x, stopping at the first failure). A mutant is
 "killed" when those tests fail and "survived" when they pass. Not part of CI: it takes minutes
-(about 35 at --jobs 1 on a 2-core machine, 89 mutants). A replacement that no longer matches the source is reported as
+(about 35 at --jobs 1 on a 2-core machine, 99 mutants). A replacement that no longer matches the source is reported as
 "stale": update the list when the code moves.
 """
 
@@ -341,6 +341,26 @@ MUTANTS = [
     Mutant("shared-never-replayed", "a shared root's per-sample gradients always by a vmapped backward (loops)",
            "noisy_label_sgd/engines/trace.py", "replay = _replay(o.module, root_call) if o.name in replayable else None",
            "replay = None", ("tests/test_cost.py::test_a_shared_values_per_sample_gradients_do_not_loop_over_the_samples",)),
+    # a module's own code applying its children's weights and a function of a parameter alone
+    Mutant("watch-own-parameters-only", "a watched module's operations on its never-called children's weights unseen",
+           "noisy_label_sgd/engines/trace.py",
+           "params = {} if owner is None else {id(p): p for p in owner.module.parameters() if p.requires_grad}",
+           "params = {} if owner is None else {id(p): p for p in owner.params.values()}", CERTIFICATE_TESTS),
+    Mutant("operations-leave-parameters-out", "a module made of operations that leave some of its parameters out",
+           "noisy_label_sgd/engines/closed_forms.py", "    if taken != {id(p) for p in o.params.values()}:",
+           "    if False:", CERTIFICATE_TESTS),
+    Mutant("certificate-owned-parameters-only", "the certificate checks only the parameters some formula holds",
+           "noisy_label_sgd/engines/certificate.py",
+           "summed: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {id(p): (p, None) for p in leaves}",
+           "summed: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}", CERTIFICATE_TESTS),
+    Mutant("survey-sample-values-shared", "a value made from the samples' tensors alone taken as shared by its shape",
+           "noisy_label_sgd/engines/shared.py", "shared[index] = not differ and any(inputs_shared)",
+           "shared[index] = not differ", CERTIFICATE_TESTS),
+    Mutant("constants-untracked", "a module's buffer seen through a view no longer a constant",
+           "noisy_label_sgd/engines/ops.py", "            watch.constants.add(id(result))\n", "", CERTIFICATE_TESTS),
+    Mutant("parameter-root-swapped", "a parameter-only function replayed at the module's own weight, not the batched one",
+           "noisy_label_sgd/engines/ops.py", "swap = lambda a: weight if a is param else", "swap = lambda a: a if a is param else",
+           CERTIFICATE_TESTS),
 ]
 
 

@@ -145,7 +145,7 @@ def run_certificate(owners: list[Owner], h: torch.Tensor, parameters: dict[str, 
     with torch.no_grad():
         implied = {id(o): _evaluated(o.contract, by_owner[id(o)]) if o.contract else
                    own_forward_contract(o, by_owner[id(o)]) for o in owners}
-        errors = _errors(owners, implied, autograd)
+        errors = _errors(owners, implied, autograd, leaves)
         norms = []  # (a formula that cannot be evaluated on one sample: as far off as can be)
         failed_to_evaluate = (torch.zeros((), dtype=torch.float64, device=h.device),
                               torch.ones((), dtype=torch.float64, device=h.device))
@@ -178,7 +178,7 @@ def run_certificate(owners: list[Owner], h: torch.Tensor, parameters: dict[str, 
             for i, o in users.items():
                 module_call = o.original or o
                 implied[i] = renamed(own_forward_contract(module_call, by_owner[id(module_call)]), module_call, o)
-            again = torch.stack([e for _, e in _errors(owners, implied, autograd, only=failed)]).tolist()
+            again = torch.stack([e for _, e in _errors(owners, implied, autograd, leaves, only=failed)]).tolist()
         for p, e in zip(failed, again):
             if e > limit:
                 raise FastPathUnsupported(
@@ -208,10 +208,11 @@ def _evaluated(formula, *args, empty=None):
 
 
 def _errors(owners: list[Owner], implied: dict[int, dict[str, torch.Tensor]], autograd: dict[int, torch.Tensor | None],
-            only: list[torch.Tensor] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per parameter, the relative distance between the sum over its owners of what they imply
-    and autograd's gradient."""
-    summed: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+            leaves: list[torch.Tensor], only: list[torch.Tensor] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per trainable parameter (``leaves``), the relative distance between the sum over its
+    owners of what they imply and autograd's gradient: a parameter no owner holds implies none
+    (a child's weight its parent applies, its module never called, left out of every formula)."""
+    summed: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {id(p): (p, None) for p in leaves}
     for o in owners:
         for name, p in o.params.items():
             g = implied[id(o)].get(name)  # (none: the formula implies no gradient, or could not say)

@@ -65,6 +65,7 @@ from .functional import cat_or_one
 from .gram import gram, gram_inner, row_gram, squared_norms
 from .group_norm import per_sample_affine_sq_norms
 from .recurrent import is_stock_recurrent
+from .shared import SharedUse
 from .trace import Call, FastPathUnsupported, Owner, input_over_calls, owners_of, recorded_input
 
 
@@ -134,12 +135,13 @@ def closed_form_of(module: nn.Module) -> ClosedForm | None:
     return None
 
 
-def covered(owners: list[Owner]) -> bool:
+def covered(owners: list[Owner], parameter_roots: frozenset[str] = frozenset()) -> bool:
     """Whether every owner of a sizing forward (:func:`~noisy_label_sgd.engines.trace.one_sample_layout`)
-    has a closed form: its class's, or its operations' (none of them falls back)."""
+    has a closed form: its class's, or its operations' (none of them falls back; a function of a
+    parameter alone, one of ``parameter_roots``: followed to where it meets the samples)."""
     return all(o.affine or isinstance(o.module, nn.MultiheadAttention) or is_stock_recurrent(o.module)
-               or closed_form_of(o.module) is not None or operation_owners(o, sizing=True) is not None
-               for o in owners)
+               or closed_form_of(o.module) is not None
+               or operation_owners(o, sizing=True, parameter_roots=parameter_roots) is not None for o in owners)
 
 
 def closed_form_layers(model: nn.Module) -> bool:
@@ -222,22 +224,39 @@ def _several_rows(o: Owner) -> FastPathUnsupported:
                                "only a closed form over positions (Linear, LayerNorm, ...) reads apart")
 
 
-def operation_owners(o: Owner, sizing: bool = False) -> list[Owner] | None:
+def operation_owners(o: Owner, sizing: bool = False, parameter_roots: frozenset[str] = frozenset()
+                     ) -> list[Owner] | None:
     """The owners made of the operations a module without a closed form of its own applied to
     its parameters (:mod:`~noisy_label_sgd.engines.ops`), where each has one: a ``F.linear`` as
     an affine map, a stock layer's operation with the module's own arguments (a subclass that
     pads, permutes or activates around it) by that layer's closed form, a bare parameter's
     elementwise use written out. None where one has none (the module falls back whole).
-    (``sizing``: of a forward without gradients, which records no edges.)"""
+    (``sizing``: of a forward without gradients, which records no edges, nor where a function
+    of a parameter meets the samples: those of ``parameter_roots`` will.)"""
     if o.affine or o.original is not None or len(o.calls) != 1 or not o.calls[0].ops:
         return None
+    taken = {id(p) for op in o.calls[0].ops for p in op.params.values()}
+    if taken != {id(p) for p in o.params.values()}:  # (a never-called child's parameters, merged in, not among them)
+        return None
+    name_of = {id(p): name for name, p in o.params.items()}
     made = []
     for op in o.calls[0].ops:
+        name = o.name if len(o.calls[0].ops) == 1 else f"{o.name}.{name_of[id(next(iter(op.params.values())))]}"
+        if op.kind == "shared":  # (a parameter-only function's result, reached where it meets the samples)
+            if not op.meetings if not sizing else op.root not in parameter_roots:
+                return None
+            (key, weight), = ((name_of[id(p)], p) for p in op.params.values())
+            calls = [Call((m.operand,), {}, m.edge, m.shape, m.operand.dtype, m.operand.device, sample_dim=m.sample_dim)
+                     for m in op.meetings]
+            replay = None if op.replay is None else lambda p, replay=op.replay, key=key: replay(p[key])
+            made.append(Owner(name, o.module, {key: weight}, calls, original=o, shared=SharedUse(
+                {key: weight}, [m.operand for m in op.meetings], [m.sample_dim for m in op.meetings], op.output, replay)))
+            continue
         if op.sample_dim is None or op.edge is None and not sizing:
             return None
         params, form = dict(op.params), None
         if op.elementwise is not None:
-            if op.elementwise.view_shape[op.sample_dim] != 1:  # (shared by the samples, or not per-sample)
+            if op.elementwise.view_shape[op.sample_dim] != 1 or op.rows > 1:  # (shared by the samples, or not per-sample)
                 return None
             params = {name: p for name, p in o.params.items() if p is op.elementwise.param}
         elif op.kind == "linear":
@@ -247,8 +266,10 @@ def operation_owners(o: Owner, sizing: bool = False) -> list[Owner] | None:
             form = _stock_form(o.module, op.kind, op.arguments)
             if form is None or any(getattr(o.module, slot, None) is not p for slot, p in op.params.items()):
                 return None
-        call = Call((op.input,), {}, op.edge, op.shape, op.dtype, op.device, sample_dim=op.sample_dim, ops=[op])
-        name = o.name if len(o.calls[0].ops) == 1 else f"{o.name}.{next(iter(params))}"
+            if op.rows > 1 and not form.samples_anywhere:  # (rows per sample: only a form over positions)
+                return None
+        call = Call((op.input,), {}, op.edge, op.shape, op.dtype, op.device, sample_dim=op.sample_dim, rows=op.rows,
+                    ops=[op])
         made.append(Owner(name, o.module, params, [call], affine=op.kind == "linear", original=o, form=form,
                           elementwise=op.elementwise))
     return made

@@ -22,6 +22,7 @@ every function it sees: about 3 us a call on the CPU that measured it), and only
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -70,6 +71,17 @@ class OpCall:
     sample_dim: int | None = None  # where the samples run in its output (set after the trace)
     # a bare parameter's elementwise use (``input``: the activations multiplied, or None)
     elementwise: Elementwise | None = None
+    # rows per sample in that dim (windows merged into the batch), recorded unflattened: ``shape``
+    # and ``edge`` are [.., n, m, ..]'s (:func:`~noisy_label_sgd.engines.trace.blocked_rows`)
+    rows: int = 1
+    # kind "shared": a function of the parameter and the module's constants alone (Swin's bias
+    # table indexed by its positions), whose result all samples share: the root's name, the
+    # function of the parameter (None where it does not run under vmap), and (after the trace)
+    # that result and where it met the samples (:mod:`~noisy_label_sgd.engines.shared`)
+    root: str | None = None
+    replay: Callable[[torch.Tensor], torch.Tensor] | None = None
+    output: torch.Tensor | None = None
+    meetings: list = field(default_factory=list)
 
     def apply(self, input: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """The operation again, on ``input`` with the parameters ``params`` (by slot) and its
@@ -84,27 +96,39 @@ class Watch:
     """What the recorder saw during one call of a watched module."""
 
     ops: list[OpCall] = field(default_factory=list)
+    # per operation (by its index), the dim and rows per sample of an output that holds several
+    # rows per sample there, for the n samples of the batch: recorded unflattened
+    blocks: dict[int, tuple[int, int]] = field(default_factory=dict)
+    n: int = 0
     views: dict[int, ParameterView] = field(default_factory=dict)  # tensors that are views of a parameter
+    # tensors made from the module's buffers alone (its constants: a table's index)
+    constants: set[int] = field(default_factory=set)
+    names: dict[int, str] = field(default_factory=dict)  # the parameters' names, by id
+    owner: str = ""
     kept: list[torch.Tensor] = field(default_factory=list)  # (those tensors, alive while their ids are keys)
     other_use: bool = False  # a parameter taken by anything else
 
     def partition(self, params: dict[str, nn.Parameter]) -> list[OpCall] | None:
-        """The operations that took the module's trainable parameters, each its own, all of them
-        once; None where a parameter was used otherwise (or not at all)."""
+        """The operations that took the module's trainable parameters (``params``, all of them)
+        and those of modules inside it that its own code applied, each its own, once; None
+        where a parameter was used otherwise (or one of ``params`` not at all)."""
         if self.other_use or not self.ops:
             return None
         taken = [id(p) for op in self.ops for p in op.params.values()]
-        return self.ops if sorted(taken) == sorted(id(p) for p in params.values()) else None
+        return self.ops if len(set(taken)) == len(taken) and {id(p) for p in params.values()} <= set(taken) else None
 
 
 class OpRecorder(TorchFunctionMode):
     """Records, for the innermost watched module running (``running``: a stack of
     (parameters by id, :class:`Watch`)), the operations that take its parameters."""
 
-    def __init__(self, gradient_edge) -> None:
+    def __init__(self, gradient_edge, shared=None, roots: frozenset[str] = frozenset()) -> None:
         super().__init__()
         self.running: list[tuple[dict[int, nn.Parameter], Watch]] = []
         self.gradient_edge = gradient_edge
+        # where a parameter-only function's result named in ``roots`` is handed, to be followed
+        # to where it meets the samples (:class:`~noisy_label_sgd.engines.shared.SharedValues`)
+        self.shared, self.roots = shared, roots
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -114,6 +138,10 @@ class OpRecorder(TorchFunctionMode):
         params, watch = self.running[-1]
         flat = [t for a in (*args, *kwargs.values()) for t in (a if isinstance(a, (list, tuple)) else (a,))]
         tensors = [t for t in flat if isinstance(t, torch.Tensor)]
+        if tensors and all(id(t) in watch.constants for t in tensors):  # (made from constants: one)
+            watch.constants.add(id(result))
+            watch.kept.append(result)
+            return result
         if not any(id(t) in params or id(t) in watch.views for t in tensors):
             return result
         view = derived(func, args, kwargs, result, watch.views, params)
@@ -132,10 +160,40 @@ class OpRecorder(TorchFunctionMode):
                 op = OpCall(elementwise.kind, other, {}, {"weight": elementwise.param}, edge, result.shape,
                             result.dtype, result.device, elementwise=elementwise)
         if op is None:
+            op = self._parameter_only(func, args, kwargs, tensors, params, watch, result)
+        if op is None:
             watch.other_use = True
-        else:
-            watch.ops.append(op)
+            return result
+        block = watch.blocks.get(len(watch.ops))
+        watch.ops.append(op)
+        if block is not None and op.edge is not None:  # (the samples in a dim of their own: rows as positions)
+            d, op.rows = block
+            if result.dim() <= d or result.shape[d] != watch.n * op.rows:
+                watch.other_use = True  # (not the rows the sizing forwards saw: the module falls back)
+                return result
+            recorded = result.unflatten(d, (watch.n, op.rows))
+            op.edge, op.shape = self.gradient_edge(recorded), recorded.shape
+            return recorded.flatten(d, d + 1)
         return result
+
+    def _parameter_only(self, func, args, kwargs, tensors, params, watch: Watch, result) -> OpCall | None:
+        """A function of one parameter (itself, not a view) and the module's constants alone, as
+        an operation of kind "shared" whose result all samples share; handed to ``shared`` where
+        it is one of ``roots``."""
+        taken = [t for t in tensors if id(t) in params]
+        if len(taken) != 1 or any(id(t) not in params and id(t) not in watch.constants for t in tensors):
+            return None
+        param = taken[0]
+        root = f"{watch.owner}.{watch.names[id(param)]}"
+
+        def replay(weight: torch.Tensor) -> torch.Tensor:  # (the function again, at another weight)
+            swap = lambda a: weight if a is param else type(a)(swap(x) for x in a) if isinstance(a, (list, tuple)) else a
+            return func(*swap(args), **{key: swap(value) for key, value in kwargs.items()})
+
+        if self.shared is not None and root in self.roots:
+            self.shared.add_root(result, root)
+        return OpCall("shared", None, {}, {"weight": param}, None, result.shape, result.dtype, result.device,
+                      root=root, replay=replay)
 
 
 def _op_call(func, args, kwargs, params, result, gradient_edge) -> OpCall | None:

@@ -84,19 +84,26 @@ class SharedValues(TorchFunctionMode):
     every result (:attr:`seen`); tracing, it tracks the results :data:`verdicts` calls shared
     and hands the operations that meet the samples their shared operands expanded to ``n``
     (:attr:`meetings`). ``failed`` says why the trace cannot use it (an operation other than
-    the sizing forwards saw, or one that does not broadcast its shared operand).
+    the sizing forwards saw, or one that does not broadcast its shared operand); where the
+    values that meet the samples so derive from the ``optional`` roots alone (functions of a
+    parameter inside a module's own code), those are left ``unmet`` instead and their module
+    falls back.
     """
 
-    def __init__(self, verdicts: tuple[Verdict, ...] | None = None, n: int = 0, gradient_edge=None) -> None:
+    def __init__(self, verdicts: tuple[Verdict, ...] | None = None, n: int = 0, gradient_edge=None,
+                 optional: frozenset[str] = frozenset()) -> None:
         super().__init__()
-        self.verdicts, self.n, self.gradient_edge = verdicts, n, gradient_edge
+        self.verdicts, self.n, self.gradient_edge, self.optional = verdicts, n, gradient_edge, optional
+        self.unmet: set[str] = set()
         self.roots: set[str] = set()  # (the owners whose outputs were followed)
         self.outputs: dict[str, torch.Tensor] = {}  # (and those outputs)
         self.roots_of: dict[int, frozenset[str]] = {}
         self.kept: list[torch.Tensor] = []  # (alive while their ids are keys)
         # surveying: per operation, its function, the producers of its tracked inputs (an index
-        # into seen, or a root's name) and its result's shape
+        # into seen, or a root's name) and its result's shape; and, should it meet the samples,
+        # the roots of its tracked inputs and whether a rule takes them (:func:`_meets_by_rule`)
         self.seen: list[tuple[object, tuple, torch.Size]] = []
+        self.rules: list[tuple[frozenset[str], object]] = []
         self.produced: dict[int, int | str] = {}
         self.meetings: list[Meeting] = []
         self.index = 0  # tracing: the next operation's verdict
@@ -123,6 +130,7 @@ class SharedValues(TorchFunctionMode):
             result = func(*args, **kwargs)
             if isinstance(result, torch.Tensor):
                 self.seen.append((func, tuple(self.produced[id(t)] for t in tracked), result.shape))
+                self.rules.append((roots, _meets_by_rule(func, args, kwargs, tracked)))
                 self.produced[id(result)] = len(self.seen) - 1
                 self._track(result, roots)
             return result
@@ -165,8 +173,11 @@ class SharedValues(TorchFunctionMode):
         return func(*swap(args), **{key: swap(value) for key, value in kwargs.items()})
 
     def _fail(self, roots: frozenset[str], why: str, func, args, kwargs):
-        """The operation as it is, and why the trace cannot use it."""
-        self.failed = self._named(roots, why)
+        """The operation as it is, and why the trace cannot use it (or the optional roots unmet)."""
+        if roots <= self.optional:
+            self.unmet |= roots
+        else:
+            self.failed = self._named(roots, why)
         return func(*args, **kwargs)
 
     @staticmethod
@@ -182,9 +193,9 @@ def _expanded(t: torch.Tensor, d: int, dims: int, n: int, rows: int = 1
     each: the copy with one entry per sample (the meeting's edge), the operand to hand the
     operation (the same, for one row per sample; else that copy expanded over the rows and
     flattened) and the copy's sample dim; None where ``t`` has more than one entry there."""
-    at = d - (dims - t.dim())
-    if at >= 0 and t.shape[at] != 1:
+    if not _broadcast_along(t.shape, d, dims):
         return None
+    at = d - (dims - t.dim())
     if rows == 1:  # (an expand adds the leading dims the broadcast would)
         sizes = [-1] * t.dim() if at >= 0 else [n] + [1] * (-at - 1) + [-1] * t.dim()
         if at >= 0:
@@ -198,15 +209,33 @@ def _expanded(t: torch.Tensor, d: int, dims: int, n: int, rows: int = 1
     return per_sample, over_rows.flatten(at, at + 1), at
 
 
-def survey(one: SharedValues, two: SharedValues) -> tuple[tuple[Verdict, ...], int] | str:
+def _meets_by_rule(func, args, kwargs, tracked: list[torch.Tensor]):
+    """Whether ``func`` has a rule for meeting the samples with its ``tracked`` operands (a
+    broadcasting operation, or attention's mask), and their shapes: each must have one entry
+    along the samples' dim where it meets them (:func:`_expanded`)."""
+    if func is ATTENTION:
+        mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+        rule = len(tracked) == 1 and tracked[0] is mask
+    else:
+        rule = func in BROADCASTING
+    return rule, [t.shape for t in tracked]
+
+
+def _broadcast_along(shape: torch.Size, d: int, dims: int) -> bool:
+    at = d - (dims - len(shape))
+    return at < 0 or shape[at] == 1
+
+
+def survey(one: SharedValues, two: SharedValues) -> tuple[tuple[Verdict, ...], int, frozenset[str]] | str:
     """The verdicts on the operations a trace sees on shared values (those with a shared input),
-    from the surveys of a forward of one sample and of two, and the meetings' floats per sample;
-    or why they do not fit (a result with the samples in no single dim, or a result shared by
-    all samples made from one that is not)."""
+    from the surveys of a forward of one sample and of two, the meetings' floats per sample and
+    the roots that meet the samples where no rule takes them (their trace would fail); or why
+    they do not fit (a result with the samples in no single dim, or a result shared by all
+    samples made from one that is not)."""
     if [(f, p) for f, p, _ in one.seen] != [(f, p) for f, p, _ in two.seen]:
         return "its forward takes another path for two samples than for one"
     shared: dict[int | str, bool] = {}
-    verdicts, floats = [], 0
+    verdicts, floats, unmet = [], 0, set()
     for index, ((func, producers, a), (_, _, b)) in enumerate(zip(one.seen, two.seen)):
         inputs_shared = [isinstance(p, str) or shared[p] for p in producers]
         differ = [d for d, (x, y) in enumerate(zip(a, b)) if x != y]
@@ -216,7 +245,9 @@ def survey(one: SharedValues, two: SharedValues) -> tuple[tuple[Verdict, ...], i
                 return f"a value shared by all samples meets them in {name}, with the samples in no single dim"
             shared[index] = False
             continue
-        shared[index] = not differ
+        # (made from the samples' values alone it is theirs, whatever its shape: a mask made by
+        # x.new_zeros, torchvision's Swin)
+        shared[index] = not differ and any(inputs_shared)
         if not any(inputs_shared):  # (downstream of a meeting: the samples' own values)
             continue
         if not differ and not all(inputs_shared):
@@ -224,7 +255,10 @@ def survey(one: SharedValues, two: SharedValues) -> tuple[tuple[Verdict, ...], i
         verdicts.append(Verdict(func, differ[0] if differ else None, len(a), a[differ[0]] if differ else 1))
         if differ:
             floats += b.numel() // 2
-    return tuple(verdicts), floats
+            roots, (rule, shapes) = one.rules[index]
+            if not rule or not all(_broadcast_along(shape, differ[0], len(a)) for shape in shapes):
+                unmet |= roots
+    return tuple(verdicts), floats, frozenset(unmet)
 
 
 @dataclass

@@ -179,8 +179,8 @@ def graph_nodes(h: torch.Tensor) -> list:
 
 def record(owners: list[Owner], model: nn.Module, batch: Batch, expand: frozenset[str] = frozenset(),
            watched: frozenset[str] = frozenset(), shared: SharedValues | None = None,
-           roots: frozenset[str] = frozenset(), blocks: dict[str, dict[int, tuple[int, int]]] | None = None
-           ) -> torch.Tensor:
+           roots: frozenset[str] = frozenset(), blocks: dict[str, dict[int, tuple[int, int]]] | None = None,
+           op_blocks: dict[str, dict[int, dict[int, tuple[int, int]]]] | None = None) -> torch.Tensor:
     """The model's forward with a hook on every owner that records its calls, and the operations
     that take the parameters of the owners named in ``watched`` (:class:`~.ops.OpRecorder`); the
     outputs of the owners named in ``roots`` (shared by all samples) followed by ``shared``.
@@ -189,16 +189,27 @@ def record(owners: list[Owner], model: nn.Module, batch: Batch, expand: frozense
     by what follows): expanded to the batch (and their inputs with it), so that the backward
     reaches one copy per sample and their gradients are per sample. ``blocks``: per owner and
     call, the dim and rows per sample m of an output holding m rows per sample in one dim,
-    recorded unflattened there (:func:`blocked_rows`).
+    recorded unflattened there (:func:`blocked_rows`); ``op_blocks`` the same per owner, call and
+    recorded operation.
     """
     n = batch[0].shape[0]
-    recorder = OpRecorder(gradient_edge)
+    recorder = OpRecorder(gradient_edge, shared, roots)
 
-    def make_watch(owner: Owner):
-        params = {id(p): p for p in owner.params.values()}
+    def make_watch(owner: Owner | None):
+        # its own parameters, and those of the modules inside it, which its own code may apply
+        # (a child never called: torchvision's Swin attention applies its qkv's weight); while
+        # such a module runs (``None``: not watched itself) the operations are that module's
+        params = {} if owner is None else {id(p): p for p in owner.module.parameters() if p.requires_grad}
+        names = {} if owner is None else {id(p): name for name, p in owner.module.named_parameters()}
+        constants = set() if owner is None else {id(b) for b in owner.module.buffers()}
 
         def watch(module, args) -> None:  # (the module's calls nest: a stack)
-            recorder.running.append((params, Watch()))
+            if owner is None:
+                recorder.running.append((params, Watch()))
+                return
+            blocked = (op_blocks or {}).get(owner.name, {}).get(len(owner.calls), {})
+            recorder.running.append((params, Watch(blocks=blocked, n=n, constants=set(constants), names=names,
+                                                   owner=owner.name)))
 
         return watch
 
@@ -207,6 +218,8 @@ def record(owners: list[Owner], model: nn.Module, batch: Batch, expand: frozense
             call, replaced = record_call(module, args, kwargs, output)
             if owner.name in watched:
                 call.ops = recorder.running.pop()[1].partition(owner.params)
+            elif owner.name in inside_watched:
+                recorder.running.pop()
             if owner.name in roots and shared is not None and isinstance(output, torch.Tensor):
                 shared.add_root(output, owner.name)
             return replaced
@@ -254,6 +267,10 @@ def record(owners: list[Owner], model: nn.Module, batch: Batch, expand: frozense
     # hook that changes the output is then an op of the graph after it)
     handles = [o.module.register_forward_hook(make_hook(o), with_kwargs=True, prepend=True) for o in owners]
     handles += [o.module.register_forward_pre_hook(make_watch(o), prepend=True) for o in owners if o.name in watched]
+    inside = {id(m) for o in owners if o.name in watched for m in o.module.modules() if m is not o.module}
+    inside_watched = frozenset(o.name for o in owners if o.name not in watched and id(o.module) in inside)
+    handles += [o.module.register_forward_pre_hook(make_watch(None), prepend=True) for o in owners
+                if o.name in inside_watched]
     written_out = {}  # owner -> the instance forward it had before (None: the class's)
     for o in owners:
         own = vars(o.module).get("forward")
@@ -343,10 +360,11 @@ def trace(model: nn.Module, batch: Batch) -> tuple[list[Owner], torch.Tensor]:
     """
     layout = one_sample_layout(model, batch)
     owners = owners_of(model)
-    shared = SharedValues(layout.verdicts, batch[0].shape[0], gradient_edge) if layout.roots else None
+    shared = SharedValues(layout.verdicts, batch[0].shape[0], gradient_edge, layout.parameter_roots) \
+        if layout.roots else None
     with torch.enable_grad():
         h = per_sample_outputs(record(owners, model, batch, layout.expanded, layout.watched, shared, layout.roots,
-                                      layout.blocks), batch)
+                                      layout.blocks, layout.op_blocks), batch)
     owners = _split_packed(_merge_uncalled(owners))
     if shared is not None:
         _reached_through_meetings(owners, shared, layout.replayable)
@@ -360,6 +378,14 @@ def _reached_through_meetings(owners: list[Owner], shared: SharedValues, replaya
     replayed per sample."""
     if shared.failed is not None:
         raise FastPathUnsupported(shared.failed)
+    for o in owners:  # (a parameter-only function's result: its operation's owner, made later, meets them)
+        for op in (op for c in o.calls for op in c.ops or () if op.kind == "shared" and op.root in shared.roots):
+            met = [m for m in shared.meetings if op.root in m.roots]
+            if not met or any(m.edge is None for m in met) or op.root in shared.unmet:
+                continue  # (none: its module falls back)
+            op.meetings, op.output = met, shared.outputs[op.root]
+            if op.root not in replayable:
+                op.replay = None
     for o in owners:
         if o.name not in shared.roots:
             continue
@@ -387,6 +413,19 @@ def _replay(module: nn.Module, call: Call) -> Callable[[dict[str, torch.Tensor]]
         return out[0] if isinstance(out, tuple) else out
 
     return replay
+
+
+def _replays_operation(op: OpCall) -> bool:
+    """Whether a parameter-only function runs under vmap on its parameter batched (twice)."""
+    weight = op.params["weight"].detach()
+    try:
+        with torch.no_grad():
+            out = vmap(op.replay)(weight.expand(2, *weight.shape))
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError:
+        return False
+    return isinstance(out, torch.Tensor) and out.shape == (2, *op.shape)
 
 
 def _replays(owner: Owner) -> bool:
@@ -456,6 +495,9 @@ class Layout:
     # sample dims of the recorded operations' outputs (None: no operations)
     watched: frozenset[str]
     op_sample_dims: dict[str, list[list[int | None] | None]]
+    # per watched owner, call and operation: the dim and rows per sample of an operation's output
+    # that holds several there (recorded unflattened)
+    op_blocks: dict[str, dict[int, dict[int, tuple[int, int]]]]
     # every owner has a closed form, its class's or its operations' (none falls back)
     covered: bool
     # owners whose output all samples share (no sample dim, the same for one sample and two),
@@ -463,6 +505,9 @@ class Layout:
     # (:mod:`~noisy_label_sgd.engines.shared`)
     roots: frozenset[str] = frozenset()
     verdicts: tuple[Verdict, ...] = ()
+    # of those, the results of functions of a watched module's parameter and constants alone
+    # (:class:`~noisy_label_sgd.engines.ops.OpCall` of kind "shared"), named "module.parameter"
+    parameter_roots: frozenset[str] = frozenset()
     # the roots whose own forward runs under vmap, on parameters batched per sample (their
     # per-sample gradients by one backward of it: :class:`~noisy_label_sgd.engines.shared.SharedUse`)
     replayable: frozenset[str] = frozenset()
@@ -498,10 +543,16 @@ def one_sample_layout(model: nn.Module, batch: Batch) -> Layout:
         sample_dims = {o.name: [blocks[o.name][i][0] if i in blocks.get(o.name, {}) else sample_dim(one.shape, two.shape)
                                 for i, (one, two) in enumerate(zip(o.calls, t.calls))]
                        for o, t in zip(owners, twice) if len(o.calls) == len(t.calls)}
-        op_sample_dims = {o.name: [[sample_dim(a.shape, b.shape) for a, b in zip(one.ops, two.ops)]
-                                   if one.ops and two.ops and len(one.ops) == len(two.ops) else None
-                                   for one, two in zip(o.calls, t.calls)]
-                          for o, t in zip(owners, twice) if o.name in watched and len(o.calls) == len(t.calls)}
+        op_rows = {o.name: [[sample_rows(a.shape, b.shape) for a, b in zip(one.ops, two.ops)]
+                            if one.ops and two.ops and len(one.ops) == len(two.ops) else None
+                            for one, two in zip(o.calls, t.calls)]
+                   for o, t in zip(owners, twice) if o.name in watched and len(o.calls) == len(t.calls)}
+        op_sample_dims = {name: [None if ops is None else [None if r is None else r[0] for r in ops] for ops in calls]
+                          for name, calls in op_rows.items()}
+        op_blocks = {name: {i: {j: r for j, r in enumerate(ops) if r is not None and r[1] > 1}
+                            for i, ops in enumerate(calls) if ops is not None} for name, calls in op_rows.items()}
+        op_blocks = {name: {i: ops for i, ops in calls.items() if ops} for name, calls in op_blocks.items()}
+        op_blocks = {name: calls for name, calls in op_blocks.items() if calls}
         shared = frozenset(o.name for o in owners if o.name in sample_dims and any(
             d is None and c.shape[0] == 1 for d, c in zip(sample_dims[o.name], o.calls)))
         expanded = frozenset()
@@ -511,31 +562,43 @@ def one_sample_layout(model: nn.Module, batch: Batch) -> Layout:
                            for name, dims in sample_dims.items()}
         roots = frozenset(o.name for o, t in zip(owners, twice) if sample_dims.get(o.name) == [None]
                           and o.name not in expanded and o.calls[0].shape == t.calls[0].shape)
+        # (and the results of functions of a watched module's parameter and constants alone)
+        parameter_roots = {op.root: op for o in owners for c in o.calls for op in c.ops or () if op.kind == "shared"}
+        roots |= frozenset(parameter_roots)
         verdicts: tuple[Verdict, ...] = ()
         replayable: frozenset[str] = frozenset()
-        if roots:
+        while roots:
             surveyed = _surveyed(model, tuple(t[:1] for t in batch), two, roots, watched)
-            if isinstance(surveyed, str):  # (the trace refuses them: no sample dim)
-                roots = frozenset()
-            else:
-                verdicts, met = surveyed
-                floats += met
-                replayable = frozenset(o.name for o in owners if o.name in roots and _replays(o))
+            # (a parameter's function that does not meet the samples by a rule: its module falls
+            # back, and the others are surveyed again without it)
+            dropped = frozenset(parameter_roots) & (roots if isinstance(surveyed, str) else surveyed[2])
+            if dropped and roots - dropped:
+                roots, parameter_roots = roots - dropped, {r: op for r, op in parameter_roots.items() if r not in dropped}
+                continue
+            if isinstance(surveyed, str) or dropped:  # (the trace refuses them: no sample dim, or no rule)
+                roots, parameter_roots = frozenset(), {}
+                break
+            verdicts, met, _ = surveyed
+            floats += met
+            replayable = frozenset([o.name for o in owners if o.name in roots and _replays(o)] + [
+                name for name, op in parameter_roots.items() if _replays_operation(op)])
+            break
         from .closed_forms import covered  # (the closed forms read the trace's records)
 
         try:
             sized = _split_packed(_merge_uncalled(owners))
             set_sample_dims(sized, {}, op_sample_dims, strict=False)
-            all_covered = covered([o for o in sized if o.name not in roots])
+            all_covered = covered([o for o in sized if o.name not in roots], frozenset(parameter_roots))
         except FastPathUnsupported:
             all_covered = False
         layouts[signature] = Layout(out.numel(), floats, out.element_size(), outside, sample_dims, blocks, expanded,
-                                    watched, op_sample_dims, all_covered, roots, verdicts, replayable)
+                                    watched, op_sample_dims, op_blocks, all_covered, roots, verdicts,
+                                    roots & frozenset(parameter_roots), replayable)
     return layouts[signature]
 
 
 def _surveyed(model: nn.Module, one: Batch, two: Batch, roots: frozenset[str], watched: frozenset[str]
-              ) -> tuple[tuple[Verdict, ...], int] | str:
+              ) -> tuple[tuple[Verdict, ...], int, frozenset[str]] | str:
     """:func:`~noisy_label_sgd.engines.shared.survey` of the forwards of one sample and of two."""
     surveys = (SharedValues(), SharedValues())
     with torch.enable_grad():  # (as the trace runs: a forward may take another path without grad)
