@@ -72,7 +72,7 @@ class OpCall:
     # a bare parameter's elementwise use (``input``: the activations multiplied, or None)
     elementwise: Elementwise | None = None
     # rows per sample in that dim (windows merged into the batch), recorded unflattened: ``shape``
-    # and ``edge`` are [.., n, m, ..]'s (:func:`~noisy_label_sgd.engines.trace.blocked_rows`)
+    # and ``edge`` are [.., n, m, ..]'s (:func:`~noisy_label_sgd.engines.trace.sample_rows`)
     rows: int = 1
     # kind "shared": a function of the parameter and the module's constants alone (Swin's bias
     # table indexed by its positions), whose result all samples share: the root's name, the

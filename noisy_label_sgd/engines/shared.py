@@ -100,10 +100,10 @@ class SharedValues(TorchFunctionMode):
         self.roots_of: dict[int, frozenset[str]] = {}
         self.kept: list[torch.Tensor] = []  # (alive while their ids are keys)
         # surveying: per operation, its function, the producers of its tracked inputs (an index
-        # into seen, or a root's name) and its result's shape; and, should it meet the samples,
-        # the roots of its tracked inputs and whether a rule takes them (:func:`_meets_by_rule`)
+        # into seen, or a root's name) and its result's shape; and per tracked input, should
+        # the operation meet the samples, its roots, its shape and whether it is attention's mask
         self.seen: list[tuple[object, tuple, torch.Size]] = []
-        self.rules: list[tuple[frozenset[str], object]] = []
+        self.operands: list[list[tuple[frozenset[str], torch.Size, bool]]] = []
         self.produced: dict[int, int | str] = {}
         self.meetings: list[Meeting] = []
         self.index = 0  # tracing: the next operation's verdict
@@ -130,7 +130,8 @@ class SharedValues(TorchFunctionMode):
             result = func(*args, **kwargs)
             if isinstance(result, torch.Tensor):
                 self.seen.append((func, tuple(self.produced[id(t)] for t in tracked), result.shape))
-                self.rules.append((roots, _meets_by_rule(func, args, kwargs, tracked)))
+                mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None) if func is ATTENTION else None
+                self.operands.append([(self.roots_of[id(t)], t.shape, t is mask) for t in tracked])
                 self.produced[id(result)] = len(self.seen) - 1
                 self._track(result, roots)
             return result
@@ -209,18 +210,6 @@ def _expanded(t: torch.Tensor, d: int, dims: int, n: int, rows: int = 1
     return per_sample, over_rows.flatten(at, at + 1), at
 
 
-def _meets_by_rule(func, args, kwargs, tracked: list[torch.Tensor]):
-    """Whether ``func`` has a rule for meeting the samples with its ``tracked`` operands (a
-    broadcasting operation, or attention's mask), and their shapes: each must have one entry
-    along the samples' dim where it meets them (:func:`_expanded`)."""
-    if func is ATTENTION:
-        mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
-        rule = len(tracked) == 1 and tracked[0] is mask
-    else:
-        rule = func in BROADCASTING
-    return rule, [t.shape for t in tracked]
-
-
 def _broadcast_along(shape: torch.Size, d: int, dims: int) -> bool:
     at = d - (dims - len(shape))
     return at < 0 or shape[at] == 1
@@ -255,9 +244,11 @@ def survey(one: SharedValues, two: SharedValues) -> tuple[tuple[Verdict, ...], i
         verdicts.append(Verdict(func, differ[0] if differ else None, len(a), a[differ[0]] if differ else 1))
         if differ:
             floats += b.numel() // 2
-            roots, (rule, shapes) = one.rules[index]
-            if not rule or not all(_broadcast_along(shape, differ[0], len(a)) for shape in shapes):
-                unmet |= roots
+            # (as the trace will: a rule for the shared operands, each broadcast along the samples)
+            met = [operand for p, operand in zip(producers, one.operands[index]) if isinstance(p, str) or shared[p]]
+            rule = [m for _, _, m in met] == [True] if func is ATTENTION else func in BROADCASTING
+            if not rule or not all(_broadcast_along(shape, differ[0], len(a)) for _, shape, _ in met):
+                unmet = unmet.union(*(roots for roots, _, _ in met))
     return tuple(verdicts), floats, frozenset(unmet)
 
 

@@ -11,7 +11,7 @@ gradients the model's own backward reaches.
 Each recorded output's sample dim comes from a forward of one sample and of two
 (:func:`one_sample_layout`, cached). An output that holds m rows per sample in one dim (m for one
 sample, 2m for two: Swin's windows merged into the batch) is recorded unflattened there, [.., n,
-m, ..] (:func:`blocked_rows`): the samples then run along a dim of their own and the m rows are
+m, ..] (:func:`sample_rows`): the samples then run along a dim of their own and the m rows are
 positions; that the rows are in sample-major blocks is what the certificate's row check
 certifies. An output shared by all samples ([1, ...], broadcast) is
 traced expanded to the batch where that leaves the model's output unchanged; one that is the
@@ -189,7 +189,7 @@ def record(owners: list[Owner], model: nn.Module, batch: Batch, expand: frozense
     by what follows): expanded to the batch (and their inputs with it), so that the backward
     reaches one copy per sample and their gradients are per sample. ``blocks``: per owner and
     call, the dim and rows per sample m of an output holding m rows per sample in one dim,
-    recorded unflattened there (:func:`blocked_rows`); ``op_blocks`` the same per owner, call and
+    recorded unflattened there (:func:`sample_rows`); ``op_blocks`` the same per owner, call and
     recorded operation.
     """
     n = batch[0].shape[0]
@@ -487,7 +487,7 @@ class Layout:
     # per owner and call, the dim of its output along which the samples run (None: none)
     sample_dims: dict[str, list[int | None]]
     # per owner, the calls whose output holds several rows per sample in that dim: call index ->
-    # (dim, rows per sample), recorded unflattened (:func:`blocked_rows`)
+    # (dim, rows per sample), recorded unflattened (:func:`sample_rows`)
     blocks: dict[str, dict[int, tuple[int, int]]]
     # owners whose output is shared by all samples, traced expanded to the batch (see record)
     expanded: frozenset[str]
@@ -536,23 +536,18 @@ def one_sample_layout(model: nn.Module, batch: Batch) -> Layout:
             out_twice = record(twice, model, two, watched=watched)
         outside = sorted(name for name in uses.outside if any(o.name == name and o.calls for o in owners))
         floats = sum(c.shape.numel() for o in owners for c in [*o.calls, *(call for _, _, call in o.packed)])
-        blocks = {o.name: {i: b for i, (one, two) in enumerate(zip(o.calls, t.calls))
-                           if (b := blocked_rows(one.shape, two.shape)) is not None}
-                  for o, t in zip(owners, twice) if len(o.calls) == len(t.calls)}
-        blocks = {name: calls for name, calls in blocks.items() if calls}
-        sample_dims = {o.name: [blocks[o.name][i][0] if i in blocks.get(o.name, {}) else sample_dim(one.shape, two.shape)
-                                for i, (one, two) in enumerate(zip(o.calls, t.calls))]
-                       for o, t in zip(owners, twice) if len(o.calls) == len(t.calls)}
+        # per owner called as often for one sample as for two, per call (and per operation of
+        # the watched ones): where the samples run in its output, and how many rows each holds there
+        same = [(o, t) for o, t in zip(owners, twice) if len(o.calls) == len(t.calls)]
+        call_rows = {o.name: [sample_rows(one.shape, two.shape) for one, two in zip(o.calls, t.calls)] for o, t in same}
         op_rows = {o.name: [[sample_rows(a.shape, b.shape) for a, b in zip(one.ops, two.ops)]
                             if one.ops and two.ops and len(one.ops) == len(two.ops) else None
-                            for one, two in zip(o.calls, t.calls)]
-                   for o, t in zip(owners, twice) if o.name in watched and len(o.calls) == len(t.calls)}
-        op_sample_dims = {name: [None if ops is None else [None if r is None else r[0] for r in ops] for ops in calls]
-                          for name, calls in op_rows.items()}
-        op_blocks = {name: {i: {j: r for j, r in enumerate(ops) if r is not None and r[1] > 1}
-                            for i, ops in enumerate(calls) if ops is not None} for name, calls in op_rows.items()}
-        op_blocks = {name: {i: ops for i, ops in calls.items() if ops} for name, calls in op_blocks.items()}
-        op_blocks = {name: calls for name, calls in op_blocks.items() if calls}
+                            for one, two in zip(o.calls, t.calls)] for o, t in same if o.name in watched}
+        sample_dims = {name: _dims(rows) for name, rows in call_rows.items()}
+        blocks = {name: several for name, rows in call_rows.items() if (several := _several_rows(rows))}
+        op_sample_dims = {name: [None if ops is None else _dims(ops) for ops in calls] for name, calls in op_rows.items()}
+        op_blocks = {name: several for name, calls in op_rows.items()
+                     if (several := {i: b for i, ops in enumerate(calls) if ops and (b := _several_rows(ops))})}
         shared = frozenset(o.name for o in owners if o.name in sample_dims and any(
             d is None and c.shape[0] == 1 for d, c in zip(sample_dims[o.name], o.calls)))
         expanded = frozenset()
@@ -621,24 +616,20 @@ def _same_when_expanded(model: nn.Module, two: Batch, shared: frozenset[str], ou
         return False
 
 
-def sample_dim(one: torch.Size, two: torch.Size) -> int | None:
-    """The one dim in which an output for one sample and for two differ, from 1 to 2 (None: not
-    one; a dim from m to 2m is :func:`blocked_rows`)."""
-    rows = sample_rows(one, two)
-    return rows[0] if rows is not None and rows[1] == 1 else None
+def _dims(rows: list[tuple[int, int] | None]) -> list[int | None]:
+    return [None if r is None else r[0] for r in rows]
 
 
-def blocked_rows(one: torch.Size, two: torch.Size) -> tuple[int, int] | None:
-    """The one dim in which an output for one sample and for two differ, from m > 1 to 2m, and
-    m: several rows per sample in one dim (Swin's windows merged into the batch, [n windows,
-    ...]); None otherwise. Read as sample-major blocks, which the certificate's row check holds
-    every measurement to (rows interleaved by sample fail it)."""
-    rows = sample_rows(one, two)
-    return rows if rows is not None and rows[1] > 1 else None
+def _several_rows(rows: list[tuple[int, int] | None]) -> dict[int, tuple[int, int]]:
+    """Of :func:`sample_rows` per call (or operation), those with several rows per sample: by index."""
+    return {i: r for i, r in enumerate(rows) if r is not None and r[1] > 1}
 
 
 def sample_rows(one: torch.Size, two: torch.Size) -> tuple[int, int] | None:
-    """The one dim in which two shapes differ, from m to 2m (m >= 1), and m; None otherwise."""
+    """The one dim in which an output for one sample and for two differ, from m to 2m, and m:
+    the samples' dim, m = 1; or m > 1 rows per sample there (Swin's windows merged into the
+    batch, [n windows, ...]), read as sample-major blocks, which the certificate's row check
+    holds every measurement to (rows interleaved by sample fail it). None otherwise."""
     differ = [d for d, (a, b) in enumerate(zip(one, two)) if a != b]
     if len(one) != len(two) or len(differ) != 1 or two[differ[0]] != 2 * one[differ[0]]:
         return None
