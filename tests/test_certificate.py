@@ -785,12 +785,18 @@ class WindowAttention(nn.Module):
 
 
 class WithWindowAttention(nn.Module):
+    """Three window attentions, the second (``shift``) with its mask made from values downstream
+    of the first's meeting with its bias, and a third after it (torchvision's blocks alternate)."""
+
     def __init__(self, shift):
         super().__init__()
-        self.attn, self.head = WindowAttention(shift), nn.Linear(16, 1)
+        self.attn, self.second, self.third = WindowAttention(False), WindowAttention(shift), WindowAttention(False)
+        self.head = nn.Linear(16, 1)
 
     def forward(self, x):
-        return self.head(torch.tanh(self.attn(x)).flatten(1))
+        for attention in (self.attn, self.second, self.third):
+            x = torch.tanh(attention(x))
+        return self.head(x.flatten(1))
 
 
 @pytest.mark.parametrize("shift", [False, True])
