@@ -160,6 +160,21 @@ def test_a_language_model_with_tied_embedding_and_head_is_exact_on_the_fast_path
     assert_rel_close(report.manifold_grad_norm, float(manifold.norm()), rtol=0, atol=rtol * float(grad.norm()))
 
 
+def assert_exact_on_the_fast_path(model, inputs, method):
+    """The probe's report (``method``: "fast" taken) and grad reg against the brute-force loop and
+    J's SVD; the report, for more checks."""
+    report = RegularizerProbe(model, inputs, method=method)()
+    assert report.method == "fast"
+    J = brute_jacobian(model, inputs)
+    assert_rel_close(report.per_sample, J.pow(2).reshape(len(report.per_sample), -1).sum(1))
+    grad = brute_reg_grad(model, inputs)
+    got = regularizer_grad(model, inputs, method=method)
+    assert_rel_close(torch.cat([got[n].reshape(-1) for n, p in model.named_parameters()]), grad)
+    manifold = svd_tangent_projection(J, grad)
+    assert_rel_close(report.manifold_grad_norm, float(manifold.norm()), rtol=0, atol=FLOAT64_RTOL * float(grad.norm()))
+    return report
+
+
 def t5_encoder():
     config = transformers.T5Config(vocab_size=VOCAB, d_model=WIDTH, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
                                    relative_attention_num_buckets=8, relative_attention_max_distance=16,
@@ -179,15 +194,7 @@ def test_a_t5_encoder_is_probed_exactly_on_the_fast_path(method, mask):
     ids, padding = tokens(40, seed=4)
     # (without a mask its attention reads attributes of the bias a mask's path does not)
     inputs = {"none": (ids,), "ones": (ids, torch.ones_like(padding)), "padded": (ids, padding)}[mask]
-    report = RegularizerProbe(model, inputs, method=method)()
-    assert report.method == "fast"
-    J = brute_jacobian(model, inputs)
-    assert_rel_close(report.per_sample, J.pow(2).reshape(40, -1).sum(1))
-    grad = brute_reg_grad(model, inputs)
-    got = regularizer_grad(model, inputs, method=method)
-    assert_rel_close(torch.cat([got[n].reshape(-1) for n, p in model.named_parameters()]), grad)
-    manifold = svd_tangent_projection(J, grad)
-    assert_rel_close(report.manifold_grad_norm, float(manifold.norm()), rtol=0, atol=FLOAT64_RTOL * float(grad.norm()))
+    report = assert_exact_on_the_fast_path(model, inputs, method)
     if mask == "none":  # (torch.func runs it: the same numbers)
         assert_rel_close(per_sample_sq_grad_norms(model, inputs, method="vmap"), report.per_sample)
         return
@@ -223,13 +230,5 @@ def test_a_swin_transformer_is_probed_exactly_on_the_fast_path(method):
             if "relative_position_bias_table" in name:
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name)), dtype=p.dtype))
     x = torch.randn(40, 3, 8, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    report = RegularizerProbe(model, x, method=method)()
-    assert report.method == "fast"
-    J = brute_jacobian(model, x)
-    assert_rel_close(report.per_sample, J.pow(2).reshape(40, -1).sum(1))
-    grad = brute_reg_grad(model, x)
-    got = regularizer_grad(model, x, method=method)
-    assert_rel_close(torch.cat([got[n].reshape(-1) for n, p in model.named_parameters()]), grad)
-    manifold = svd_tangent_projection(J, grad)
-    assert_rel_close(report.manifold_grad_norm, float(manifold.norm()), rtol=0, atol=FLOAT64_RTOL * float(grad.norm()))
+    report = assert_exact_on_the_fast_path(model, x, method)
     assert_rel_close(per_sample_sq_grad_norms(model, x, method="vmap"), report.per_sample)

@@ -194,17 +194,17 @@ def bind(owners: list[Owner]) -> None:
         form = o.form or closed_form_of(o.module)
         if form is None or len(o.calls) != 1 or call.kwargs or len(call.args) != 1 or set(o.params) != own:
             if any(c.rows > 1 for c in o.calls):
-                raise _several_rows(o)
+                raise _rows_unread(o)
             continue
         trainable = frozenset(o.params)
         a, d = call.args[0], call.sample_dim
         if call.rows > 1:  # (its output recorded unflattened, [.., n, m, ..]: the input alike)
             if not form.samples_anywhere:
-                raise _several_rows(o)
+                raise _rows_unread(o)
             try:
                 a = recorded_input(call)
             except FastPathUnsupported:
-                raise _several_rows(o) from None
+                raise _rows_unread(o) from None
         if d == 0:
             o.closed_form = partial(form.sq_norms, o.module, a, trainable=trainable, memo=memo_of(call))
             o.bare = form.bare
@@ -219,7 +219,7 @@ def bind(owners: list[Owner]) -> None:
             o.one_sample = partial(_one_sample, form, o.module, a, d, trainable)
 
 
-def _several_rows(o: Owner) -> FastPathUnsupported:
+def _rows_unread(o: Owner) -> FastPathUnsupported:
     return FastPathUnsupported(f"module {o.name!r} holds several rows per sample in one dim of its output, which "
                                "only a closed form over positions (Linear, LayerNorm, ...) reads apart")
 

@@ -5,15 +5,20 @@ on its input, not for a module class: a subclass that pads in ``forward`` (timm'
 permutes around its norm (ConvNeXt's LayerNorm2d) or applies an activation after it (timm's
 BatchNormAct2d) computes the same operation on another input, or leaves it at another output.
 While the trace runs such a module, :class:`OpRecorder` (a thread-local ``TorchFunctionMode``)
-watches every function that takes one of the module's own trainable parameters: where exactly one
-recognised operation takes them all, directly as its weight and bias, the module's call is
-recorded as that operation's (:class:`OpCall`: its input, its arguments, the gradient edge of its
-output), and the closed form binds to it (:func:`~noisy_label_sgd.engines.closed_forms.bind`).
-Bare parameters used elementwise (a layer scale, position embeddings, a class token, through
-views of the parameter) are operations of their own (:mod:`~noisy_label_sgd.engines.elementwise`),
-one per parameter. Any other use (``2 * weight`` as a weight, a weight standardised first, a
-parameter taken twice) leaves the module to its per-module fallback. The certificate (:mod:`~noisy_label_sgd.engines.certificate`) holds the
-result against autograd either way.
+watches every function that takes one of the trainable parameters of the module or of modules
+inside it that its own code applies (torchvision's Swin attention applies its never-called qkv's
+weight): where recognised operations take them all, each directly as its weight and bias, the
+module's call is recorded as those operations' (:class:`OpCall`: its input, its arguments, the
+gradient edge of its output), and the closed form binds to each
+(:func:`~noisy_label_sgd.engines.closed_forms.bind`). Bare parameters used elementwise (a layer
+scale, position embeddings, a class token, through views of the parameter) are operations of
+their own (:mod:`~noisy_label_sgd.engines.elementwise`), one per parameter; so is a function of
+one parameter and the module's constants alone (``exp(w)``, a bias table indexed by a buffer's
+positions), whose result all samples share and which is followed to where they meet it
+(:mod:`~noisy_label_sgd.engines.shared`). Any other use (a parameter taken twice, a weight
+standardised first, ``2 * weight`` met by ``F.linear``, which has no rule for it) leaves the
+module to its per-module fallback. The certificate
+(:mod:`~noisy_label_sgd.engines.certificate`) holds the result against autograd either way.
 
 Only modules whose class has no closed form of its own are watched (a mode adds host time to
 every function it sees: about 3 us a call on the CPU that measured it), and only while they run.

@@ -1,6 +1,8 @@
 r"""Values made from parameters alone that every sample shares: where they meet the samples.
 
-A module may compute, from its parameters and constants only, a value all samples share. T5's
+A module may compute, from its parameters and constants only, a value all samples share (a
+module's output, a root; or, inside a module's own code, a function of one of its parameters:
+:mod:`~noisy_label_sgd.engines.ops`). T5's
 relative position bias is an ``nn.Embedding`` looked up at the buckets of a [q, k] grid of
 relative positions: [q, k, heads], permuted to [1, heads, q, k] and handed to every layer's
 attention as the mask its scores [n, heads, q, k] are offset by. That output has no sample dim,
@@ -12,7 +14,10 @@ summed where S broadcasts. So while the trace runs, :class:`SharedValues` (a thr
 each meeting S expanded along the samples' dim instead: the same result, whose backward now
 stops at one copy of S per sample, the per-sample gradients of S at that edge (a
 :class:`Meeting`). The root's parameters' per-sample gradients follow by the chain rule through
-the parameter-only function: one batched vjp of the meetings' operands (``is_grads_batched``),
+the parameter-only function: one batched vjp of the meetings' operands to the root's value
+(``is_grads_batched``), then one backward of the function that made it, replayed under vmap on
+its parameters expanded per sample (where it does not run under vmap, one batched vjp all the
+way: a vmapped backward of an indexed table or an embedding loops over the samples),
 differentiable once more for grad reg (:class:`SharedUse`). They are as large as the
 parameters per sample (T5's bias table: buckets x heads), so the norms are taken from them.
 
@@ -25,7 +30,8 @@ expanded to [.., n, m, ..] and flattened: its copy [.., n, 1, ..] before the sec
 edge, whose gradient is already summed over a sample's rows (that the rows are in sample-major
 blocks, the certificate's row check holds every measurement to). Any
 other use (a shared value meeting the samples by an operation that does not broadcast it, or
-in several dims) leaves the model to the whole-model path. The certificate holds the per-sample
+in several dims) leaves the model to the whole-model path, or, for a function of a parameter
+inside a module's own code, that module to its per-module fallback. The certificate holds the per-sample
 gradients against autograd like every closed form's.
 """
 
