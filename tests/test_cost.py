@@ -237,7 +237,7 @@ def small_t5():
 
 def test_a_t5_encoder_is_on_the_fast_path_within_the_step_targets():
     # issue 28: its relative position bias, shared by all samples, taken where it meets them
-    # (engines/shared.py): reg 1.07x and grad reg 2.83x a step's operations at the benchmark's
+    # (engines/shared.py): reg 1.05x and grad reg 2.71x a step's operations at the benchmark's
     # size (benchmarks/README.md; 2.42x and 8.61x by vmap before); no host sync
     r = ratios("t5", small_t5())
     assert r["reg"][2] == 0 == r["reg_grad"][2]
