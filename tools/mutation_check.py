@@ -368,7 +368,7 @@ def run(mutant: Mutant, python: str) -> tuple[str, float, str]:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"mutant-{mutant.id}-") as scratch:
         copy = os.path.join(scratch, "repo")
-        shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "__pycache__", "*.egg-info"))
+        shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".venv", ".venv-zoo", ".git", "runs", "__pycache__", "*.egg-info"))
         path = os.path.join(copy, mutant.path)
         source = open(path).read()
         if source.count(mutant.old) != 1:
