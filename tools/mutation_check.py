@@ -5,7 +5,7 @@
 Each mutant is an exact text replacement in one file of a scratch copy of the repository; only
 the test files that cover that code run (pytest -x, stopping at the first failure). A mutant is
 "killed" when those tests fail and "survived" when they pass. Not part of CI: it takes minutes
-(about 35 at --jobs 1 on a 2-core machine, 99 mutants). A replacement that no longer matches the source is reported as
+(about 11 at --jobs 2 on a 2-core machine, 99 mutants). A replacement that no longer matches the source is reported as
 "stale": update the list when the code moves.
 """
 
