@@ -418,29 +418,27 @@ def _replay(module: nn.Module, call: Call) -> Callable[[dict[str, torch.Tensor]]
 def _replays_operation(op: OpCall) -> bool:
     """Whether a parameter-only function runs under vmap on its parameter batched (twice)."""
     weight = op.params["weight"].detach()
-    try:
-        with torch.no_grad():
-            out = vmap(op.replay)(weight.expand(2, *weight.shape))
-    except torch.OutOfMemoryError:
-        raise
-    except RuntimeError:
-        return False
-    return isinstance(out, torch.Tensor) and out.shape == (2, *op.shape)
+    return _runs_batched(op.replay, weight.expand(2, *weight.shape), op.shape)
 
 
 def _replays(owner: Owner) -> bool:
     """Whether the owner's own forward at its call runs under vmap, on its parameters batched
     (twice), and returns its output for each: decided once, on the sizing forward."""
-    module, call = owner.module, owner.calls[0]
-    params = {name: p.detach() for name, p in owner.params.items()}
+    batched = {name: p.detach().expand(2, *p.shape) for name, p in owner.params.items()}
+    return _runs_batched(_replay(owner.module, owner.calls[0]), batched, owner.calls[0].shape)
+
+
+def _runs_batched(replay, batched, shape: torch.Size) -> bool:
+    """Whether ``replay`` runs under vmap on ``batched`` (two of each) and returns a result of
+    ``shape`` for each."""
     try:
         with torch.no_grad():
-            out = vmap(_replay(module, call))({name: p.expand(2, *p.shape) for name, p in params.items()})
+            out = vmap(replay)(batched)
     except torch.OutOfMemoryError:
         raise
     except RuntimeError:  # (an operation without a batching rule, a read of a batched value)
         return False
-    return isinstance(out, torch.Tensor) and out.shape == (2, *call.shape)
+    return isinstance(out, torch.Tensor) and out.shape == (2, *shape)
 
 
 def watched_owners(owners: list[Owner]) -> frozenset[str]:
